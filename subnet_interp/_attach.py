@@ -1,0 +1,306 @@
+"""Attach masks to a model's real weights through ``torch.nn.utils.parametrize``.
+
+While attached, every read of a targeted weight returns the masked weight, so forward
+passes, TransformerLens hooks and nnsight traces all see the subnetwork. Detaching removes
+exactly the parametrizations it added and puts the original ``Parameter`` objects back, in
+their original order, so ``state_dict`` keys and optimizer references are unchanged and the
+values are bit-exactly what they were (they are never written to).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from . import adapters
+from ._fingerprint import fingerprint
+from ._subnetwork import Subnetwork
+from ._types import NotFoundError, Target, describe_tensor
+
+
+class Ablation:
+    """What stands in for a weight where the mask is 0.
+
+    ``apply(weight, mask)`` returns the weight the model computes with; ``mask`` is in the
+    real tensor's layout and dtype. The base class is zero ablation: ``mask * weight``.
+    Subclasses may override :meth:`prepare` to compute per-target statistics once.
+    """
+
+    name = "zero"
+
+    def prepare(self, root: nn.Module, targets: Mapping[str, Target]) -> None:
+        """Called once per attach, before any forward pass."""
+
+    def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
+        return weight * mask
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+ZERO = Ablation()
+_ABLATIONS: dict[str, Ablation] = {"zero": ZERO}
+
+
+def resolve_ablation(ablation: str | Ablation) -> Ablation:
+    if isinstance(ablation, Ablation):
+        return ablation
+    if isinstance(ablation, str) and ablation in _ABLATIONS:
+        return _ABLATIONS[ablation]
+    raise ValueError(
+        f"Unknown ablation {ablation!r}. Pass one of {sorted(_ABLATIONS)} or an `si.Ablation` "
+        "instance."
+    )
+
+
+class _Slot:
+    """The current mask of one real tensor; shared between the attachment and its parametrization.
+
+    Not an ``nn.Module`` on purpose: nothing here may appear in the model's ``state_dict``.
+    """
+
+    __slots__ = ("mask", "ablation", "location")
+
+    def __init__(self, ablation: Ablation, location: tuple[str, str]):
+        self.mask: Tensor | None = None
+        self.ablation = ablation
+        self.location = location
+
+
+class _Masking(nn.Module):
+    """The parametrization: ``weight -> ablation.apply(weight, mask)``."""
+
+    def __init__(self, slot: _Slot):
+        super().__init__()
+        self._slot = slot
+
+    def forward(self, weight: Tensor) -> Tensor:
+        mask = self._slot.mask
+        if mask is None:
+            return weight
+        return self._slot.ablation.apply(weight, mask, self._slot.location)
+
+
+@dataclass
+class _Location:
+    module: nn.Module
+    attribute: str
+    targets: list[Target]
+    slot: _Slot
+    parametrization: _Masking
+    parameter_order: list[str] | None  # set when this attachment made the tensor parametrized
+
+    @property
+    def real(self) -> Tensor:
+        return self.module.parametrizations[self.attribute].original
+
+
+def _real_tensor(module: nn.Module, attribute: str) -> Tensor:
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and attribute in parametrizations:
+        return parametrizations[attribute].original
+    return getattr(module, attribute)
+
+
+class Attachment:
+    """Masks attached to a model. Use :func:`attach` to make one and :meth:`remove` to undo it.
+
+    ``set_masks`` may be called any number of times (e.g. once per training step with a
+    freshly sampled soft mask): it only swaps the tensors the parametrizations read.
+    """
+
+    def __init__(self, root: nn.Module, targets: Mapping[str, Target], ablation: Ablation):
+        self.root = root
+        self.targets = dict(targets)
+        self.ablation = ablation
+        groups: dict[tuple[str, str], list[Target]] = {}
+        for target in self.targets.values():
+            groups.setdefault(target.location, []).append(target)
+        self._locations: list[_Location] = []
+        self._removed = False
+        ablation.prepare(root, self.targets)
+        try:
+            for (module_path, attribute), members in groups.items():
+                module = root.get_submodule(module_path)
+                was_parametrized = parametrize.is_parametrized(module, attribute)
+                order = None if was_parametrized else list(module._parameters)
+                slot = _Slot(ablation, (module_path, attribute))
+                masking = _Masking(slot)
+                parametrize.register_parametrization(module, attribute, masking, unsafe=True)
+                self._locations.append(_Location(module, attribute, members, slot, masking, order))
+        except BaseException:
+            self.remove()
+            raise
+
+    def real_tensors(self) -> dict[tuple[str, str], Tensor]:
+        return {(loc.slot.location): loc.real for loc in self._locations}
+
+    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+        """Set the canonical masks (bool or float) the model computes with.
+
+        Targets missing from ``masks`` keep every weight. No validation here: callers on a hot
+        path (training loops) validate once up front.
+        """
+        for loc in self._locations:
+            real = loc.real
+            present = [t for t in loc.targets if t.name in masks]
+            if not present:
+                loc.slot.mask = None
+                continue
+            if len(loc.targets) == 1 and loc.targets[0].layout.covers_whole:
+                target = loc.targets[0]
+                mask = target.layout.write_real(masks[target.name], real)
+            else:
+                mask = torch.ones(real.shape, dtype=real.dtype, device=real.device)
+                for target in present:
+                    mask = target.layout.write_real(masks[target.name].to(real.dtype), mask)
+            if mask.dtype != real.dtype:
+                mask = mask.to(real.dtype)
+            loc.slot.mask = mask
+
+    def remove(self) -> None:
+        """Detach every mask this attachment added; idempotent."""
+        if self._removed:
+            return
+        self._removed = True
+        errors: list[BaseException] = []
+        for loc in reversed(self._locations):
+            try:
+                _remove_one(loc)
+            except BaseException as error:  # keep restoring the others
+                errors.append(error)
+        self._locations.clear()
+        if errors:
+            raise errors[0]
+
+
+def _remove_one(loc: _Location) -> None:
+    module, attribute = loc.module, loc.attribute
+    plist = module.parametrizations[attribute]
+    index = next(i for i, p in enumerate(plist) if p is loc.parametrization)
+    if len(plist) == 1:
+        parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+        if loc.parameter_order is not None and attribute in module._parameters:
+            params = module._parameters
+            reordered = {k: params[k] for k in loc.parameter_order if k in params}
+            reordered.update({k: v for k, v in params.items() if k not in reordered})
+            params.clear()
+            params.update(reordered)
+    else:
+        del plist[index]
+    loc.slot.mask = None
+
+
+def attach(
+    model: object,
+    targets: Mapping[str, Target],
+    ablation: str | Ablation = "zero",
+) -> Attachment:
+    """Parametrize ``targets`` of ``model``; masks are set later with ``set_masks``."""
+    adapter = adapters.resolve(model)
+    adapter.check_attachable(model)
+    return Attachment(adapter.root(model), targets, resolve_ablation(ablation))
+
+
+def validate_masks(
+    model: object,
+    masks: Mapping[str, Tensor],
+    available: Mapping[str, Target],
+    root: nn.Module,
+) -> None:
+    """Check names, shapes, dtypes and devices of canonical masks against the model."""
+    for name, mask in masks.items():
+        if name not in available:
+            close = difflib.get_close_matches(name, list(available), n=3)
+            hint = f" Closest: {close}." if close else ""
+            names = list(available)
+            shown = ", ".join(names[:30]) + (
+                f", ... ({len(names) - 30} more)" if len(names) > 30 else ""
+            )
+            raise NotFoundError(
+                f"Mask target {name!r} is not a maskable weight of this "
+                f"{type(model).__qualname__}.{hint} Available: {shown}."
+            )
+        if not isinstance(mask, Tensor):
+            raise TypeError(f"Mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}.")
+        target = available[name]
+        if tuple(mask.shape) != target.shape:
+            raise ValueError(
+                f"Mask for {name!r} has shape {tuple(mask.shape)}, expected {target.shape} "
+                f"(axes {target.axes}). Was it found on a different model or layout?"
+            )
+        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+            raise TypeError(
+                f"Mask for {name!r} has dtype {mask.dtype}; expected torch.bool (binary) or a "
+                "floating dtype (soft mask)."
+            )
+        real = _real_tensor(root.get_submodule(target.module), target.attribute)
+        if mask.device != real.device:
+            raise ValueError(
+                f"Mask for {name!r} is on {mask.device} but the weight is on {real.device} "
+                f"({describe_tensor(real)}). Move the subnetwork with `.to({str(real.device)!r})`."
+            )
+
+
+@contextlib.contextmanager
+def masked(
+    model: object,
+    subnetwork: Subnetwork | Mapping[str, Tensor],
+    *,
+    ablation: str | Ablation = "zero",
+    strict: bool = True,
+) -> Iterator[object]:
+    """Context manager: inside it, ``model`` computes with the subnetwork's weights only.
+
+    Args:
+        model: a plain ``nn.Module`` or a supported wrapper (TransformerLens, nnsight,
+            Hugging Face).
+        subnetwork: a :class:`Subnetwork`, or a mapping of canonical name -> mask tensor; a
+            float mask is a soft mask (gradients flow through it).
+        ablation: what stands where the mask is 0 (``"zero"`` or an :class:`Ablation`).
+        strict: check the subnetwork's recorded model fingerprint against ``model``.
+
+    Nested use composes: an inner ``masked`` multiplies its mask onto the outer one (for
+    zero ablation, the intersection of the two subnetworks). On exit, also on exception,
+    every weight is bit-exactly what it was and the ``state_dict`` has its original keys.
+    """
+    adapter = adapters.resolve(model)
+    adapter.check_attachable(model)
+    root = adapter.root(model)
+    available = adapter.all_targets(model)
+    if isinstance(subnetwork, Subnetwork):
+        masks: Mapping[str, Tensor] = subnetwork.masks
+        recorded = subnetwork.meta.get("fingerprint")
+    elif isinstance(subnetwork, Mapping):
+        masks, recorded = subnetwork, None
+    else:
+        raise TypeError(
+            f"`subnetwork` must be an si.Subnetwork or a mapping name -> mask tensor, got "
+            f"{type(subnetwork).__name__}."
+        )
+    validate_masks(model, masks, available, root)
+    resolved_ablation = resolve_ablation(ablation)
+    if strict and recorded is not None:
+        actual = fingerprint(model)
+        if actual != recorded:
+            raise ValueError(
+                f"This subnetwork was found on a model with fingerprint {recorded!r}, but this "
+                f"model's fingerprint is {actual!r}: its weights differ (another checkpoint, a "
+                "fine-tuned copy, or weights processed by e.g. fold_ln). Pass strict=False to "
+                "apply it anyway."
+            )
+    attachment = Attachment(root, {n: available[n] for n in masks}, resolved_ablation)
+    try:
+        attachment.set_masks(masks)
+        yield model
+    finally:
+        attachment.remove()
+
+
+__all__ = ["Ablation", "Attachment", "attach", "masked", "resolve_ablation", "validate_masks"]

@@ -1,0 +1,317 @@
+"""`Subnetwork`: a frozen set of binary weight masks keyed by canonical target name."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._types import NotFoundError
+
+FORMAT_VERSION = 1
+_METADATA_KEY = "subnet_interp"
+
+
+def _freeze_meta(meta: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(meta or {}))
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert metadata to plain JSON types, failing clearly on anything else."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, torch.dtype):
+        return str(value)
+    raise TypeError(
+        f"Subnetwork metadata must be JSON-serialisable, got {type(value).__name__}: {value!r}. "
+        "Store plain numbers, strings, lists and dicts in `meta`."
+    )
+
+
+class Subnetwork:
+    """A binary mask over some of a model's weights.
+
+    ``masks`` maps canonical target names (see ``si.targets``) to boolean tensors in the
+    canonical layout: ``True`` keeps the weight. ``meta`` records how the subnetwork was made
+    (method, hyper-parameters, model fingerprint, ...).
+
+    Subnetworks are immutable: masks are copied on construction and exposed read-only.
+    Set algebra (``&``, ``|``, ``-``, ``~``) works between subnetworks over the same targets;
+    ``~a`` is the complement within ``a``'s targets.
+    """
+
+    __slots__ = ("_masks", "_meta")
+    __hash__ = None  # type: ignore[assignment]  # tensors are mutable, equality is by value
+
+    def __init__(self, masks: Mapping[str, Tensor], meta: Mapping[str, Any] | None = None):
+        if not isinstance(masks, Mapping):
+            raise TypeError(
+                f"Subnetwork masks must be a mapping of target name -> bool tensor, got "
+                f"{type(masks).__name__}."
+            )
+        frozen: dict[str, Tensor] = {}
+        device = None
+        for name, mask in masks.items():
+            if not isinstance(name, str):
+                raise TypeError(f"Subnetwork target names must be str, got {name!r}.")
+            if not isinstance(mask, Tensor):
+                raise TypeError(
+                    f"Mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}."
+                )
+            if mask.dtype != torch.bool:
+                raise TypeError(
+                    f"Mask for {name!r} has dtype {mask.dtype}; a Subnetwork holds binary "
+                    "masks (torch.bool). Threshold a soft mask first, e.g. `mask > 0.5`, or "
+                    "pass a float mask straight to `si.masked`."
+                )
+            if device is not None and mask.device != device:
+                raise ValueError(
+                    f"All masks of a Subnetwork must be on one device; {name!r} is on "
+                    f"{mask.device}, earlier masks on {device}. Move them with `.to(device)` first."
+                )
+            device = mask.device
+            frozen[name] = mask.detach().clone().contiguous()
+        self._masks = MappingProxyType(frozen)
+        self._meta = _freeze_meta(_jsonable(dict(meta or {})))
+
+    # ------------------------------------------------------------------ data
+    @property
+    def masks(self) -> Mapping[str, Tensor]:
+        return self._masks
+
+    @property
+    def meta(self) -> Mapping[str, Any]:
+        return self._meta
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._masks)
+
+    @property
+    def device(self) -> torch.device:
+        for mask in self._masks.values():
+            return mask.device
+        return torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __iter__(self):
+        return iter(self._masks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._masks
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._masks[name]
+        except KeyError:
+            raise NotFoundError(
+                f"{name!r} is not a target of this subnetwork; it has {list(self._masks)}."
+            ) from None
+
+    def numel(self) -> int:
+        """Number of weights the subnetwork covers (kept or not)."""
+        return sum(m.numel() for m in self._masks.values())
+
+    def kept(self) -> int:
+        """Number of kept weights."""
+        if not self._masks:
+            return 0
+        return int(torch.stack([m.sum() for m in self._masks.values()]).sum().item())
+
+    def density(self) -> float:
+        """Fraction of covered weights that are kept."""
+        total = self.numel()
+        return self.kept() / total if total else 0.0
+
+    def densities(self) -> dict[str, float]:
+        """Kept fraction per target."""
+        if not self._masks:
+            return {}
+        counts = torch.stack([m.sum() for m in self._masks.values()]).tolist()
+        return {
+            name: count / mask.numel() if mask.numel() else 0.0
+            for (name, mask), count in zip(self._masks.items(), counts, strict=True)
+        }
+
+    def to(self, device: torch.device | str) -> Subnetwork:
+        """The same subnetwork with masks on ``device``."""
+        return Subnetwork({n: m.to(device) for n, m in self._masks.items()}, self._meta)
+
+    def with_meta(self, **updates: Any) -> Subnetwork:
+        """A copy with ``meta`` updated by ``updates``."""
+        return Subnetwork(self._masks, {**self._meta, **updates})
+
+    # ----------------------------------------------------------- set algebra
+    def _check_compatible(self, other: object, op: str) -> Subnetwork:
+        if not isinstance(other, Subnetwork):
+            raise TypeError(
+                f"`{op}` needs two Subnetworks, got Subnetwork and {type(other).__name__}."
+            )
+        if set(self._masks) != set(other._masks):
+            only_left = sorted(set(self._masks) - set(other._masks))
+            only_right = sorted(set(other._masks) - set(self._masks))
+            raise ValueError(
+                f"`{op}` needs subnetworks over the same targets; only in the left: {only_left}, "
+                f"only in the right: {only_right}. Restrict both with `.select(names)` first."
+            )
+        for name, mask in self._masks.items():
+            if mask.shape != other._masks[name].shape:
+                raise ValueError(
+                    f"`{op}`: target {name!r} has shape {tuple(mask.shape)} on the left and "
+                    f"{tuple(other._masks[name].shape)} on the right; were they found on "
+                    "different models?"
+                )
+            if mask.device != other._masks[name].device:
+                raise ValueError(
+                    f"`{op}`: masks are on {mask.device} and {other._masks[name].device}; "
+                    "move one with `.to(device)`."
+                )
+        return other
+
+    def _derived_meta(self, other: Subnetwork | None, op: str) -> dict[str, Any]:
+        meta: dict[str, Any] = {"derived": op}
+        fingerprints = {self._meta.get("fingerprint")}
+        if other is not None:
+            fingerprints.add(other._meta.get("fingerprint"))
+        if len(fingerprints) == 1 and None not in fingerprints:
+            meta["fingerprint"] = fingerprints.pop()
+        return meta
+
+    def _binary(self, other: object, op: str, fn) -> Subnetwork:
+        right = self._check_compatible(other, op)
+        masks = {n: fn(m, right._masks[n]) for n, m in self._masks.items()}
+        return Subnetwork(masks, self._derived_meta(right, op))
+
+    def __and__(self, other: object) -> Subnetwork:
+        return self._binary(other, "a & b", torch.logical_and)
+
+    def __or__(self, other: object) -> Subnetwork:
+        return self._binary(other, "a | b", torch.logical_or)
+
+    def __sub__(self, other: object) -> Subnetwork:
+        return self._binary(other, "a - b", lambda a, b: a & ~b)
+
+    def __xor__(self, other: object) -> Subnetwork:
+        return self._binary(other, "a ^ b", torch.logical_xor)
+
+    def __invert__(self) -> Subnetwork:
+        return Subnetwork({n: ~m for n, m in self._masks.items()}, self._derived_meta(None, "~a"))
+
+    def select(self, names) -> Subnetwork:
+        """The subnetwork restricted to the targets in ``names`` (an iterable of names)."""
+        names = list(names)
+        missing = [n for n in names if n not in self._masks]
+        if missing:
+            raise NotFoundError(
+                f"{missing} are not targets of this subnetwork; it has {list(self._masks)}."
+            )
+        return Subnetwork({n: self._masks[n] for n in names}, self._meta)
+
+    @classmethod
+    def full(cls, shapes: Mapping[str, tuple[int, ...]], *, device=None, meta=None) -> Subnetwork:
+        """A subnetwork that keeps every weight of the given targets (name -> shape)."""
+        return cls(
+            {n: torch.ones(s, dtype=torch.bool, device=device) for n, s in shapes.items()}, meta
+        )
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when the two cover the same targets with identical masks (meta is ignored)."""
+        if not isinstance(other, Subnetwork):
+            return NotImplemented
+        if list(self._masks) != list(other._masks):
+            return False
+        return all(
+            a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            for a, b in zip(self._masks.values(), other._masks.values(), strict=True)
+        )
+
+    def __repr__(self) -> str:
+        method = self._meta.get("method", self._meta.get("derived", "?"))
+        header = (
+            f"Subnetwork(method={method}, targets={len(self)}, "
+            f"kept={self.kept():,}/{self.numel():,}, density={self.density():.4f}"
+        )
+        if not self._masks:
+            return header + ")"
+        dens = self.densities()
+        shown = list(dens.items())
+        lines = [f"  {n}: {tuple(self._masks[n].shape)} density={d:.4f}" for n, d in shown[:8]]
+        if len(shown) > 8:
+            lines.append(f"  ... {len(shown) - 8} more targets")
+        return header + ",\n" + "\n".join(lines) + "\n)"
+
+    # --------------------------------------------------------------- storage
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the masks as a safetensors file with JSON metadata (no pickle)."""
+        from safetensors.torch import save_file
+
+        header = {
+            "format_version": FORMAT_VERSION,
+            "names": list(self._masks),
+            "meta": dict(self._meta),
+            "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        tensors = {n: m.detach().cpu().contiguous() for n, m in self._masks.items()}
+        save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(header)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> Subnetwork:
+        """Read a subnetwork written by :meth:`save`. Never unpickles."""
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"No subnetwork file at {path!r}.")
+        try:
+            handle = safe_open(path, framework="pt", device="cpu")
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(
+                f"{path!r} is not a readable safetensors file ({error}). Subnetworks are saved "
+                "with `Subnetwork.save`."
+            ) from error
+        with handle as f:
+            metadata = f.metadata() or {}
+            if _METADATA_KEY not in metadata:
+                raise ValueError(
+                    f"{path!r} is a safetensors file but has no {_METADATA_KEY!r} metadata; it was "
+                    "not written by `Subnetwork.save` (found metadata keys: "
+                    f"{sorted(metadata)})."
+                )
+            header = json.loads(metadata[_METADATA_KEY])
+            version = header.get("format_version")
+            if not isinstance(version, int) or version > FORMAT_VERSION:
+                raise ValueError(
+                    f"{path!r} uses subnetwork format version {version!r}; this subnet_interp "
+                    f"reads versions up to {FORMAT_VERSION}. Upgrade subnet_interp to load it."
+                )
+            stored = set(f.keys())
+            names = header.get("names", sorted(stored))
+            if set(names) != stored:
+                raise ValueError(
+                    f"{path!r} is inconsistent: its header lists targets {sorted(names)} but "
+                    f"the file holds tensors {sorted(stored)}."
+                )
+            masks = {}
+            for name in names:
+                tensor = f.get_tensor(name)
+                if tensor.dtype != torch.bool:
+                    raise ValueError(
+                        f"{path!r}: mask {name!r} has dtype {tensor.dtype}, expected torch.bool."
+                    )
+                masks[name] = tensor.to(device)
+        return cls(masks, header.get("meta", {}))
+
+
+__all__ = ["FORMAT_VERSION", "Subnetwork"]

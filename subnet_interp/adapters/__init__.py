@@ -1,0 +1,152 @@
+"""Model families -> canonical targets.
+
+Each adapter recognises one family of models (without importing its library until the
+model in hand belongs to it), names the maskable weights canonically and says where each
+real tensor lives. ``resolve(model)`` picks the first adapter that claims the model; the
+plain ``nn.Module`` adapter claims everything else.
+"""
+
+from __future__ import annotations
+
+import abc
+import difflib
+import fnmatch
+from collections.abc import Iterable, Mapping
+
+from torch import nn
+
+from .._types import NotFoundError, Target
+
+
+class Adapter(abc.ABC):
+    """Base class of a model-family adapter."""
+
+    family: str = "?"
+
+    @abc.abstractmethod
+    def matches(self, model: object) -> bool:
+        """Whether ``model`` belongs to this family (must not import the family's library)."""
+
+    def root(self, model: object) -> nn.Module:
+        """The ``nn.Module`` whose sub-module paths the targets use."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Expected a torch.nn.Module (or a TransformerLens / nnsight / Hugging Face "
+                f"model), got {type(model).__module__}.{type(model).__qualname__}."
+            )
+        return model
+
+    @abc.abstractmethod
+    def all_targets(self, model: object) -> dict[str, Target]:
+        """Every maskable weight, default or not, in a stable order."""
+
+    def check_attachable(self, model: object) -> None:
+        """Raise a clear error if masks cannot be attached to ``model`` in its current state."""
+
+
+_ADAPTERS: list[Adapter] = []
+
+
+def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
+    """Add an adapter; adapters registered first are tried first (the plain one is last)."""
+    if any(a.family == adapter.family for a in _ADAPTERS):
+        raise ValueError(
+            f"An adapter for family {adapter.family!r} is already registered "
+            f"(registered: {[a.family for a in _ADAPTERS]})."
+        )
+    if first:
+        _ADAPTERS.insert(0, adapter)
+    else:
+        _ADAPTERS.append(adapter)
+    return adapter
+
+
+def resolve(model: object) -> Adapter:
+    """The adapter for ``model``'s family."""
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    raise TypeError(
+        f"subnet_interp cannot mask a {type(model).__module__}.{type(model).__qualname__}: "
+        f"expected a torch.nn.Module or a wrapper of one (adapters: "
+        f"{[a.family for a in _ADAPTERS]})."
+    )
+
+
+def _as_patterns(value: str | Iterable[str] | None, arg: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    patterns = list(value)
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(f"`{arg}` must hold glob strings, got {pattern!r}.")
+    return patterns
+
+
+def _abbreviated(names: list[str], limit: int = 40) -> str:
+    if len(names) <= limit:
+        return ", ".join(names)
+    return ", ".join(names[:limit]) + f", ... ({len(names) - limit} more)"
+
+
+def select(
+    available: Mapping[str, Target],
+    include: str | Iterable[str] | None = None,
+    exclude: str | Iterable[str] | None = None,
+    *,
+    family: str = "?",
+) -> dict[str, Target]:
+    """Select targets by glob patterns over canonical names.
+
+    With no ``include`` the default targets are taken (weight matrices; no embeddings,
+    unembeddings, biases or norms). Each ``include`` pattern must match something, and so must
+    each ``exclude`` pattern; otherwise the error lists the available names.
+    """
+    include_patterns = _as_patterns(include, "include")
+    exclude_patterns = _as_patterns(exclude, "exclude") or []
+    names = list(available)
+    if include_patterns is None:
+        chosen = [n for n in names if available[n].default]
+    else:
+        chosen = []
+        for pattern in include_patterns:
+            hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+            if not hits:
+                _raise_no_match(pattern, "include", names, family)
+            chosen.extend(h for h in hits if h not in chosen)
+        chosen.sort(key=names.index)
+    for pattern in exclude_patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            _raise_no_match(pattern, "exclude", names, family)
+        chosen = [n for n in chosen if not fnmatch.fnmatchcase(n, pattern)]
+    return {n: available[n] for n in chosen}
+
+
+def _raise_no_match(pattern: str, arg: str, names: list[str], family: str) -> None:
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+    hint = f" Closest: {close}." if close else ""
+    canonical_hint = ""
+    if family == "torch" and ("blocks." in pattern or "W_" in pattern):
+        canonical_hint = (
+            " Canonical transformer names (blocks.L.attn.W_Q, ...) exist only for model "
+            "families subnet_interp knows (TransformerLens, nnsight, Hugging Face GPT-2 / "
+            "GPT-NeoX / Llama); this model is a plain nn.Module, so its targets are its "
+            "parameter names."
+        )
+    raise NotFoundError(
+        f"`{arg}` pattern {pattern!r} matches no maskable weight of this {family} model.{hint}"
+        f"{canonical_hint} Available: {_abbreviated(names)}."
+    )
+
+
+def _register_builtin() -> None:
+    from .plain import PlainAdapter
+
+    register_adapter(PlainAdapter(), first=False)
+
+
+_register_builtin()
+
+__all__ = ["Adapter", "register_adapter", "resolve", "select"]

@@ -1,0 +1,59 @@
+"""Plain ``nn.Module`` adapter: targets are the weights of the usual layers, by parameter name."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .._types import Target
+from . import Adapter
+
+_CONV_AXES = {1: ("kernel",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 style Conv1D stores weight as [in, out]; detect it without importing
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def module_targets(root: nn.Module) -> dict[str, Target]:
+    """Targets of every Linear, Conv1d/2d/3d, HF Conv1D and Embedding weight under ``root``."""
+    found: dict[str, Target] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if (
+            weight is None
+            and hasattr(module, "parametrizations")
+            and "weight" in getattr(module, "parametrizations", {})
+        ):
+            weight = module.parametrizations["weight"].original
+        if weight is None:
+            continue
+        shape = tuple(weight.shape)
+        name = f"{path}.weight" if path else "weight"
+        if isinstance(module, nn.Linear):
+            target = Target(name, path, "weight", shape, ("out", "in"), kind="linear")
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            dims = weight.dim() - 2
+            axes = ("out_channels", "in_channels", *_CONV_AXES[dims])
+            target = Target(name, path, "weight", shape, axes, kind="conv")
+        elif isinstance(module, nn.Embedding):
+            target = Target(
+                name, path, "weight", shape, ("vocab", "d"), default=False, kind="embedding"
+            )
+        elif _is_hf_conv1d(module) and weight.dim() == 2:
+            target = Target(name, path, "weight", shape, ("in", "out"), kind="linear")
+        else:
+            continue
+        found[name] = target
+    return found
+
+
+class PlainAdapter(Adapter):
+    family = "torch"
+
+    def matches(self, model: object) -> bool:
+        return isinstance(model, nn.Module)
+
+    def all_targets(self, model: object) -> dict[str, Target]:
+        return module_targets(self.root(model))
