@@ -42,6 +42,7 @@ class Adapter(abc.ABC):
 
     def check_attachable(self, model: object) -> None:
         """Raise a clear error if masks cannot be attached to ``model`` in its current state."""
+        return None
 
 
 _ADAPTERS: list[Adapter] = []
