@@ -4,19 +4,24 @@
 nnsight; adapters load their library when a model of that family is first seen.
 """
 
+from . import methods
 from ._attach import Ablation, masked
+from ._find import find
 from ._fingerprint import fingerprint
-from ._registry import methods
 from ._subnetwork import Subnetwork
 from ._targets import targets
-from ._types import Target
+from ._types import NotFoundError, Target
+from .methods import FindResult
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablation",
+    "FindResult",
+    "NotFoundError",
     "Subnetwork",
     "Target",
+    "find",
     "fingerprint",
     "masked",
     "methods",

@@ -57,6 +57,8 @@ class Target:
             unembeddings, biases and norms are not default targets).
         kind: a short tag of what the weight is (``"linear"``, ``"conv"``, ``"embedding"``,
             ``"attn"``, ``"mlp"``, ...).
+        unit_axes: the axes indexing the target's units for ``granularity="neuron"`` (one gate
+            per index along them). Default: the first axis (a Linear layer's outputs).
     """
 
     name: str
@@ -67,8 +69,16 @@ class Target:
     layout: Layout = field(default=IDENTITY)
     default: bool = True
     kind: str = "linear"
+    unit_axes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if not self.unit_axes and self.axes:
+            object.__setattr__(self, "unit_axes", (self.axes[0],))
+        unknown = [a for a in self.unit_axes if a not in self.axes]
+        if unknown:
+            raise ValueError(
+                f"Target {self.name!r}: unit axes {unknown} are not among its axes {self.axes}."
+            )
         if len(self.shape) != len(self.axes):
             raise ValueError(
                 f"Target {self.name!r}: shape {self.shape} has {len(self.shape)} axes but "
@@ -81,6 +91,25 @@ class Target:
         for size in self.shape:
             n *= size
         return n
+
+    def gate_shape(self, granularity: str) -> tuple[int, ...]:
+        """Shape of one gate tensor at ``granularity``, broadcastable to :attr:`shape`.
+
+        ``"weight"``: one gate per weight. ``"neuron"``: one per index of :attr:`unit_axes`.
+        ``"head"``: one per attention head (the ``head`` axis); a target with no head axis
+        (an MLP matrix, a plain layer) gets a single gate for the whole matrix.
+        """
+        if granularity == "weight":
+            return self.shape
+        if granularity == "neuron":
+            keep = set(self.unit_axes)
+        elif granularity == "head":
+            keep = {"head"} & set(self.axes)
+        else:
+            raise ValueError(
+                f"Unknown granularity {granularity!r}; expected 'weight', 'neuron' or 'head'."
+            )
+        return tuple(s if a in keep else 1 for s, a in zip(self.shape, self.axes, strict=True))
 
     @property
     def location(self) -> tuple[str, str]:

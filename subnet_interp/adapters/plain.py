@@ -42,7 +42,9 @@ def module_targets(root: nn.Module) -> dict[str, Target]:
                 name, path, "weight", shape, ("vocab", "d"), default=False, kind="embedding"
             )
         elif _is_hf_conv1d(module) and weight.dim() == 2:
-            target = Target(name, path, "weight", shape, ("in", "out"), kind="linear")
+            target = Target(
+                name, path, "weight", shape, ("in", "out"), kind="linear", unit_axes=("out",)
+            )
         else:
             continue
         found[name] = target

@@ -1,0 +1,225 @@
+"""``si.find``: run any registered method on any supported model."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import adapters
+from ._fingerprint import fingerprint, read_canonical
+from ._train import endless
+from ._types import NotFoundError, Target
+from .methods import registry
+from .methods._base import Callback, FindContext, FindResult, Method
+
+
+def _resolve_method(method: str | Method) -> Method:
+    if isinstance(method, str):
+        return registry.create(method)
+    if isinstance(method, Method):
+        return method
+    raise TypeError(
+        f"`method` must be a registered method name or a method instance, got "
+        f"{type(method).__name__}: {method!r}. Registered: {registry.names()}."
+    )
+
+
+def _resolve_targets(
+    adapter: adapters.Adapter,
+    model: Any,
+    targets: str | Iterable[str] | Mapping[str, Target] | None,
+) -> dict[str, Target]:
+    available = adapter.all_targets(model)
+    if isinstance(targets, Mapping):
+        chosen = {}
+        for name, target in targets.items():
+            if name not in available or available[name] != target:
+                raise NotFoundError(
+                    f"Target {name!r} was not produced by si.targets(model) for this model; pass "
+                    "names or patterns, or the mapping si.targets(model, ...) returns."
+                )
+            chosen[name] = target
+    else:
+        chosen = adapters.select(available, targets, family=adapter.family)
+    if not chosen:
+        raise ValueError(
+            "No weights selected to mask: the target selection is empty. Available: "
+            f"{list(available)[:20]}."
+        )
+    return chosen
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor in a (nested) batch to ``device``."""
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        items = {k: to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(items)
+        except TypeError:
+            return items
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def _device_batches(data: Iterable[Any], device: torch.device) -> Iterator[Any]:
+    for batch in endless(data):
+        yield to_device(batch, device)
+
+
+def _device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    source = generator if generator is not None else torch.Generator().manual_seed(0)
+    seed = int(torch.randint(0, 2**62, (1,), generator=source, device=source.device).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def find(
+    model: Any,
+    method: str | Method,
+    loss_fn: Callable[[Any, Any], Tensor],
+    data: Iterable[Any],
+    *,
+    targets: str | Iterable[str] | Mapping[str, Target] | None = None,
+    steps: int,
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+    callbacks: Sequence[Callback] = (),
+    progress: bool = True,
+    log_every: int = 10,
+    inplace: bool = False,
+) -> FindResult:
+    """Find a subnetwork of ``model`` with a registered method.
+
+    Args:
+        model: a plain ``nn.Module`` or a supported wrapper (TransformerLens, nnsight, HF).
+        method: a registered name (``si.methods.names()``) or a method instance, e.g.
+            ``si.methods.create("gumbel_sigmoid", alpha=1e-3)``.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the task loss; called with the
+            object you passed as ``model``.
+        data: an iterable of batches (a list, a ``DataLoader``); re-iterated when exhausted.
+        targets: glob pattern(s) or the mapping ``si.targets`` returns; default: every weight
+            matrix except embeddings.
+        steps: optimisation steps.
+        device: where to train; the model is moved there for the run and back afterwards.
+            Default: the device of the model's weights.
+        generator: the source of all randomness (mask init and sampling); default: seed 0.
+        callbacks: ``callback(step, record)`` called every ``log_every`` steps with floats
+            (``loss``, ``penalty``, ``density``, ``temperature``).
+        progress: show a tqdm progress bar.
+        log_every: how often (in steps) history is recorded and callbacks run.
+        inplace: for methods that train weights (``lottery_ticket``, ``lt_sft``,
+            ``continuous_sparsification``): train the model itself instead of a deep copy.
+
+    Returns:
+        ``FindResult(subnetwork, history)``; ``subnetwork.meta`` records the method, its
+        hyper-parameters, the steps and the model fingerprint.
+
+    The model's weights are left bit-exactly as they were (methods that train weights work on
+    a copy unless ``inplace=True``), and so are its ``requires_grad`` flags, train/eval modes
+    and device.
+    """
+    resolved = _resolve_method(method)
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    if not isinstance(log_every, int) or log_every < 1:
+        raise ValueError(f"`log_every` must be a positive int, got {log_every!r}.")
+    adapter = adapters.resolve(model)
+    adapter.check_attachable(model)
+    chosen = _resolve_targets(adapter, model, targets)
+    print_before = fingerprint(model)
+    user_model = model
+    if resolved.trains_weights and not inplace:
+        model = _copy_model(model)
+    root = adapter.root(model)
+    model_device = read_canonical(root, next(iter(chosen.values()))).device
+    run_device = torch.device(device) if device is not None else model_device
+
+    flags = {name: p.requires_grad for name, p in root.named_parameters()}
+    modes = {name: m.training for name, m in root.named_modules()}
+    moved = run_device != model_device
+    try:
+        if moved:
+            root.to(run_device)
+        if not resolved.trains_weights:
+            for p in root.parameters():
+                p.requires_grad_(False)
+        root.eval()  # dropout off, as Csordás et al. and NeuroSurgeon train masks
+        context = FindContext(
+            model=model,
+            root=root,
+            targets=chosen,
+            loss_fn=loss_fn,
+            batches=_device_batches(data, run_device),
+            steps=steps,
+            device=run_device,
+            generator=_device_generator(generator, run_device),
+            callbacks=tuple(callbacks),
+            progress=progress,
+            log_every=log_every,
+        )
+        result = resolved.run(context)
+    finally:
+        _restore(root, flags, modes, model_device if moved else None)
+    if not (resolved.trains_weights and inplace) and fingerprint(user_model) != print_before:
+        raise RuntimeError(
+            f"Method {resolved.name!r} changed the model's weights; this is a bug in the method "
+            "(weights must only change on a copy). Please report it."
+        )
+    meta = {
+        "method": resolved.name,
+        "hparams": dataclasses.asdict(resolved),
+        "steps": steps,
+        "fingerprint": print_before,
+        "family": adapter.family,
+        "targets": list(chosen),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "subnet_interp_version": _version(),
+    }
+    subnetwork = result.subnetwork.to(model_device).with_meta(**meta)
+    return dataclasses.replace(result, subnetwork=subnetwork)
+
+
+def _copy_model(model: Any) -> Any:
+    try:
+        return copy.deepcopy(model)
+    except Exception as error:
+        raise TypeError(
+            f"This method trains weights, so it works on a copy of the model, but a "
+            f"{type(model).__qualname__} could not be deep-copied ({error}). Pass inplace=True to "
+            "train the model itself (save its state_dict first if you need it)."
+        ) from error
+
+
+def _restore(
+    root: nn.Module,
+    flags: Mapping[str, bool],
+    modes: Mapping[str, bool],
+    device: torch.device | None,
+) -> None:
+    if device is not None:
+        root.to(device)
+    for name, p in root.named_parameters():
+        if name in flags:
+            p.requires_grad_(flags[name])
+    for name, m in root.named_modules():
+        if name in modes:
+            m.training = modes[name]
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+__all__ = ["find", "to_device"]

@@ -1,0 +1,295 @@
+"""The shared training loop of every learnable-mask method.
+
+Weights stay frozen (no gradients, no optimizer state); only the methods' mask parameters
+train. Masks reach the model through the same parametrization ``si.masked`` uses, so the
+loop works for every model family an adapter handles.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ._attach import ZERO, Attachment
+from ._fingerprint import read_canonical
+from ._subnetwork import Subnetwork
+from ._types import Target
+from .methods._base import FindContext, FindResult, Method
+
+
+@dataclass
+class TrainState:
+    """Mutable per-run state of a learnable-mask method (schedules read and write it)."""
+
+    step: int
+    total_steps: int
+    round: int = 0
+    rounds: int = 1
+    round_step: int = 0
+    steps_per_round: int = 0
+    temperature: float = 1.0
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class MaskMethod(Method):
+    """A method that learns a mask by gradient descent on per-gate parameters.
+
+    Subclasses (frozen dataclasses) implement the gate maths; :func:`train_masks` runs them.
+    The ``granularity`` field of every subclass chooses one gate per weight (``"weight"``),
+    per unit (``"neuron"``) or per attention head (``"head"``).
+    """
+
+    granularity: str
+
+    def rounds(self) -> int:
+        return 1
+
+    def samples_per_batch(self) -> int:
+        """Independent mask samples per batch; the batch is split evenly among them."""
+        return 1
+
+    @abc.abstractmethod
+    def init_parameters(
+        self,
+        target: Target,
+        gate_shape: tuple[int, ...],
+        weight: Tensor,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Initial mask parameters for one target (a float tensor of ``gate_shape``)."""
+
+    @abc.abstractmethod
+    def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
+        """The (soft, differentiable) gate values used for one forward pass."""
+
+    @abc.abstractmethod
+    def penalty(
+        self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
+    ) -> Tensor:
+        """The sparsity regulariser; ``weights[i]`` is how many weights gate tensor i covers each."""
+
+    @abc.abstractmethod
+    def final_mask(self, params: Tensor) -> Tensor:
+        """The binary mask (bool, gate shape) the parameters stand for."""
+
+    @abc.abstractmethod
+    def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+        """The optimiser of the mask parameters (the paper's)."""
+
+    def weight_optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer | None:
+        """For methods that train weights jointly with the mask (``trains_weights``)."""
+        return None
+
+    def rewind_step(self, steps_per_round: int) -> int | None:
+        """Step (of the first round) whose weights the ticket keeps; ``None``: no rewinding."""
+        return None
+
+    def on_step(self, state: TrainState) -> None:
+        """Update schedules (temperature, ...) before step ``state.step``."""
+
+    def after_step(self, state: TrainState) -> None:
+        """After the mask optimiser's step (e.g. a dual ascent step)."""
+
+    def on_round_end(self, params: Sequence[Tensor], state: TrainState) -> None:
+        """Between rounds (methods with ``rounds() > 1``): e.g. reset parameters."""
+
+    def grad_clip(self) -> float | None:
+        return None
+
+    def run(self, context: FindContext) -> FindResult:
+        return train_masks(self, context)
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Split a batch (tensor, tuple/list, or mapping of them) into ``parts`` along dim 0."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, Tensor):
+        if batch.dim() == 0 or batch.shape[0] < parts:
+            raise ValueError(
+                f"Cannot split a batch of {tuple(batch.shape)} into {parts} mask samples: the "
+                f"batch needs at least {parts} examples. Use bigger batches or fewer mask "
+                "samples (e.g. mask_samples=1)."
+            )
+        return list(torch.tensor_split(batch, parts, dim=0))
+    if isinstance(batch, Mapping):
+        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
+        return [_same_mapping(batch, {k: pieces[k][i] for k in batch}) for i in range(parts)]
+    if isinstance(batch, (tuple, list)):
+        pieces = [split_batch(v, parts) for v in batch]
+        return [type(batch)(p[i] for p in pieces) for i in range(parts)]
+    return [batch] * parts  # non-tensor leaves (ints, strings) go to every part
+
+
+def _same_mapping(original: Mapping, items: dict) -> Mapping:
+    try:
+        return type(original)(items)  # dict subclasses such as transformers' BatchEncoding
+    except TypeError:
+        return items
+
+
+def _track(values: Sequence[Tensor]) -> Tensor:
+    return torch.stack([v.detach().float() for v in values])
+
+
+def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
+    """Run a learnable-mask method; returns the final binary subnetwork and its history."""
+    targets = context.targets
+    device = context.device
+    generator = context.generator
+    gate_shapes = {n: t.gate_shape(method.granularity) for n, t in targets.items()}
+    params: dict[str, Tensor] = {}
+    for name, target in targets.items():
+        weight = read_canonical(context.root, target).detach()
+        init = method.init_parameters(target, gate_shapes[name], weight, generator)
+        params[name] = init.to(device=device, dtype=torch.float32).requires_grad_(True)
+    names = list(params)
+    param_list = [params[n] for n in names]
+    per_gate = [targets[n].numel // max(1, math.prod(gate_shapes[n])) for n in names]
+    total_weights = sum(targets[n].numel for n in names)
+    samples = method.samples_per_batch()
+
+    rounds = method.rounds()
+    steps_per_round = max(1, context.steps // rounds)
+    state = TrainState(
+        step=0,
+        total_steps=context.steps,
+        rounds=rounds,
+        steps_per_round=steps_per_round,
+    )
+    history: dict[str, list[Tensor]] = {
+        "step": [],
+        "loss": [],
+        "penalty": [],
+        "density": [],
+        "temperature": [],
+    }
+    weight_params = [p for p in context.root.parameters() if p.requires_grad]
+    if method.trains_weights and not weight_params:
+        raise ValueError(
+            f"{method.name} trains weights jointly with the mask, but no parameter of the model "
+            "requires grad."
+        )
+    weight_optimizer = method.weight_optimizer(weight_params) if method.trains_weights else None
+    rewind_at = method.rewind_step(steps_per_round) if method.trains_weights else None
+    rewound: dict[str, Tensor] | None = None
+    attachment = Attachment(context.root, targets, ZERO)
+    optimizer = method.optimizer(param_list)
+    clip = method.grad_clip()
+    bar = tqdm(total=context.steps, disable=not context.progress, desc=method.name, leave=False)
+    try:
+        for step in range(context.steps):
+            round_index = min(step // steps_per_round, rounds - 1)
+            if round_index != state.round:
+                method.on_round_end(param_list, state)
+                optimizer = method.optimizer(param_list)
+            state.step, state.round = step, round_index
+            state.round_step = step - round_index * steps_per_round
+            if rewind_at is not None and step == min(rewind_at, context.steps - 1):
+                rewound = _canonical_copy(context.root, targets)
+            method.on_step(state)
+            batch = next(context.batches)
+            chunks = split_batch(batch, samples)
+            loss_sum = torch.zeros((), device=device)
+            for chunk in chunks:
+                masks = {
+                    n: method.sample(params[n], state, generator).expand(targets[n].shape)
+                    for n in names
+                }
+                attachment.set_masks(masks)
+                loss = context.loss_fn(context.model, chunk)
+                _check_loss(loss, step)
+                (loss / len(chunks)).backward()
+                loss_sum = loss_sum + loss.detach() / len(chunks)
+            attachment.set_masks({})
+            penalty = method.penalty(param_list, per_gate, state)
+            if penalty.requires_grad:
+                penalty.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(param_list, clip, foreach=True)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if weight_optimizer is not None:
+                weight_optimizer.step()
+                weight_optimizer.zero_grad(set_to_none=True)
+            method.after_step(state)
+            last = step == context.steps - 1
+            if step % context.log_every == 0 or last:
+                with torch.no_grad():
+                    kept = _track(
+                        [
+                            method.final_mask(p).sum() * g
+                            for p, g in zip(param_list, per_gate, strict=True)
+                        ]
+                    ).sum()
+                history["step"].append(torch.tensor(float(step)))
+                history["loss"].append(loss_sum.detach())
+                history["penalty"].append(penalty.detach().float())
+                history["density"].append(kept / max(1, total_weights))
+                history["temperature"].append(torch.tensor(float(state.temperature)))
+                record = {k: float(v[-1]) for k, v in history.items()}
+                bar.set_postfix(loss=f"{record['loss']:.4g}", density=f"{record['density']:.4f}")
+                for callback in context.callbacks:
+                    callback(step, record)
+            bar.update(1)
+    finally:
+        bar.close()
+        attachment.remove()
+    with torch.no_grad():
+        masks = {n: method.final_mask(params[n]).expand(targets[n].shape).clone() for n in names}
+    floats = {k: torch.stack(v).cpu().tolist() if v else [] for k, v in history.items()}
+    weights = None
+    if method.trains_weights:
+        weights = rewound if rewound is not None else _canonical_copy(context.root, targets)
+    return FindResult(Subnetwork(masks), floats, weights)
+
+
+def _canonical_copy(root: torch.nn.Module, targets: Mapping[str, Target]) -> dict[str, Tensor]:
+    with torch.no_grad():
+        return {n: read_canonical(root, t).detach().clone() for n, t in targets.items()}
+
+
+def _check_loss(loss: Any, step: int) -> None:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise TypeError(
+            f"loss_fn must return a scalar tensor; at step {step} it returned "
+            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}. "
+            "Reduce it, e.g. with `.mean()`."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn returned a tensor that does not depend on the masks (requires_grad is "
+            "False). Compute the loss from the model's output inside loss_fn, and do not wrap "
+            "it in torch.no_grad()."
+        )
+
+
+def endless(data: Any) -> Iterator[Any]:
+    """Cycle over ``data`` (re-iterating it each epoch); fail clearly if it is empty or spent."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in data:
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError(
+                "`data` yielded no batches"
+                + (
+                    " after its first pass: it is a one-shot iterator "
+                    "(e.g. a generator). Pass a list or a DataLoader so it can be re-iterated."
+                    if epoch
+                    else ". Pass an iterable of batches (a list, a DataLoader)."
+                )
+            )
+        epoch += 1
+
+
+__all__ = ["MaskMethod", "TrainState", "endless", "split_batch", "train_masks"]

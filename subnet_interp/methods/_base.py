@@ -1,0 +1,70 @@
+"""What every subnetwork-finding method provides, and the context ``si.find`` hands it."""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .._subnetwork import Subnetwork
+from .._types import Target
+
+LossFn = Callable[[Any, Any], Tensor]
+Callback = Callable[[int, Mapping[str, float]], None]
+
+
+@dataclass
+class FindContext:
+    """Everything a method needs for one run; built and validated by ``si.find``."""
+
+    model: Any  # the object the user passed (a wrapper or an nn.Module)
+    root: nn.Module  # the module holding the targeted tensors
+    targets: Mapping[str, Target]
+    loss_fn: LossFn
+    batches: Iterator[Any]  # endless, already on ``device``
+    steps: int
+    device: torch.device
+    generator: torch.Generator  # on ``device``
+    callbacks: Sequence[Callback] = ()
+    progress: bool = True
+    log_every: int = 10
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FindResult:
+    """What ``si.find`` returns.
+
+    Attributes:
+        subnetwork: the binary mask found.
+        history: per logged step, the values the method tracked (``step``, ``loss``,
+            ``penalty``, ``density``, ...), each a list of floats of equal length.
+        weights: for methods that train weights (``lottery_ticket``, ``lt_sft``), the weights
+            the subnetwork needs, keyed by canonical target name; ``None`` otherwise.
+    """
+
+    subnetwork: Subnetwork
+    history: Mapping[str, list[float]]
+    weights: Mapping[str, Tensor] | None = None
+
+
+class Method(abc.ABC):
+    """Base of every registered method: a frozen dataclass of paper-default hyper-parameters."""
+
+    name: ClassVar[str]
+    trains_weights: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def run(self, context: FindContext) -> FindResult:
+        """Find a subnetwork. Must leave the user's model bit-exactly unchanged."""
+
+    def hparams(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+__all__ = ["Callback", "FindContext", "FindResult", "LossFn", "Method"]

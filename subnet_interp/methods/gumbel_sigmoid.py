@@ -1,0 +1,89 @@
+"""Differentiable weight masks with the Gumbel-sigmoid (Csordás, van Steenkiste & Schmidhuber 2021)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._registry import methods
+from .._train import MaskMethod, TrainState
+from .._types import Target
+
+
+def logistic_noise(
+    shape: Sequence[int], generator: torch.Generator, device, eps: float = 1e-10
+) -> Tensor:
+    """``log u - log(1 - u)`` for ``u ~ U(0, 1)``: the difference of two Gumbel(0, 1) draws."""
+    u = torch.rand(tuple(shape), generator=generator, device=device)
+    return torch.log(u + eps) - torch.log1p(-u + eps)
+
+
+def gumbel_sigmoid(logits: Tensor, noise: Tensor, temperature: float, hard: bool) -> Tensor:
+    """Sample ``sigmoid((logits + noise) / temperature)``; with ``hard``, threshold at 0.5 in the
+    forward pass and pass the soft gradient backward (straight-through estimator)."""
+    soft = torch.sigmoid((logits + noise) / temperature)
+    if not hard:
+        return soft
+    return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
+
+
+@methods.register
+@dataclass(frozen=True)
+class GumbelSigmoid(MaskMethod):
+    """Differentiable weight masks (Csordás, van Steenkiste & Schmidhuber, ICLR 2021,
+    "Are Neural Nets Modular? Inspecting Functional Modularity Through Differentiable Weight
+    Masks", Sec. 2; defaults from the official code, RobertCsordas/modules).
+
+    One logit ``l`` per weight, initialised to ``init_logit = 2.0`` (keep probability ≈ 0.88).
+    Each forward pass samples ``m = sigmoid((l + g1 - g0) / tau)`` with Gumbel noise ``g0, g1``
+    and ``tau = 1``, binarised at 0.5 with a straight-through gradient. Each batch is split
+    into ``mask_samples = 4`` parts, each seen through an independent mask sample. The
+    regulariser is ``alpha * sum(l)`` over the raw logits (``alpha = 1e-4``), pushing unused
+    weights out. Adam, ``lr = 1e-2``, gradient norm clipped to 1.0. The weights are frozen.
+    Final mask: ``l > 0``.
+
+    The official code also divides the regulariser by the batch size because its task loss is
+    summed over the batch; with a mean-reduced ``loss_fn`` (the usual case) the sum of logits is
+    used as is, as here.
+    """
+
+    name = "gumbel_sigmoid"
+    init_logit: float = 2.0
+    temperature: float = 1.0
+    hard: bool = True
+    mask_samples: int = 4
+    alpha: float = 1e-4
+    lr: float = 1e-2
+    clip_grad_norm: float | None = 1.0
+    granularity: str = "weight"
+
+    def samples_per_batch(self) -> int:
+        return self.mask_samples
+
+    def init_parameters(self, target: Target, gate_shape, weight, generator) -> Tensor:
+        return torch.full(gate_shape, float(self.init_logit), device=weight.device)
+
+    def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
+        noise = logistic_noise(params.shape, generator, params.device)
+        return gumbel_sigmoid(params, noise, self.temperature, self.hard)
+
+    def penalty(
+        self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
+    ) -> Tensor:
+        # per-gate weight counts multiply in so coarse gates pay for all the weights they hold
+        return (
+            self.alpha
+            * torch.stack([(p.sum() * w) for p, w in zip(params, weights, strict=True)]).sum()
+        )
+
+    def final_mask(self, params: Tensor) -> Tensor:
+        return params > 0
+
+    def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def grad_clip(self) -> float | None:
+        return self.clip_grad_norm

@@ -1,0 +1,131 @@
+"""Hard-concrete L0 gates (Louizos, Welling & Kingma 2018), with Edge Pruning's target density."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._registry import methods
+from .._train import MaskMethod, TrainState
+from .._types import Target
+
+
+def hard_concrete_sample(
+    log_alpha: Tensor, uniform: Tensor, beta: float, gamma: float, zeta: float
+) -> Tensor:
+    """``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) * (zeta - gamma) + gamma, 0, 1)``
+    (Louizos et al. 2018, Eq. 10 with the stretch of Sec. 4)."""
+    s = torch.sigmoid((torch.log(uniform) - torch.log1p(-uniform) + log_alpha) / beta)
+    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+def expected_l0(log_alpha: Tensor, beta: float, gamma: float, zeta: float) -> Tensor:
+    """``P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta))`` (Louizos et al., Eq. 12)."""
+    return torch.sigmoid(log_alpha - beta * math.log(-gamma / zeta))
+
+
+def deterministic_gate(log_alpha: Tensor, gamma: float, zeta: float) -> Tensor:
+    """The test-time gate ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)`` (Eq. 13)."""
+    return torch.clamp(torch.sigmoid(log_alpha) * (zeta - gamma) + gamma, 0.0, 1.0)
+
+
+@methods.register
+@dataclass(frozen=True)
+class HardConcrete(MaskMethod):
+    """Hard-concrete L0 gates (Louizos, Welling & Kingma, ICLR 2018, "Learning Sparse Neural
+    Networks through L0 Regularization"; defaults from AMLab-Amsterdam/L0_regularization), as
+    used for subnetwork probing by Cao, Sanh & Rush 2021 and for circuits by Edge Pruning
+    (Bhaskar et al. 2024, princeton-nlp/Edge-Pruning).
+
+    One ``log_alpha`` per gate, initialised from ``N(log(1 - p) - log(p), 0.01)`` with drop
+    rate ``p = droprate_init = 0.5``. Gates are sampled from the stretched, clamped
+    hard-concrete distribution with ``beta = 2/3``, ``gamma = -0.1``, ``zeta = 1.1``. The penalty is
+    ``l0_lambda / dataset_size * sum_g P(z_g != 0)`` (Louizos et al. Eq. 12 and their MNIST
+    setting ``lambda = 0.1``, ``N = 60000``; set ``dataset_size`` to the size of your data).
+
+    With ``target_density`` set, the L0 penalty is replaced by Edge Pruning's Lagrangian
+    ``lambda1 * (d - t) + lambda2 * (d - t)**2`` on the expected density ``d``, where the
+    multipliers are trained by gradient ascent (``lagrangian_lr = 1e-2``) and the target ``t`` falls
+    linearly from 1 to ``target_density`` over the first ``warmup_fraction = 0.8`` of the steps
+    (Edge Pruning's IOI run: 2500 warmup steps of 3000). Edge Pruning uses the sampled gates'
+    density; the expected density used here has the same mean and less variance.
+
+    Adam, ``lr = 1e-2`` (Edge Pruning's default for ``log_alpha``). Final mask: deterministic
+    gate ``> final_threshold = 0.5`` (NeuroSurgeon's and Edge Pruning's discretisation).
+    """
+
+    name = "hard_concrete"
+
+    droprate_init: float = 0.5
+    beta: float = 2.0 / 3.0
+    gamma: float = -0.1
+    zeta: float = 1.1
+    l0_lambda: float = 0.1
+    dataset_size: int = 60000
+    target_density: float | None = None
+    warmup_fraction: float = 0.8
+    lagrangian_lr: float = 1e-2
+    lr: float = 1e-2
+    final_threshold: float = 0.5
+    granularity: str = "weight"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.droprate_init < 1.0:
+            raise ValueError(f"droprate_init must be in (0, 1), got {self.droprate_init}.")
+        if self.target_density is not None and not 0.0 <= self.target_density <= 1.0:
+            raise ValueError(f"target_density must be in [0, 1], got {self.target_density}.")
+
+    def init_parameters(self, target: Target, gate_shape, weight, generator) -> Tensor:
+        mean = math.log(1.0 - self.droprate_init) - math.log(self.droprate_init)
+        noise = torch.randn(gate_shape, generator=generator, device=generator.device)
+        return (mean + 1e-2 * noise).to(weight.device)
+
+    def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
+        eps = 1e-6
+        uniform = torch.rand(params.shape, generator=generator, device=params.device)
+        uniform = uniform * (1 - 2 * eps) + eps
+        return hard_concrete_sample(params, uniform, self.beta, self.gamma, self.zeta)
+
+    def penalty(
+        self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
+    ) -> Tensor:
+        expected = torch.stack(
+            [
+                expected_l0(p, self.beta, self.gamma, self.zeta).sum() * w
+                for p, w in zip(params, weights, strict=True)
+            ]
+        ).sum()
+        if self.target_density is None:
+            return self.l0_lambda / self.dataset_size * expected
+        multipliers = state.aux.get("lagrange")
+        if multipliers is None:
+            device = params[0].device
+            multipliers = torch.zeros(2, device=device, requires_grad=True)
+            state.aux["lagrange"] = multipliers
+            state.aux["lagrange_optimizer"] = torch.optim.Adam(
+                [multipliers], lr=self.lagrangian_lr, maximize=True
+            )
+            state.aux["total"] = float(
+                sum(p.numel() * w for p, w in zip(params, weights, strict=True))
+            )
+        density = expected / state.aux["total"]
+        warmup = max(1, int(self.warmup_fraction * state.total_steps))
+        progress = min(1.0, state.step / warmup)
+        target = 1.0 - progress * (1.0 - self.target_density)
+        gap = density - target
+        return multipliers[0] * gap + multipliers[1] * gap * gap
+
+    def after_step(self, state: TrainState) -> None:
+        if "lagrange_optimizer" in state.aux:  # dual ascent on the multipliers
+            state.aux["lagrange_optimizer"].step()
+            state.aux["lagrange_optimizer"].zero_grad(set_to_none=True)
+
+    def final_mask(self, params: Tensor) -> Tensor:
+        return deterministic_gate(params, self.gamma, self.zeta) > self.final_threshold
+
+    def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr)
