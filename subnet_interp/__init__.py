@@ -11,7 +11,7 @@ from ._fingerprint import fingerprint
 from ._subnetwork import Subnetwork
 from ._targets import targets
 from ._types import NotFoundError, Target
-from .methods import FindResult
+from .methods import FindResult, random_like
 
 __version__ = "0.1.0"
 
@@ -25,5 +25,6 @@ __all__ = [
     "fingerprint",
     "masked",
     "methods",
+    "random_like",
     "targets",
 ]

@@ -88,7 +88,7 @@ def find(
     data: Iterable[Any],
     *,
     targets: str | Iterable[str] | Mapping[str, Target] | None = None,
-    steps: int,
+    steps: int | None = None,
     device: torch.device | str | None = None,
     generator: torch.Generator | None = None,
     callbacks: Sequence[Callback] = (),
@@ -107,7 +107,8 @@ def find(
         data: an iterable of batches (a list, a ``DataLoader``); re-iterated when exhausted.
         targets: glob pattern(s) or the mapping ``si.targets`` returns; default: every weight
             matrix except embeddings.
-        steps: optimisation steps.
+        steps: optimisation steps (required by every method that trains; ignored by
+            ``magnitude`` and ``random``).
         device: where to train; the model is moved there for the run and back afterwards.
             Default: the device of the model's weights.
         generator: the source of all randomness (mask init and sampling); default: seed 0.
@@ -127,7 +128,11 @@ def find(
     and device.
     """
     resolved = _resolve_method(method)
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+    if steps is None and resolved.needs_steps:
+        raise ValueError(
+            f"Method {resolved.name!r} trains, so `steps` is required (e.g. steps=1000)."
+        )
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
@@ -160,7 +165,7 @@ def find(
             targets=chosen,
             loss_fn=loss_fn,
             batches=_device_batches(data, run_device),
-            steps=steps,
+            steps=steps or 0,
             device=run_device,
             generator=_device_generator(generator, run_device),
             callbacks=tuple(callbacks),

@@ -23,6 +23,9 @@ SETTINGS = {
     "continuous_sparsification": dict(
         task="teacher", hparams=dict(lr=1e-2, weight_lr=1e-2, l1_lambda=1e-3), steps=600, iou=0.9
     ),
+    # baselines: no planted recovery expected (iou=None); the rest of the suite applies
+    "magnitude": dict(task="frozen", hparams={}, steps=None, iou=None),
+    "random": dict(task="frozen", hparams={}, steps=None, iou=None),
 }
 
 
@@ -35,7 +38,11 @@ def iou(a: si.Subnetwork, b: si.Subnetwork) -> float:
 def run(name: str, seed: int = 1, **extra):
     setting = SETTINGS[name]
     gen = torch.Generator().manual_seed(0)
-    task = planted_mlp(generator=gen) if setting["task"] == "frozen" else planted_teacher(generator=gen)
+    task = (
+        planted_mlp(generator=gen)
+        if setting["task"] == "frozen"
+        else planted_teacher(generator=gen)
+    )
     method = si.methods.create(name, **setting["hparams"])
     result = si.find(
         task.model,
@@ -59,7 +66,11 @@ def test_every_registered_method_has_conformance_settings():
 def outcome(request):
     name = request.param
     gen = torch.Generator().manual_seed(0)
-    task = planted_mlp(generator=gen) if SETTINGS[name]["task"] == "frozen" else planted_teacher(generator=gen)
+    task = (
+        planted_mlp(generator=gen)
+        if SETTINGS[name]["task"] == "frozen"
+        else planted_teacher(generator=gen)
+    )
     before = snapshot(task.model)
     flags = [p.requires_grad for p in task.model.parameters()]
     task.model.train()
@@ -77,6 +88,8 @@ def outcome(request):
 
 
 def test_recovers_planted_subnetwork(outcome):
+    if SETTINGS[outcome["name"]]["iou"] is None:
+        pytest.skip("baseline: not expected to recover a planted subnetwork")
     found, planted = outcome["result"].subnetwork, outcome["task"].planted
     score = iou(found, planted)
     print(f"{outcome['name']}: IoU with planted = {score:.3f}, density = {found.density():.3f}")
@@ -84,6 +97,8 @@ def test_recovers_planted_subnetwork(outcome):
 
 
 def test_keeps_task_loss_low(outcome):
+    if SETTINGS[outcome["name"]]["iou"] is None:
+        pytest.skip("baseline: not expected to solve the task")
     task, result = outcome["task"], outcome["result"]
     if SETTINGS[outcome["name"]]["task"] == "frozen":
         with si.masked(task.model, result.subnetwork):
@@ -110,8 +125,9 @@ def test_meta_records_the_run(outcome):
     assert meta["steps"] == SETTINGS[name]["steps"]
     assert meta["fingerprint"] == si.fingerprint(outcome["task"].model)
     assert meta["hparams"] == {**si.methods.get(name)().hparams(), **SETTINGS[name]["hparams"]}
-    assert set(result.history) >= {"step", "loss", "penalty", "density"}
-    assert len(result.history["loss"]) == len(result.history["density"]) > 1
+    if si.methods.get(name).needs_steps:
+        assert set(result.history) >= {"step", "loss", "penalty", "density"}
+        assert len(result.history["loss"]) == len(result.history["density"]) > 1
 
 
 def test_save_load_round_trip(outcome, tmp_path):
@@ -126,7 +142,7 @@ def test_save_load_round_trip(outcome, tmp_path):
 @pytest.mark.parametrize("name", sorted(SETTINGS))
 def test_same_seed_same_mask(name):
     setting = SETTINGS[name]
-    short = {**setting, "steps": 40}
+    short = {**setting, "steps": 40 if setting["steps"] else None}
     SETTINGS[name] = short
     try:
         _, first = run(name, seed=3)
@@ -134,7 +150,7 @@ def test_same_seed_same_mask(name):
     finally:
         SETTINGS[name] = setting
     assert first.subnetwork == second.subnetwork
-    assert first.history["loss"] == second.history["loss"]
+    assert first.history == second.history
 
 
 def test_weight_training_methods_return_weights(outcome):

@@ -23,7 +23,10 @@ from . import (  # noqa: E402
     continuous_sparsification_lepori,
     gumbel_sigmoid,
     hard_concrete,
+    magnitude,
+    random,
 )
+from .random import random_like  # noqa: E402
 
 __all__ = [
     "FindContext",
@@ -37,6 +40,9 @@ __all__ = [
     "get",
     "gumbel_sigmoid",
     "hard_concrete",
+    "magnitude",
+    "random",
+    "random_like",
     "names",
     "register",
     "registry",

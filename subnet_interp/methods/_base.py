@@ -58,6 +58,7 @@ class Method(abc.ABC):
 
     name: ClassVar[str]
     trains_weights: ClassVar[bool] = False
+    needs_steps: ClassVar[bool] = True
 
     @abc.abstractmethod
     def run(self, context: FindContext) -> FindResult:

@@ -1,0 +1,72 @@
+"""One-shot magnitude pruning baseline (Han, Pool, Tran & Dally 2015)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .._fingerprint import read_canonical
+from .._registry import methods
+from .._subnetwork import Subnetwork
+from ._base import FindContext, FindResult, Method
+
+
+def top_magnitude_masks(
+    weights: dict[str, torch.Tensor], density: float, scope: str
+) -> dict[str, torch.Tensor]:
+    """Keep exactly ``round(density * n)`` weights of largest ``|w|``, globally or per target."""
+    if scope == "per_target":
+        return {
+            n: _top_k_mask(w.abs().flatten(), density).view(w.shape) for n, w in weights.items()
+        }
+    if scope != "global":
+        raise ValueError(f"scope must be 'global' or 'per_target', got {scope!r}.")
+    flat = torch.cat([w.abs().flatten().float() for w in weights.values()])
+    keep = _top_k_mask(flat, density)
+    masks, offset = {}, 0
+    for name, w in weights.items():
+        masks[name] = keep[offset : offset + w.numel()].view(w.shape)
+        offset += w.numel()
+    return masks
+
+
+def _top_k_mask(scores: torch.Tensor, density: float) -> torch.Tensor:
+    count = round(density * scores.numel())
+    mask = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    if count:
+        mask[torch.topk(scores, count, sorted=False).indices] = True
+    return mask
+
+
+def check_density(density: float) -> None:
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density!r}.")
+
+
+@methods.register
+@dataclass(frozen=True)
+class Magnitude(Method):
+    """One-shot magnitude pruning (Han, Pool, Tran & Dally, NeurIPS 2015, "Learning both
+    Weights and Connections for Efficient Neural Networks"): keep exactly the
+    ``round(density * n)`` weights of largest absolute value, over all targets at once
+    (``scope="global"``) or within each target (``scope="per_target"``). No training; ``steps`` is
+    ignored. A baseline for every learned mask.
+    """
+
+    name = "magnitude"
+    needs_steps = False
+
+    density: float = 0.2
+    scope: str = "global"
+
+    def __post_init__(self) -> None:
+        check_density(self.density)
+        if self.scope not in ("global", "per_target"):
+            raise ValueError(f"scope must be 'global' or 'per_target', got {self.scope!r}.")
+
+    def run(self, context: FindContext) -> FindResult:
+        with torch.no_grad():
+            weights = {n: read_canonical(context.root, t) for n, t in context.targets.items()}
+            masks = top_magnitude_masks(weights, self.density, self.scope)
+        return FindResult(Subnetwork(masks), {})

@@ -1,0 +1,73 @@
+"""Density-matched random masks: the control for every analysis."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from .._registry import methods
+from .._subnetwork import Subnetwork
+from ._base import FindContext, FindResult, Method
+from .magnitude import check_density
+
+
+def random_masks(
+    counts: Mapping[str, int],
+    shapes: Mapping[str, tuple[int, ...]],
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """For each target, a mask with exactly ``counts[name]`` kept weights, uniformly placed."""
+    masks = {}
+    for name, shape in shapes.items():
+        numel = 1
+        for size in shape:
+            numel *= size
+        count = counts[name]
+        if not 0 <= count <= numel:
+            raise ValueError(f"Cannot keep {count} of {numel} weights in {name!r}.")
+        # the `count` smallest of i.i.d. uniform keys: a uniform random subset of that size
+        keys = torch.rand(numel, generator=generator, device=generator.device)
+        mask = torch.zeros(numel, dtype=torch.bool, device=generator.device)
+        if count:
+            mask[torch.topk(keys, count, largest=False, sorted=False).indices] = True
+        masks[name] = mask.view(shape).to(device)
+    return masks
+
+
+def random_like(subnetwork: Subnetwork, generator: torch.Generator | None = None) -> Subnetwork:
+    """A random subnetwork with the same kept count in every target as ``subnetwork``."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    counts = {n: int(m.sum()) for n, m in subnetwork.masks.items()}
+    shapes = {n: tuple(m.shape) for n, m in subnetwork.masks.items()}
+    masks = random_masks(counts, shapes, gen, subnetwork.device)
+    meta = {"method": "random", "reference": dict(subnetwork.meta)}
+    if "fingerprint" in subnetwork.meta:
+        meta["fingerprint"] = subnetwork.meta["fingerprint"]
+    return Subnetwork(masks, meta)
+
+
+@methods.register
+@dataclass(frozen=True)
+class Random(Method):
+    """Random masks keeping ``round(density * n)`` weights of every target (per-target counts,
+    uniformly placed): the standard density-matched control (e.g. Csordás et al. 2021, Lepori
+    et al. 2023). To match another subnetwork's per-target counts use ``si.random_like(sub)``.
+    No training; ``steps`` is ignored.
+    """
+
+    name = "random"
+    needs_steps = False
+
+    density: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_density(self.density)
+
+    def run(self, context: FindContext) -> FindResult:
+        shapes = {n: t.shape for n, t in context.targets.items()}
+        counts = {n: round(self.density * t.numel) for n, t in context.targets.items()}
+        masks = random_masks(counts, shapes, context.generator, context.device)
+        return FindResult(Subnetwork(masks), {})
