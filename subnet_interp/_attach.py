@@ -153,13 +153,12 @@ class Attachment:
             if not present:
                 loc.slot.mask = None
                 continue
-            if len(loc.targets) == 1 and loc.targets[0].layout.covers_whole:
-                target = loc.targets[0]
-                mask = target.layout.write_real(masks[target.name], real)
+            if len(loc.targets) == 1 and loc.targets[0].layout.is_identity:
+                mask = masks[loc.targets[0].name]
             else:
                 mask = torch.ones(real.shape, dtype=real.dtype, device=real.device)
                 for target in present:
-                    mask = target.layout.write_real(masks[target.name].to(real.dtype), mask)
+                    mask = target.layout.write_real(masks[target.name], mask)
             if mask.dtype != real.dtype:
                 mask = mask.to(real.dtype)
             loc.slot.mask = mask

@@ -7,34 +7,51 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 
+@dataclass(frozen=True)
 class Layout:
     """How a target's canonical tensor sits inside the real parameter tensor.
 
-    The identity layout covers the whole real tensor unchanged. Adapters for fused or
-    transposed storage (e.g. GPT-2's ``c_attn``) subclass this.
+    A sequence of view operations that turns the real tensor into the canonical one:
+    ``("narrow", dim, start, length)``, ``("select", dim, index)``,
+    ``("unflatten", dim, sizes)`` and ``("permute", dims)``. Because each is a view, the same
+    operations applied to a buffer of the real shape give a canonical-shaped window into it,
+    which is how canonical masks are written back (exactly, and differentiably).
+    The empty sequence is the identity.
     """
 
-    covers_whole: bool = True
+    ops: tuple[tuple, ...] = ()
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.ops
 
     def to_canonical(self, real: Tensor) -> Tensor:
-        """The canonical-layout view (or copy) of the region of ``real`` this target covers."""
-        return real
+        """The canonical-layout view of the region of ``real`` this target covers."""
+        view = real
+        for op in self.ops:
+            kind = op[0]
+            if kind == "narrow":
+                view = view.narrow(op[1], op[2], op[3])
+            elif kind == "select":
+                view = view.select(op[1], op[2])
+            elif kind == "unflatten":
+                view = view.unflatten(op[1], op[2])
+            elif kind == "permute":
+                view = view.permute(*op[1])
+            else:
+                raise ValueError(f"Unknown layout operation {op!r}.")
+        return view
 
     def write_real(self, canonical: Tensor, real_out: Tensor) -> Tensor:
-        """Return ``real_out`` with this target's region replaced by ``canonical``.
+        """Write ``canonical`` into its region of ``real_out`` (in place) and return ``real_out``.
 
-        Must be differentiable in ``canonical``. The identity layout returns ``canonical``.
+        ``real_out`` must be a fresh buffer the caller owns; autograd tracks the write, so
+        gradients flow back to ``canonical``. The identity layout returns ``canonical``.
         """
-        return canonical
-
-    def __eq__(self, other: object) -> bool:
-        return type(self) is type(other) and self.__dict__ == other.__dict__
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self.__dict__.items()))))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
+        if self.is_identity:
+            return canonical
+        self.to_canonical(real_out).copy_(canonical)
+        return real_out
 
 
 IDENTITY = Layout()
@@ -52,7 +69,7 @@ class Target:
         attribute: the attribute of ``module`` holding the tensor (usually ``"weight"``).
         shape: canonical shape of the mask.
         axes: one label per canonical axis (``"head"``, ``"d_model"``, ``"neuron"``, ...).
-        layout: converts between the canonical tensor and the real tensor.
+        layout: the view operations from the real tensor to the canonical one.
         default: whether ``si.targets`` selects it when no ``include`` is given (embeddings,
             unembeddings, biases and norms are not default targets).
         kind: a short tag of what the weight is (``"linear"``, ``"conv"``, ``"embedding"``,
@@ -104,7 +121,7 @@ class Target:
         if granularity == "neuron":
             keep = set(self.unit_axes)
         elif granularity == "head":
-            keep = {"head"} & set(self.axes)
+            keep = {"head", "kv_head"} & set(self.axes)
         else:
             raise ValueError(
                 f"Unknown granularity {granularity!r}; expected 'weight', 'neuron' or 'head'."

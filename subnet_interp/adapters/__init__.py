@@ -143,9 +143,11 @@ def _raise_no_match(pattern: str, arg: str, names: list[str], family: str) -> No
 
 
 def _register_builtin() -> None:
+    from .hf import HuggingFaceAdapter
     from .plain import PlainAdapter
 
     register_adapter(PlainAdapter(), first=False)
+    register_adapter(HuggingFaceAdapter())
 
 
 _register_builtin()

@@ -1,0 +1,249 @@
+"""Hugging Face adapter: canonical names, exact layouts, masking equals hand-zeroed weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _util import assert_bit_exact, snapshot
+from einops import rearrange
+
+import subnet_interp as si
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB, D, HEADS, LAYERS = 40, 32, 4, 2
+D_HEAD = D // HEADS
+
+
+def gpt2():
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_embd=D,
+        vocab_size=VOCAB,
+        n_positions=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def neox():
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        hidden_size=D,
+        intermediate_size=64,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.GPTNeoXForCausalLM(cfg).eval()
+
+
+def llama():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=2,
+        hidden_size=D,
+        intermediate_size=48,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama}
+TOKENS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+def random_masks(model, include=None, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        n: torch.rand(t.shape, generator=gen) < 0.6
+        for n, t in si.targets(model, include=include).items()
+    }
+
+
+def hand_zeroed(kind, model, masks):
+    """Zero the real tensors' entries by index arithmetic written from each model's forward."""
+    with torch.no_grad():
+        for layer in range(LAYERS):
+            m = {
+                k.split(".", 2)[2]: v.float()
+                for k, v in masks.items()
+                if k.startswith(f"blocks.{layer}.")
+            }
+            if kind == "gpt2":
+                block = model.transformer.h[layer]
+                qkv = torch.cat(
+                    [rearrange(m[f"attn.W_{x}"], "h d e -> d (h e)") for x in "QKV"], dim=1
+                )
+                block.attn.c_attn.weight.mul_(qkv)
+                block.attn.c_proj.weight.mul_(rearrange(m["attn.W_O"], "h e d -> (h e) d"))
+                block.mlp.c_fc.weight.mul_(m["mlp.W_in"])
+                block.mlp.c_proj.weight.mul_(m["mlp.W_out"])
+            elif kind == "neox":
+                block = model.gpt_neox.layers[layer]
+                qkv = torch.stack([m[f"attn.W_{x}"] for x in "QKV"])
+                block.attention.query_key_value.weight.mul_(rearrange(qkv, "t h d e -> (h t e) d"))
+                block.attention.dense.weight.mul_(rearrange(m["attn.W_O"], "h e d -> d (h e)"))
+                block.mlp.dense_h_to_4h.weight.mul_(m["mlp.W_in"].T)
+                block.mlp.dense_4h_to_h.weight.mul_(m["mlp.W_out"].T)
+            else:
+                attn, mlp = model.model.layers[layer].self_attn, model.model.layers[layer].mlp
+                for x, proj in zip("QKV", (attn.q_proj, attn.k_proj, attn.v_proj), strict=True):
+                    proj.weight.mul_(rearrange(m[f"attn.W_{x}"], "h d e -> (h e) d"))
+                attn.o_proj.weight.mul_(rearrange(m["attn.W_O"], "h e d -> d (h e)"))
+                mlp.gate_proj.weight.mul_(m["mlp.W_gate"].T)
+                mlp.up_proj.weight.mul_(m["mlp.W_in"].T)
+                mlp.down_proj.weight.mul_(m["mlp.W_out"].T)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_canonical_names_shapes_and_defaults(kind):
+    model = BUILDERS[kind]()
+    found = si.targets(model)
+    expected_mlp = {"W_in", "W_out"} | ({"W_gate"} if kind == "llama" else set())
+    for layer in range(LAYERS):
+        for x in "QKVO":
+            assert f"blocks.{layer}.attn.W_{x}" in found
+        for w in expected_mlp:
+            assert f"blocks.{layer}.mlp.{w}" in found
+    assert found["blocks.0.attn.W_Q"].shape == (HEADS, D, D_HEAD)
+    assert found["blocks.0.attn.W_O"].shape == (HEADS, D_HEAD, D)
+    kv = 2 if kind == "llama" else HEADS
+    assert found["blocks.1.attn.W_K"].shape == (kv, D, D_HEAD)
+    assert "embed.W_E" not in found and "unembed.W_U" not in found  # not default targets
+    everything = si.targets(model, include="*")
+    assert everything["embed.W_E"].shape == (VOCAB, D)
+    assert everything["unembed.W_U"].shape == (D, VOCAB)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_masked_logits_equal_hand_zeroed_weights(kind):
+    model = BUILDERS[kind]()
+    masks = random_masks(model)
+    before = snapshot(model)
+    with torch.no_grad(), si.masked(model, si.Subnetwork(masks)):
+        got = model(TOKENS).logits
+    assert_bit_exact(model, before)
+    reference = BUILDERS[kind]()
+    hand_zeroed(kind, reference, masks)
+    with torch.no_grad():
+        expected = reference(TOKENS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_canonical_round_trip_is_exact(kind):
+    model = BUILDERS[kind]()
+    root_params = dict(model.named_parameters())
+    for name, target in si.targets(model, include="*").items():
+        real = model.get_submodule(target.module).weight
+        canonical = target.layout.to_canonical(real)
+        assert tuple(canonical.shape) == target.shape, name
+        buffer = torch.zeros_like(real)
+        rebuilt = (
+            target.layout.write_real(canonical, buffer)
+            if not target.layout.is_identity
+            else canonical
+        )
+        region = target.layout.to_canonical(rebuilt)
+        assert torch.equal(region, canonical), name
+    assert dict(model.named_parameters()).keys() == root_params.keys()
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_whole_head_mask_equals_zero_ablating_the_head(kind):
+    model = BUILDERS[kind]()
+    layer, head = 1, 2
+    masks = {}
+    for x in "QKVO":
+        target = si.targets(model)[f"blocks.{layer}.attn.W_{x}"]
+        mask = torch.ones(target.shape, dtype=torch.bool)
+        if x in "QO" or kind != "llama":
+            mask[head] = False
+        else:  # grouped-query attention: K/V of head 2 are shared; V's zeroing is covered by O
+            pass
+        masks[f"blocks.{layer}.attn.W_{x}"] = mask
+    with torch.no_grad(), si.masked(model, masks):
+        got = model(TOKENS).logits
+    out_proj = {
+        "gpt2": lambda m: m.transformer.h[layer].attn.c_proj,
+        "neox": lambda m: m.gpt_neox.layers[layer].attention.dense,
+        "llama": lambda m: m.model.layers[layer].self_attn.o_proj,
+    }[kind](model)
+
+    def zero_head(module, args):
+        z = args[0].clone()
+        z[..., head * D_HEAD : (head + 1) * D_HEAD] = 0
+        return (z,)
+
+    handle = out_proj.register_forward_pre_hook(zero_head)
+    try:
+        with torch.no_grad():
+            expected = model(TOKENS).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_unembedding_is_masked_separately_from_embedding():
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    before = snapshot(model)
+    w_u = torch.ones(D, VOCAB, dtype=torch.bool)
+    w_u[:, 3] = False  # token 3 can never be predicted above 0
+    with torch.no_grad(), si.masked(model, {"unembed.W_U": w_u}):
+        logits = model(TOKENS).logits
+        assert torch.equal(model.transformer.wte.weight, before["transformer.wte.weight"])
+    assert torch.all(logits[..., 3] == 0)
+    assert_bit_exact(model, before)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+def test_mask_found_on_hf_model_trains_and_restores():
+    model = gpt2()
+    before = snapshot(model)
+
+    def next_token_loss(m, batch):
+        logits = m(batch).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
+        )
+
+    result = si.find(
+        model,
+        "continuous_sparsification_lepori",
+        next_token_loss,
+        [TOKENS],
+        steps=5,
+        progress=False,
+    )
+    assert set(result.subnetwork.names) == set(si.targets(model))
+    assert_bit_exact(model, before)
+    with si.masked(model, result.subnetwork):
+        pass
+
+
+def test_unknown_hf_architecture_falls_back_to_parameter_names():
+    cfg = transformers.BertConfig(
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        hidden_size=8,
+        intermediate_size=16,
+        vocab_size=20,
+    )
+    model = transformers.BertModel(cfg)
+    names = list(si.targets(model))
+    assert "encoder.layer.0.attention.self.query.weight" in names
+    with pytest.raises(KeyError, match="plain nn.Module"):
+        si.targets(model, include="blocks.*.attn.W_Q")
