@@ -247,3 +247,24 @@ def test_unknown_hf_architecture_falls_back_to_parameter_names():
     assert "encoder.layer.0.attention.self.query.weight" in names
     with pytest.raises(KeyError, match="plain nn.Module"):
         si.targets(model, include="blocks.*.attn.W_Q")
+
+
+@pytest.mark.parametrize("name", ["gumbel_sigmoid", "hard_concrete"])
+def test_head_granularity_gives_one_decision_per_head(name):
+    model = gpt2()
+
+    def next_token_loss(m, batch):
+        logits = m(batch).logits
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, VOCAB), batch[:, 1:].reshape(-1)
+        )
+
+    method = si.methods.create(name, granularity="head")
+    batch = torch.cat([TOKENS, TOKENS])  # gumbel_sigmoid splits a batch among 4 mask samples
+    result = si.find(
+        model, method, next_token_loss, [batch], targets="blocks.*.attn.*", steps=3, progress=False
+    )
+    for mask in result.subnetwork.masks.values():
+        per_head = mask.flatten(1)
+        assert (per_head.all(dim=1) | (~per_head).all(dim=1)).all()
+    assert result.subnetwork.density() > 0
