@@ -115,8 +115,19 @@ class Attachment:
     freshly sampled soft mask): it only swaps the tensors the parametrizations read.
     """
 
-    def __init__(self, root: nn.Module, targets: Mapping[str, Target], ablation: Ablation):
+    def __init__(
+        self,
+        root: nn.Module,
+        targets: Mapping[str, Target],
+        ablation: Ablation,
+        *,
+        adapter: adapters.Adapter | None = None,
+        model: object = None,
+    ):
         self.root = root
+        self._adapter = adapter
+        self._model = model
+        self._hooked = False
         self.targets = dict(targets)
         self.ablation = ablation
         groups: dict[tuple[str, str], list[Target]] = {}
@@ -134,12 +145,12 @@ class Attachment:
                 masking = _Masking(slot)
                 parametrize.register_parametrization(module, attribute, masking, unsafe=True)
                 self._locations.append(_Location(module, attribute, members, slot, masking, order))
+            if adapter is not None:
+                adapter.on_attach(model)
+                self._hooked = True
         except BaseException:
             self.remove()
             raise
-
-    def real_tensors(self) -> dict[tuple[str, str], Tensor]:
-        return {(loc.slot.location): loc.real for loc in self._locations}
 
     def set_masks(self, masks: Mapping[str, Tensor]) -> None:
         """Set the canonical masks (bool or float) the model computes with.
@@ -175,6 +186,12 @@ class Attachment:
             except BaseException as error:  # keep restoring the others
                 errors.append(error)
         self._locations.clear()
+        if self._hooked:
+            self._hooked = False
+            try:
+                self._adapter.on_detach(self._model)
+            except BaseException as error:
+                errors.append(error)
         if errors:
             raise errors[0]
 
@@ -204,7 +221,9 @@ def attach(
     """Parametrize ``targets`` of ``model``; masks are set later with ``set_masks``."""
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
-    return Attachment(adapter.root(model), targets, resolve_ablation(ablation))
+    return Attachment(
+        adapter.root(model), targets, resolve_ablation(ablation), adapter=adapter, model=model
+    )
 
 
 def validate_masks(
@@ -294,7 +313,9 @@ def masked(
                 "fine-tuned copy, or weights processed by e.g. fold_ln). Pass strict=False to "
                 "apply it anyway."
             )
-    attachment = Attachment(root, {n: available[n] for n in masks}, resolved_ablation)
+    attachment = Attachment(
+        root, {n: available[n] for n in masks}, resolved_ablation, adapter=adapter, model=model
+    )
     try:
         attachment.set_masks(masks)
         yield model

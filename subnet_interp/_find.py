@@ -168,6 +168,7 @@ def find(
             steps=steps or 0,
             device=run_device,
             generator=_device_generator(generator, run_device),
+            adapter=adapter,
             callbacks=tuple(callbacks),
             progress=progress,
             log_every=log_every,

@@ -180,7 +180,9 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     weight_optimizer = method.weight_optimizer(weight_params) if method.trains_weights else None
     rewind_at = method.rewind_step(steps_per_round) if method.trains_weights else None
     rewound: dict[str, Tensor] | None = None
-    attachment = Attachment(context.root, targets, ZERO)
+    attachment = Attachment(
+        context.root, targets, ZERO, adapter=context.adapter, model=context.model
+    )
     optimizer = method.optimizer(param_list)
     clip = method.grad_clip()
     bar = tqdm(total=context.steps, disable=not context.progress, desc=method.name, leave=False)

@@ -44,6 +44,14 @@ class Adapter(abc.ABC):
         """Raise a clear error if masks cannot be attached to ``model`` in its current state."""
         return None
 
+    def on_attach(self, model: object) -> None:
+        """Called after masks were attached (e.g. to block operations that would break them)."""
+        return None
+
+    def on_detach(self, model: object) -> None:
+        """Called after masks were removed; undoes :meth:`on_attach`."""
+        return None
+
 
 _ADAPTERS: list[Adapter] = []
 
@@ -144,10 +152,15 @@ def _raise_no_match(pattern: str, arg: str, names: list[str], family: str) -> No
 
 def _register_builtin() -> None:
     from .hf import HuggingFaceAdapter
+    from .nnsight import NNsightAdapter
     from .plain import PlainAdapter
+    from .transformer_lens import HookedTransformerAdapter, TransformerBridgeAdapter
 
     register_adapter(PlainAdapter(), first=False)
     register_adapter(HuggingFaceAdapter())
+    register_adapter(HookedTransformerAdapter())
+    register_adapter(TransformerBridgeAdapter())
+    register_adapter(NNsightAdapter())
 
 
 _register_builtin()

@@ -30,6 +30,7 @@ class FindContext:
     steps: int
     device: torch.device
     generator: torch.Generator  # on ``device``
+    adapter: Any = None  # the model family's adapter (subnet_interp.adapters.Adapter)
     callbacks: Sequence[Callback] = ()
     progress: bool = True
     log_every: int = 10

@@ -1,0 +1,267 @@
+"""TransformerLens: the 4.x ``TransformerBridge`` and the legacy (< 4) ``HookedTransformer``.
+
+**TransformerBridge** wraps a Hugging Face model and computes attention with split ``q/k/v/o``
+components (on GPT-2 the fused ``c_attn`` is not used in its forward), and the MLP with
+``in/out`` (and ``gate``) components. Masks go on those components' wrapped ``nn.Linear`` /
+``Conv1D`` weights, so ``bridge(...)``, ``run_with_cache``, ``run_with_hooks`` and the user's own
+hooks all see them. ``enable_compatibility_mode()`` replaces parameters when it processes
+weights (``fold_ln`` etc.), so it must run before masks are attached: while a mask is attached
+it is blocked with an explanation.
+
+**HookedTransformer** (transformer-lens < 4) already stores ``W_Q`` etc. in the canonical layout,
+so every target is an identity view of a parameter of ``blocks.{L}.attn`` / ``.mlp``.
+
+Detection reads class names and modules only; nothing here imports transformer_lens.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .._types import Layout, Target
+from . import Adapter
+
+_TRANSPOSE = ("permute", (1, 0))
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def _bridge_attn_layout(module: nn.Module, which: str, heads: int, d_head: int) -> Layout:
+    """View ops from a bridge component's weight to the canonical attention layout."""
+    if which == "o":  # canonical [head, d_head, d_model]
+        if _is_conv1d(module):  # [heads * d_head, d_model]
+            return Layout((("unflatten", 0, (heads, d_head)),))
+        return Layout((("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0))))
+    # q / k / v, canonical [head, d_model, d_head]
+    if _is_conv1d(module):  # [d_model, heads * d_head]
+        return Layout((("unflatten", 1, (heads, d_head)), ("permute", (1, 0, 2))))
+    return Layout((("unflatten", 0, (heads, d_head)), ("permute", (0, 2, 1))))
+
+
+def _component(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        bridge = root.get_submodule(path)
+    except AttributeError:
+        return None
+    return getattr(bridge, "_original_component", None)
+
+
+class TransformerBridgeAdapter(Adapter):
+    """transformer-lens 4.x ``TransformerBridge``."""
+
+    family = "transformer_lens.TransformerBridge"
+
+    def matches(self, model: object) -> bool:
+        cls = type(model)
+        return cls.__module__.startswith("transformer_lens.model_bridge") and any(
+            c.__name__ == "TransformerBridge" for c in cls.__mro__
+        )
+
+    def all_targets(self, model: object) -> dict[str, Target]:
+        root = self.root(model)
+        cfg = root.cfg
+        heads, d_head, d_model = cfg.n_heads, cfg.d_head, cfg.d_model
+        kv_heads = getattr(cfg, "n_key_value_heads", None) or heads
+        found: dict[str, Target] = {}
+        embed = _component(root, "embed")
+        if embed is not None:
+            found["embed.W_E"] = Target(
+                "embed.W_E",
+                "embed._original_component",
+                "weight",
+                tuple(embed.weight.shape),
+                ("d_vocab", "d_model"),
+                default=False,
+                kind="embedding",
+                unit_axes=("d_vocab",),
+            )
+        pos = _component(root, "pos_embed")
+        if pos is not None and hasattr(pos, "weight"):
+            found["pos_embed.W_pos"] = Target(
+                "pos_embed.W_pos",
+                "pos_embed._original_component",
+                "weight",
+                tuple(pos.weight.shape),
+                ("n_ctx", "d_model"),
+                default=False,
+                kind="embedding",
+                unit_axes=("n_ctx",),
+            )
+        for layer in range(cfg.n_layers):
+            for letter, which in (("Q", "q"), ("K", "k"), ("V", "v"), ("O", "o")):
+                path = f"blocks.{layer}.attn.{which}"
+                module = _component(root, path)
+                if module is None:
+                    continue
+                count = kv_heads if which in "kv" else heads
+                head_axis = "kv_head" if (which in "kv" and kv_heads != heads) else "head"
+                if which == "o":
+                    shape, axes, units = (
+                        (count, d_head, d_model),
+                        (head_axis, "d_head", "d_model"),
+                        ("d_model",),
+                    )
+                else:
+                    shape, axes, units = (
+                        (count, d_model, d_head),
+                        (head_axis, "d_model", "d_head"),
+                        (head_axis, "d_head"),
+                    )
+                name = f"blocks.{layer}.attn.W_{letter}"
+                found[name] = Target(
+                    name,
+                    f"{path}._original_component",
+                    "weight",
+                    shape,
+                    axes,
+                    _bridge_attn_layout(module, which, count, d_head),
+                    kind="attn",
+                    unit_axes=units,
+                )
+            for canonical, which in (("W_gate", "gate"), ("W_in", "in"), ("W_out", "out")):
+                path = f"blocks.{layer}.mlp.{which}"
+                module = _component(root, path)
+                if module is None or not hasattr(module, "weight"):
+                    continue
+                conv = _is_conv1d(module)
+                rows, cols = module.weight.shape
+                if canonical == "W_out":
+                    shape = (rows, cols) if conv else (cols, rows)
+                    axes = ("neuron", "d_model")
+                else:
+                    shape = (rows, cols) if conv else (cols, rows)
+                    axes = ("d_model", "neuron")
+                name = f"blocks.{layer}.mlp.{canonical}"
+                found[name] = Target(
+                    name,
+                    f"{path}._original_component",
+                    "weight",
+                    shape,
+                    axes,
+                    Layout(() if conv else (_TRANSPOSE,)),
+                    kind="mlp",
+                    unit_axes=("neuron",),
+                )
+        unembed = _component(root, "unembed")
+        if unembed is not None and hasattr(unembed, "weight"):
+            vocab, width = unembed.weight.shape
+            found["unembed.W_U"] = Target(
+                "unembed.W_U",
+                "unembed._original_component",
+                "weight",
+                (width, vocab),
+                ("d_model", "d_vocab"),
+                Layout((_TRANSPOSE,)),
+                default=False,
+                kind="unembedding",
+                unit_axes=("d_vocab",),
+            )
+        return found
+
+    def on_attach(self, model: object) -> None:
+        root = self.root(model)
+
+        def blocked(*args, **kwargs):
+            raise RuntimeError(
+                "enable_compatibility_mode() was called while subnet_interp masks are attached "
+                "to this TransformerBridge. It processes the weights (fold_ln, centering) and "
+                "replaces the parameters the masks are attached to. Leave the `si.masked(...)` "
+                "block (or let `si.find` finish), call enable_compatibility_mode() first, then "
+                "attach masks (a subnetwork found before processing has a different model "
+                "fingerprint: find it again on the processed model, or pass "
+                "enable_compatibility_mode(no_processing=True))."
+            )
+
+        depth = root.__dict__.get("_subnet_interp_attached", 0)
+        if depth == 0:
+            object.__setattr__(root, "enable_compatibility_mode", blocked)
+        object.__setattr__(root, "_subnet_interp_attached", depth + 1)
+
+    def on_detach(self, model: object) -> None:
+        root = self.root(model)
+        depth = root.__dict__.get("_subnet_interp_attached", 0) - 1
+        if depth <= 0:
+            root.__dict__.pop("enable_compatibility_mode", None)
+            root.__dict__.pop("_subnet_interp_attached", None)
+        else:
+            object.__setattr__(root, "_subnet_interp_attached", depth)
+
+
+class HookedTransformerAdapter(Adapter):
+    """Legacy ``HookedTransformer`` (transformer-lens < 4): weights are canonical already."""
+
+    family = "transformer_lens.HookedTransformer"
+
+    def matches(self, model: object) -> bool:
+        cls = type(model)
+        return cls.__module__.startswith("transformer_lens") and any(
+            c.__name__ == "HookedTransformer" for c in cls.__mro__
+        )
+
+    def all_targets(self, model: object) -> dict[str, Target]:
+        root = self.root(model)
+        found: dict[str, Target] = {}
+
+        def add(name, module, attribute, axes, kind, units, default=True):
+            owner = root.get_submodule(module)
+            tensor = owner._parameters.get(attribute)
+            if tensor is None and attribute in getattr(owner, "parametrizations", {}):
+                tensor = owner.parametrizations[attribute].original
+            if tensor is None:
+                return
+            found[name] = Target(
+                name,
+                module,
+                attribute,
+                tuple(tensor.shape),
+                axes,
+                default=default,
+                kind=kind,
+                unit_axes=units,
+            )
+
+        add("embed.W_E", "embed", "W_E", ("d_vocab", "d_model"), "embedding", ("d_vocab",), False)
+        if hasattr(root, "pos_embed"):
+            add(
+                "pos_embed.W_pos",
+                "pos_embed",
+                "W_pos",
+                ("n_ctx", "d_model"),
+                "embedding",
+                ("n_ctx",),
+                False,
+            )
+        for layer in range(root.cfg.n_layers):
+            attn = f"blocks.{layer}.attn"
+            owner = root.get_submodule(attn)
+            grouped = "_W_K" in owner._parameters or "_W_K" in getattr(
+                owner, "parametrizations", {}
+            )
+            for letter in "QKVO":
+                attribute = f"_W_{letter}" if grouped and letter in "KV" else f"W_{letter}"
+                head_axis = "kv_head" if grouped and letter in "KV" else "head"
+                if letter == "O":
+                    axes, units = ("head", "d_head", "d_model"), ("d_model",)
+                else:
+                    axes, units = (head_axis, "d_model", "d_head"), (head_axis, "d_head")
+                add(f"{attn}.W_{letter}", attn, attribute, axes, "attn", units)
+            mlp = f"blocks.{layer}.mlp"
+            if any(hasattr(root.get_submodule(f"blocks.{layer}"), a) for a in ("mlp",)):
+                add(f"{mlp}.W_gate", mlp, "W_gate", ("d_model", "neuron"), "mlp", ("neuron",))
+                add(f"{mlp}.W_in", mlp, "W_in", ("d_model", "neuron"), "mlp", ("neuron",))
+                add(f"{mlp}.W_out", mlp, "W_out", ("neuron", "d_model"), "mlp", ("neuron",))
+        add(
+            "unembed.W_U",
+            "unembed",
+            "W_U",
+            ("d_model", "d_vocab"),
+            "unembedding",
+            ("d_vocab",),
+            False,
+        )
+        return found
+
+
+__all__ = ["HookedTransformerAdapter", "TransformerBridgeAdapter"]

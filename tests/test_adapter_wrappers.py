@@ -1,0 +1,185 @@
+"""TransformerBridge and nnsight: the same canonical mask gives the same logits everywhere."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _util import assert_bit_exact, snapshot
+
+import subnet_interp as si
+
+pytest.importorskip("transformers")
+tl_bridge = pytest.importorskip("transformer_lens.model_bridge.sources")
+nnsight = pytest.importorskip("nnsight")
+
+from _hf_models import BUILDERS, TOKENS, hand_zeroed, random_masks  # noqa: E402
+
+ARCH = {"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def bridge(kind, hf=None):
+    hf = hf if hf is not None else BUILDERS[kind]()
+    return tl_bridge.build_bridge_from_module(hf, ARCH[kind], hf_config=hf.config).eval()
+
+
+def logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_same_targets_and_fingerprint_across_wrappers(kind):
+    hf, tl = BUILDERS[kind](), bridge(kind)
+    wrapped = nnsight.NNsight(BUILDERS[kind]())
+    hf_targets, tl_targets = si.targets(hf, include="*"), si.targets(tl, include="*")
+    assert {n: t.shape for n, t in tl_targets.items() if n != "unembed.W_U"} == {
+        n: t.shape for n, t in hf_targets.items() if n != "unembed.W_U"
+    }
+    assert si.fingerprint(hf) == si.fingerprint(wrapped)
+    assert list(si.targets(tl)) == list(si.targets(hf))
+    default = {n: t.shape for n, t in si.targets(hf).items()}
+    assert {n: t.shape for n, t in si.targets(tl).items()} == default
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_one_mask_same_logits_in_hf_bridge_nnsight_and_reference(kind):
+    masks = si.Subnetwork(random_masks(BUILDERS[kind]()))
+    results = {}
+    hf = BUILDERS[kind]()
+    with torch.no_grad(), si.masked(hf, masks):
+        results["hf"] = hf(TOKENS).logits
+    tl = bridge(kind)
+    before = snapshot(tl)
+    with torch.no_grad(), si.masked(tl, masks):
+        results["bridge"] = tl(TOKENS)
+    assert_bit_exact(tl, before)
+    wrapped = nnsight.NNsight(BUILDERS[kind]())
+    with torch.no_grad(), si.masked(wrapped, masks):
+        with wrapped.trace(TOKENS):
+            saved = wrapped.output.save()
+    results["nnsight"] = logits(saved)
+    reference = BUILDERS[kind]()
+    hand_zeroed(kind, reference, masks.masks)
+    with torch.no_grad():
+        expected = reference(TOKENS).logits
+    for name, got in results.items():
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{kind}/{name}")
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_whole_head_mask_equals_hook_z_ablation_in_bridge(kind):
+    tl = bridge(kind)
+    layer, head = 1, 2
+    masks = {}
+    for letter in "QO":
+        target = si.targets(tl)[f"blocks.{layer}.attn.W_{letter}"]
+        mask = torch.ones(target.shape, dtype=torch.bool)
+        mask[head] = False
+        masks[f"blocks.{layer}.attn.W_{letter}"] = mask
+    with torch.no_grad(), si.masked(tl, masks):
+        got = tl(TOKENS)
+
+    def zero_head(z, hook):
+        z[:, :, head] = 0
+        return z
+
+    with torch.no_grad():
+        expected = tl.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_run_with_cache_returns_masked_activations():
+    masks = random_masks(BUILDERS["gpt2"]())
+    tl = bridge("gpt2")
+    with torch.no_grad(), si.masked(tl, masks):
+        _, cache = tl.run_with_cache(TOKENS)
+    reference_hf = BUILDERS["gpt2"]()
+    hand_zeroed("gpt2", reference_hf, masks)
+    with torch.no_grad():
+        _, expected = bridge("gpt2", reference_hf).run_with_cache(TOKENS)
+    for name in ("blocks.0.attn.hook_q", "blocks.1.attn.hook_z", "blocks.1.hook_mlp_out"):
+        torch.testing.assert_close(cache[name], expected[name], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        _, unmasked = tl.run_with_cache(TOKENS)
+    assert not torch.allclose(unmasked["blocks.1.attn.hook_z"], cache["blocks.1.attn.hook_z"])
+
+
+def test_compatibility_mode_inside_masked_is_blocked_and_explained():
+    tl = bridge("gpt2")
+    masks = random_masks(BUILDERS["gpt2"]())
+    before = snapshot(tl)
+    with si.masked(tl, masks):
+        with pytest.raises(RuntimeError, match="call enable_compatibility_mode\\(\\) first"):
+            tl.enable_compatibility_mode()
+    assert_bit_exact(tl, before)
+    assert "enable_compatibility_mode" not in tl.__dict__
+
+
+def test_masks_attach_after_compatibility_mode_and_fingerprint_explains_processing():
+    tl = bridge("gpt2")
+    found_before = si.Subnetwork(random_masks(tl), {"fingerprint": si.fingerprint(tl)})
+    tl.enable_compatibility_mode()
+    with pytest.raises(ValueError, match="fold_ln"):
+        with si.masked(tl, found_before):
+            pass
+    masks = random_masks(tl)
+    before = snapshot(tl)
+    with torch.no_grad():
+        plain = tl(TOKENS)
+        with si.masked(tl, masks):
+            masked_out = tl(TOKENS)
+            _, cache = tl.run_with_cache(TOKENS)
+        _, plain_cache = tl.run_with_cache(TOKENS)
+    assert not torch.allclose(plain, masked_out)
+    assert not torch.allclose(
+        cache["blocks.1.hook_resid_post"], plain_cache["blocks.1.hook_resid_post"]
+    )
+    assert_bit_exact(tl, before)
+
+
+def test_find_trains_through_bridge_and_nnsight():
+    def next_token_loss(model, batch):
+        out = model(batch)
+        out = logits(out)
+        return torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+    tl = bridge("gpt2")
+    before = snapshot(tl)
+    result = si.find(
+        tl, "continuous_sparsification_lepori", next_token_loss, [TOKENS], steps=3, progress=False
+    )
+    assert_bit_exact(tl, before)
+    assert result.subnetwork.meta["family"] == "transformer_lens.TransformerBridge"
+
+    wrapped = nnsight.NNsight(BUILDERS["gpt2"]())
+
+    def traced_loss(model, batch):
+        with model.trace(batch):
+            out = model.output.save()
+        out = logits(out)
+        return torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+    result = si.find(
+        wrapped, "continuous_sparsification_lepori", traced_loss, [TOKENS], steps=3, progress=False
+    )
+    assert result.history["loss"][0] > 0
+    assert set(result.subnetwork.names) == set(si.targets(wrapped))
+
+
+def test_nnsight_interventions_compose_with_masks():
+    wrapped = nnsight.NNsight(BUILDERS["gpt2"]())
+    masks = random_masks(BUILDERS["gpt2"]())
+    with torch.no_grad(), si.masked(wrapped, masks):
+        with wrapped.trace(TOKENS):
+            wrapped.transformer.h[0].mlp.output[:] = 0  # the user's own intervention
+            patched = wrapped.output.save()
+    reference = BUILDERS["gpt2"]()
+    hand_zeroed("gpt2", reference, masks)
+    handle = reference.transformer.h[0].mlp.register_forward_hook(
+        lambda m, i, o: torch.zeros_like(o)
+    )
+    try:
+        with torch.no_grad():
+            expected = reference(TOKENS).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits(patched), expected, atol=1e-5, rtol=1e-5)
