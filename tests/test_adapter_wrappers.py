@@ -183,3 +183,41 @@ def test_nnsight_interventions_compose_with_masks():
     finally:
         handle.remove()
     torch.testing.assert_close(logits(patched), expected, atol=1e-5, rtol=1e-5)
+
+
+def offline_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{f"w{i}": i + 2 for i in range(30)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>"
+    )
+
+
+@pytest.mark.parametrize("wrapper", ["TransformersModel", "LanguageModel"])
+def test_language_model_wrappers_see_masks_and_restore(wrapper):
+    tokenizer = offline_tokenizer()
+    hf = BUILDERS["gpt2"]()
+    if wrapper == "TransformersModel":
+        from nnsight.modeling.transformers import TransformersModel
+
+        model = TransformersModel(hf, tokenizer=tokenizer, task="text-generation")
+    else:
+        with pytest.warns(nnsight.NNsightDeprecationWarning):  # still widely used
+            model = nnsight.LanguageModel(hf, tokenizer=tokenizer)
+    masks = random_masks(BUILDERS["gpt2"]())
+    before = snapshot(hf)
+    prompt = "w1 w2 w3 w4"
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    with torch.no_grad(), si.masked(model, masks):
+        with model.trace(prompt):
+            out = model.output.save()
+    assert_bit_exact(hf, before)
+    reference = BUILDERS["gpt2"]()
+    hand_zeroed("gpt2", reference, masks)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    torch.testing.assert_close(logits(out), expected, atol=1e-5, rtol=1e-5)
