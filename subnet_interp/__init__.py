@@ -5,7 +5,7 @@ nnsight; adapters load their library when a model of that family is first seen.
 """
 
 from . import methods
-from ._attach import Ablation, masked
+from ._attach import Ablation, delta_applied, masked
 from ._find import find
 from ._fingerprint import fingerprint
 from ._subnetwork import Subnetwork
@@ -21,6 +21,7 @@ __all__ = [
     "NotFoundError",
     "Subnetwork",
     "Target",
+    "delta_applied",
     "find",
     "fingerprint",
     "masked",

@@ -152,11 +152,12 @@ class Attachment:
             self.remove()
             raise
 
-    def set_masks(self, masks: Mapping[str, Tensor]) -> None:
+    def set_masks(self, masks: Mapping[str, Tensor], *, fill: float = 1.0) -> None:
         """Set the canonical masks (bool or float) the model computes with.
 
-        Targets missing from ``masks`` keep every weight. No validation here: callers on a hot
-        path (training loops) validate once up front.
+        Targets missing from ``masks`` keep every weight; regions of a fused tensor no mask
+        covers get ``fill``. No validation here: callers on a hot path (training loops)
+        validate once up front.
         """
         for loc in self._locations:
             real = loc.real
@@ -167,7 +168,7 @@ class Attachment:
             if len(loc.targets) == 1 and loc.targets[0].layout.is_identity:
                 mask = masks[loc.targets[0].name]
             else:
-                mask = torch.ones(real.shape, dtype=real.dtype, device=real.device)
+                mask = torch.full(real.shape, fill, dtype=real.dtype, device=real.device)
                 for target in present:
                     mask = target.layout.write_real(masks[target.name], mask)
             if mask.dtype != real.dtype:
@@ -323,4 +324,51 @@ def masked(
         attachment.remove()
 
 
-__all__ = ["Ablation", "Attachment", "attach", "masked", "resolve_ablation", "validate_masks"]
+class _AddDelta(Ablation):
+    """Not an ablation: the parametrization ``weight -> weight + delta`` of ``delta_applied``."""
+
+    name = "delta"
+
+    def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
+        return weight + mask
+
+
+@contextlib.contextmanager
+def delta_applied(
+    model: object, delta: Mapping[str, Tensor], *, scale: float = 1.0
+) -> Iterator[object]:
+    """Context manager: inside it, each target computes with ``weight + scale * delta[name]``.
+
+    ``delta`` maps canonical names to float tensors (e.g. ``FindResult.delta`` of ``lt_sft``);
+    several deltas compose by nesting. Weights are never written: on exit they are bit-exactly
+    what they were.
+    """
+    adapter = adapters.resolve(model)
+    adapter.check_attachable(model)
+    root = adapter.root(model)
+    available = adapter.all_targets(model)
+    validate_masks(model, delta, available, root)
+    for name, value in delta.items():
+        if not value.dtype.is_floating_point:
+            raise TypeError(
+                f"delta[{name!r}] has dtype {value.dtype}; a weight delta is a float tensor."
+            )
+    attachment = Attachment(
+        root, {n: available[n] for n in delta}, _AddDelta(), adapter=adapter, model=model
+    )
+    try:
+        attachment.set_masks({n: scale * d for n, d in delta.items()}, fill=0.0)
+        yield model
+    finally:
+        attachment.remove()
+
+
+__all__ = [
+    "Ablation",
+    "Attachment",
+    "attach",
+    "delta_applied",
+    "masked",
+    "resolve_ablation",
+    "validate_masks",
+]

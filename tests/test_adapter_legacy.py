@@ -15,13 +15,21 @@ try:
 except ImportError:  # transformer-lens >= 4 removed HookedTransformer
     pytest.skip("needs transformer-lens < 4 (HookedTransformer)", allow_module_level=True)
 
-from _hf_models import D, D_HEAD, HEADS, LAYERS, TOKENS, VOCAB, gpt2, hand_zeroed, random_masks  # noqa: E402
+from _hf_models import D_HEAD, HEADS, LAYERS, TOKENS, VOCAB, D, gpt2, hand_zeroed, random_masks  # noqa: E402
 
 
 def hooked_from(hf) -> HookedTransformer:
     cfg = HookedTransformerConfig(
-        n_layers=LAYERS, d_model=D, n_heads=HEADS, d_head=D_HEAD, d_mlp=4 * D, d_vocab=VOCAB,
-        n_ctx=16, act_fn="gelu_new", normalization_type="LN", default_prepend_bos=False,
+        n_layers=LAYERS,
+        d_model=D,
+        n_heads=HEADS,
+        d_head=D_HEAD,
+        d_mlp=4 * D,
+        d_vocab=VOCAB,
+        n_ctx=16,
+        act_fn="gelu_new",
+        normalization_type="LN",
+        default_prepend_bos=False,
     )
     model = HookedTransformer(cfg)
     model.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
@@ -53,7 +61,9 @@ def test_same_logits_as_hf_and_hand_zeroed_reference():
         expected = reference(TOKENS).logits
         _, expected_cache = hooked_from(reference).run_with_cache(TOKENS)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache["blocks.1.attn.hook_z"], expected_cache["blocks.1.attn.hook_z"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        cache["blocks.1.attn.hook_z"], expected_cache["blocks.1.attn.hook_z"], atol=1e-5, rtol=1e-5
+    )
 
 
 def test_whole_head_mask_equals_hook_z_ablation():
@@ -61,7 +71,9 @@ def test_whole_head_mask_equals_hook_z_ablation():
     layer, head = 1, 2
     masks = {}
     for letter in "QKVO":
-        mask = torch.ones(si.targets(model)[f"blocks.{layer}.attn.W_{letter}"].shape, dtype=torch.bool)
+        mask = torch.ones(
+            si.targets(model)[f"blocks.{layer}.attn.W_{letter}"].shape, dtype=torch.bool
+        )
         mask[head] = False
         masks[f"blocks.{layer}.attn.W_{letter}"] = mask
     with torch.no_grad(), si.masked(model, masks):
@@ -72,7 +84,9 @@ def test_whole_head_mask_equals_hook_z_ablation():
         return z
 
     with torch.no_grad():
-        expected = model.run_with_hooks(TOKENS, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)])
+        expected = model.run_with_hooks(
+            TOKENS, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", zero_head)]
+        )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -83,6 +97,13 @@ def test_find_trains_on_hooked_transformer():
     def next_token_loss(m, batch):
         return m(batch, return_type="loss")
 
-    result = si.find(model, "gumbel_sigmoid", next_token_loss, [torch.cat([TOKENS, TOKENS])], steps=3, progress=False)
+    result = si.find(
+        model,
+        "gumbel_sigmoid",
+        next_token_loss,
+        [torch.cat([TOKENS, TOKENS])],
+        steps=3,
+        progress=False,
+    )
     assert result.subnetwork.meta["family"] == "transformer_lens.HookedTransformer"
     assert_bit_exact(model, before)

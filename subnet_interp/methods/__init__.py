@@ -23,6 +23,8 @@ from . import (  # noqa: E402
     continuous_sparsification_lepori,
     gumbel_sigmoid,
     hard_concrete,
+    lottery_ticket,
+    lt_sft,
     magnitude,
     random,
 )
@@ -40,6 +42,8 @@ __all__ = [
     "get",
     "gumbel_sigmoid",
     "hard_concrete",
+    "lottery_ticket",
+    "lt_sft",
     "magnitude",
     "random",
     "random_like",

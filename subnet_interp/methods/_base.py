@@ -45,13 +45,21 @@ class FindResult:
         subnetwork: the binary mask found.
         history: per logged step, the values the method tracked (``step``, ``loss``,
             ``penalty``, ``density``, ...), each a list of floats of equal length.
-        weights: for methods that train weights (``lottery_ticket``, ``lt_sft``), the weights
-            the subnetwork needs, keyed by canonical target name; ``None`` otherwise.
+        weights: for methods that train weights, the weights the subnetwork needs, keyed by
+            canonical target name: the rewound weights of a ticket (``lottery_ticket``,
+            ``continuous_sparsification``) to retrain it, the fine-tuned weights
+            ``theta_0 + delta`` for ``lt_sft``; ``None`` otherwise.
+        delta: for ``lt_sft``, the sparse difference ``theta - theta_0`` (zero outside the
+            subnetwork), to apply with ``si.delta_applied`` or compose with other deltas.
+        state: for methods that train weights, the full ``state_dict`` matching ``weights``
+            (biases and norms included), to load into a copy of the model.
     """
 
     subnetwork: Subnetwork
     history: Mapping[str, list[float]]
     weights: Mapping[str, Tensor] | None = None
+    delta: Mapping[str, Tensor] | None = None
+    state: Mapping[str, Tensor] | None = None
 
 
 class Method(abc.ABC):

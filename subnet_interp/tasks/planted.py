@@ -123,7 +123,7 @@ def planted_mlp(
     return PlantedTask(model, planted, inputs, targets, task_outputs)
 
 
-__all__ = ["PlantedTask", "planted_mlp", "planted_teacher"]
+__all__ = ["PlantedTask", "planted_delta", "planted_mlp", "planted_teacher"]
 
 
 def planted_teacher(
@@ -152,5 +152,38 @@ def planted_teacher(
     with torch.no_grad():
         model[0].weight.copy_((torch.rand(d_out, d_in, generator=gen) * 2 - 1) * bound)
         model[0].bias.copy_((torch.rand(d_out, generator=gen) * 2 - 1) * bound)
+    planted = Subnetwork({"0.weight": support}, {"method": "planted"})
+    return PlantedTask(model, planted, inputs, targets, d_out)
+
+
+def planted_delta(
+    d_in: int = 24,
+    d_out: int = 6,
+    *,
+    density: float = 0.05,
+    n_examples: int = 512,
+    generator: torch.Generator | None = None,
+) -> PlantedTask:
+    """A pretrained linear map and a fine-tuning task that changes only a planted sparse set of
+    its weights: the targets are ``(W0 + delta) x`` with ``delta`` nonzero on ``planted``.
+
+    Sparse fine-tuning (LT-SFT) should select exactly the planted weights, since full
+    fine-tuning converges to ``W0 + delta``.
+    """
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(d_in, d_out))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(d_out, d_in, generator=gen) / d_in**0.5)
+        model[0].bias.zero_()
+    support = torch.zeros(d_out * d_in, dtype=torch.bool)
+    support[
+        torch.randperm(d_out * d_in, generator=gen)[: max(1, round(density * d_out * d_in))]
+    ] = True
+    support = support.view(d_out, d_in)
+    sign = torch.where(torch.rand(d_out, d_in, generator=gen) < 0.5, -1.0, 1.0)
+    delta = support * sign * (1.0 + torch.rand(d_out, d_in, generator=gen))
+    inputs = torch.randn(n_examples, d_in, generator=gen)
+    with torch.no_grad():
+        targets = inputs @ (model[0].weight + delta).T
     planted = Subnetwork({"0.weight": support}, {"method": "planted"})
     return PlantedTask(model, planted, inputs, targets, d_out)

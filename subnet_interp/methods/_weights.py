@@ -1,0 +1,135 @@
+"""Shared pieces of the methods that train weights (lottery tickets, LT-SFT)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .._attach import ZERO, Attachment
+from .._fingerprint import read_canonical
+from .._types import Target
+from ._base import FindContext
+
+
+def canonical_weights(context: FindContext) -> dict[str, Tensor]:
+    """Copies of the targets' current weights, in canonical layout."""
+    with torch.no_grad():
+        return {
+            n: read_canonical(context.root, t).detach().clone() for n, t in context.targets.items()
+        }
+
+
+_PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original(?=$|\.)")
+
+
+def plain_state_dict(root: torch.nn.Module) -> dict[str, Tensor]:
+    """A copy of ``root.state_dict()`` with the keys it has when no mask is attached."""
+    state = {}
+    for key, value in root.state_dict().items():
+        state[_PARAMETRIZED.sub(r"\1\2", key)] = value.detach().clone()
+    return state
+
+
+def real_location_masks(
+    context: FindContext, masks: Mapping[str, Tensor], fill: float
+) -> dict[int, Tensor]:
+    """Canonical masks written into real-tensor-shaped buffers, keyed by ``id(parameter)``.
+
+    Regions of a real tensor no target covers get ``fill``.
+    """
+    out: dict[int, Tensor] = {}
+    for name, target in context.targets.items():
+        real = _real_parameter(context.root, target)
+        buffer = out.get(id(real))
+        if buffer is None:
+            buffer = torch.full(real.shape, fill, dtype=real.dtype, device=real.device)
+        buffer = target.layout.write_real(masks[name].to(real.dtype), buffer)
+        out[id(real)] = buffer
+    return out
+
+
+def _real_parameter(root: torch.nn.Module, target: Target) -> Tensor:
+    module = root.get_submodule(target.module)
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and target.attribute in parametrizations:
+        return parametrizations[target.attribute].original
+    return getattr(module, target.attribute)
+
+
+def _gradient_mask(mask: Tensor) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        return grad * mask
+
+    return hook
+
+
+def train_weights(
+    context: FindContext,
+    steps: int,
+    make_optimizer: Callable[[Sequence[Tensor]], torch.optim.Optimizer],
+    *,
+    keep: Mapping[str, Tensor] | None = None,
+    trainable: Mapping[str, Tensor] | None = None,
+    on_step: Callable[[int], None] | None = None,
+    description: str = "train",
+) -> Tensor:
+    """Train the model's weights for ``steps`` on ``context.batches``; returns the mean loss
+    of the last ``log_every`` steps (a 0-dim tensor, no host sync).
+
+    Args:
+        keep: canonical bool masks; weights outside them are removed from the forward pass
+            (zero ablation), as a pruned network computes.
+        trainable: canonical bool masks; only these entries of the targets receive gradient
+            updates, every other parameter is frozen (gradient masking, as in LT-SFT).
+    """
+    root = context.root
+    if trainable is None:
+        params = [p for p in root.parameters() if p.requires_grad]
+        hooks = []
+    else:
+        grad_masks = real_location_masks(context, trainable, 0.0)
+        params = []
+        hooks = []
+        for p in root.parameters():
+            if id(p) in grad_masks:
+                params.append(p)
+                hooks.append(p.register_hook(_gradient_mask(grad_masks[id(p)])))
+    flags = {id(p): p.requires_grad for p in root.parameters()}
+    chosen = {id(p) for p in params}
+    for p in root.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = make_optimizer(params)
+    attachment = None
+    if keep is not None:
+        attachment = Attachment(
+            root, context.targets, ZERO, adapter=context.adapter, model=context.model
+        )
+        attachment.set_masks(keep)
+    recent: list[Tensor] = []
+    bar = tqdm(total=steps, disable=not context.progress, desc=description, leave=False)
+    try:
+        for step in range(steps):
+            batch = next(context.batches)
+            loss = context.loss_fn(context.model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            recent.append(loss.detach())
+            if len(recent) > context.log_every:
+                recent.pop(0)
+            if on_step is not None:
+                on_step(step)
+            bar.update(1)
+    finally:
+        bar.close()
+        if attachment is not None:
+            attachment.remove()
+        for handle in hooks:
+            handle.remove()
+        for p in root.parameters():
+            p.requires_grad_(flags.get(id(p), False))
+    return torch.stack(recent).mean() if recent else torch.zeros(())

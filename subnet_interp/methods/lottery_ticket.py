@@ -1,0 +1,223 @@
+"""Lottery tickets by iterative magnitude pruning with rewinding (Frankle & Carbin 2019;
+Frankle, Dziugaite, Roy & Carbin 2020)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .._registry import methods
+from .._subnetwork import Subnetwork
+from ._base import FindContext, FindResult, Method
+from ._weights import canonical_weights, plain_state_dict, train_weights
+from .magnitude import check_density
+
+
+def prune_smallest(
+    weights: dict[str, Tensor],
+    keep: dict[str, Tensor],
+    fraction: float,
+    target_density: float,
+    scope: str,
+) -> dict[str, Tensor]:
+    """Remove the ``fraction`` of still-kept weights with the smallest ``|w|``, never going below
+    ``target_density``: over all targets at once (``"global"``) or within each target."""
+    if scope == "per_target":
+        out = {}
+        for name, w in weights.items():
+            out.update(
+                prune_smallest({name: w}, {name: keep[name]}, fraction, target_density, "global")
+            )
+        return out
+    flat_w = torch.cat([w.abs().flatten().float() for w in weights.values()])
+    flat_keep = torch.cat([keep[n].flatten() for n in weights])
+    kept = int(flat_keep.sum())
+    floor = round(target_density * flat_w.numel())
+    remove = min(round(fraction * kept), max(0, kept - floor))
+    new_keep = flat_keep.clone()
+    if remove:
+        scores = torch.where(flat_keep, flat_w, torch.full_like(flat_w, float("inf")))
+        new_keep[torch.topk(scores, remove, largest=False, sorted=False).indices] = False
+    out, offset = {}, 0
+    for name, w in weights.items():
+        out[name] = new_keep[offset : offset + w.numel()].view(w.shape)
+        offset += w.numel()
+    return out
+
+
+@methods.register
+@dataclass(frozen=True)
+class LotteryTicket(Method):
+    """Iterative magnitude pruning with rewinding (Frankle & Carbin, ICLR 2019, "The Lottery
+    Ticket Hypothesis", Alg. 1; rewinding to step k from Frankle, Dziugaite, Roy & Carbin, ICML
+    2020, "Linear Mode Connectivity and the Lottery Ticket Hypothesis"; defaults from
+    facebookresearch/open_lth).
+
+    Each round trains the (masked) network for ``steps`` steps, removes ``prune_fraction = 0.2``
+    of the remaining weights with the smallest magnitude (``scope="global"`` as open_lth, or
+    ``"per_target"``, Frankle & Carbin's layer-wise pruning), and rewinds every weight to its
+    value at step ``rewind_step`` of the first round (0: the original initialisation). Rounds
+    stop after ``rounds`` or when ``target_density`` is reached (the last round prunes just down
+    to it). With ``retrain_final`` the final ticket is trained once more from the rewound
+    weights and its loss recorded. Adam, ``lr = 1.2e-3`` (Frankle & Carbin's LeNet setting).
+
+    ``FindResult.weights`` holds the rewound target weights and ``FindResult.state`` the full
+    rewound ``state_dict``: the ticket to retrain. With ``checkpoint_dir`` set, each finished
+    round is saved there (safetensors + JSON) and a later run with the same model and
+    hyper-parameters resumes after the last saved round.
+    """
+
+    name = "lottery_ticket"
+    trains_weights = True
+
+    prune_fraction: float = 0.2
+    rounds: int | None = None
+    target_density: float | None = 0.2
+    scope: str = "global"
+    rewind_step: int = 0
+    lr: float = 1.2e-3
+    retrain_final: bool = True
+    checkpoint_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.prune_fraction < 1.0:
+            raise ValueError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}.")
+        if self.rounds is None and self.target_density is None:
+            raise ValueError("Give `rounds`, `target_density` or both, so pruning can stop.")
+        if self.target_density is not None:
+            check_density(self.target_density)
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}.")
+        if self.scope not in ("global", "per_target"):
+            raise ValueError(f"scope must be 'global' or 'per_target', got {self.scope!r}.")
+        if self.rewind_step < 0:
+            raise ValueError(f"rewind_step must be >= 0, got {self.rewind_step}.")
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        return torch.optim.Adam(params, lr=self.lr)
+
+    def run(self, context: FindContext) -> FindResult:
+        from .._fingerprint import fingerprint
+
+        root = context.root
+        total = sum(t.numel for t in context.targets.values())
+        target_density = self.target_density or 0.0
+        identity = self._identity(context, fingerprint(context.model))
+        keep = {
+            n: torch.ones(t.shape, dtype=torch.bool, device=context.device)
+            for n, t in context.targets.items()
+        }
+        rewind_state = plain_state_dict(root)
+        history: dict[str, list[float]] = {"round": [], "loss": [], "density": []}
+        start_round = 0
+        resumed = self._resume(context, identity)
+        if resumed is not None:
+            start_round, keep, rewind_state, history = resumed
+            root.load_state_dict(rewind_state)
+
+        def snapshot_at(step: int) -> None:
+            nonlocal rewind_state
+            if step + 1 == self.rewind_step:
+                rewind_state = plain_state_dict(root)
+
+        round_index = start_round
+        while not self._done(round_index, keep, total):
+            loss = train_weights(
+                context,
+                context.steps,
+                self.optimizer,
+                keep=keep,
+                on_step=snapshot_at if round_index == 0 and self.rewind_step > 0 else None,
+                description=f"lottery_ticket round {round_index}",
+            )
+            with torch.no_grad():
+                weights = canonical_weights(context)
+                keep = prune_smallest(
+                    weights, keep, self.prune_fraction, target_density, self.scope
+                )
+                root.load_state_dict(rewind_state)
+            density = sum(int(k.sum()) for k in keep.values()) / total
+            history["round"].append(float(round_index))
+            history["loss"].append(float(loss))
+            history["density"].append(density)
+            for callback in context.callbacks:
+                callback(round_index, {"loss": float(loss), "density": density})
+            round_index += 1
+            self._save(identity, round_index, keep, rewind_state, history)
+        rewound = canonical_weights(context)
+        state = plain_state_dict(root)
+        if self.retrain_final:
+            loss = train_weights(
+                context, context.steps, self.optimizer, keep=keep, description="final ticket"
+            )
+            history["final_ticket_loss"] = [float(loss)]
+        return FindResult(Subnetwork(keep), history, weights=rewound, state=state)
+
+    def _done(self, round_index: int, keep: dict[str, Tensor], total: int) -> bool:
+        if self.rounds is not None and round_index >= self.rounds:
+            return True
+        if self.target_density is not None:
+            kept = sum(int(k.sum()) for k in keep.values())
+            return kept <= round(self.target_density * total)
+        return False
+
+    # ------------------------------------------------------------ checkpoints
+    def _identity(self, context: FindContext, model_fingerprint: str) -> dict:
+        """What a checkpoint must match to be resumed from."""
+        hparams = {k: v for k, v in self.hparams().items() if k != "checkpoint_dir"}
+        return {
+            "hparams": hparams,
+            "fingerprint": model_fingerprint,
+            "steps": context.steps,
+            "targets": list(context.targets),
+        }
+
+    def _save(self, identity, round_index, keep, rewind_state, history) -> None:
+        if self.checkpoint_dir is None:
+            return
+        from safetensors.torch import save_file
+
+        os.makedirs(self.checkpoint_dir, exist_ok=True)
+        tensors = {f"keep/{n}": m.cpu().contiguous() for n, m in keep.items()}
+        tensors.update({f"rewind/{k}": v.cpu().contiguous() for k, v in rewind_state.items()})
+        header = {**identity, "round": round_index, "history": history}
+        path = os.path.join(self.checkpoint_dir, f"round_{round_index:03d}.safetensors")
+        save_file(tensors, path + ".tmp", metadata={"subnet_interp_imp": json.dumps(header)})
+        os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
+
+    def _resume(self, context, identity):
+        if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
+            return None
+        from safetensors import safe_open
+
+        files = sorted(
+            f
+            for f in os.listdir(self.checkpoint_dir)
+            if f.startswith("round_") and f.endswith(".safetensors")
+        )
+        if not files:
+            return None
+        path = os.path.join(self.checkpoint_dir, files[-1])
+        with safe_open(path, framework="pt", device="cpu") as f:
+            header = json.loads((f.metadata() or {}).get("subnet_interp_imp", "{}"))
+            mismatched = [k for k in identity if header.get(k) != identity[k]]
+            if mismatched:
+                raise ValueError(
+                    f"Checkpoint {path!r} belongs to another run (different {mismatched}); "
+                    "refusing to resume from it. Use a new checkpoint_dir or delete the old one."
+                )
+            keep = {n: f.get_tensor(f"keep/{n}").to(context.device) for n in context.targets}
+            rewind = {
+                k[len("rewind/") :]: f.get_tensor(k) for k in f.keys() if k.startswith("rewind/")
+            }
+        device_state = {k: v.to(context.device) for k, v in rewind.items()}
+        return (
+            header["round"],
+            keep,
+            device_state,
+            {k: list(v) for k, v in header["history"].items()},
+        )
