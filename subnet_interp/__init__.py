@@ -4,23 +4,28 @@
 nnsight; adapters load their library when a model of that family is first seen.
 """
 
-from . import methods
+from . import analysis, methods
 from ._attach import Ablation, delta_applied, masked
 from ._find import find
 from ._fingerprint import fingerprint
 from ._subnetwork import Subnetwork
 from ._targets import targets
 from ._types import NotFoundError, Target
+from .analysis import MeanAblation, ReinitAblation, ResampleAblation
 from .methods import FindResult, random_like
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Ablation",
+    "MeanAblation",
+    "ReinitAblation",
+    "ResampleAblation",
     "FindResult",
     "NotFoundError",
     "Subnetwork",
     "Target",
+    "analysis",
     "delta_applied",
     "find",
     "fingerprint",

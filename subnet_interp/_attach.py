@@ -27,15 +27,21 @@ from ._types import NotFoundError, Target, describe_tensor
 class Ablation:
     """What stands in for a weight where the mask is 0.
 
-    ``apply(weight, mask)`` returns the weight the model computes with; ``mask`` is in the
-    real tensor's layout and dtype. The base class is zero ablation: ``mask * weight``.
-    Subclasses may override :meth:`prepare` to compute per-target statistics once.
+    ``apply(weight, mask, location)`` returns the weight the model computes with; ``mask`` is
+    in the real tensor's layout and dtype. The base class is zero ablation: ``mask * weight``.
+    Subclasses may compute statistics once per attach in :meth:`prepare` (the model is still
+    unmasked then) and add terms outside the weight (e.g. a mean-input term) with forward hooks
+    registered in :meth:`hooks`.
     """
 
     name = "zero"
 
-    def prepare(self, root: nn.Module, targets: Mapping[str, Target]) -> None:
-        """Called once per attach, before any forward pass."""
+    def prepare(self, model: object, root: nn.Module, targets: Mapping[str, Target]) -> None:
+        """Called once per attach, before the masks are attached."""
+
+    def hooks(self, root: nn.Module, slots: Mapping[tuple[str, str], _Slot]) -> list:
+        """Register extra hooks once the masks are attached; returns their handles."""
+        return []
 
     def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
         return weight * mask
@@ -135,7 +141,8 @@ class Attachment:
             groups.setdefault(target.location, []).append(target)
         self._locations: list[_Location] = []
         self._removed = False
-        ablation.prepare(root, self.targets)
+        self._handles: list = []
+        ablation.prepare(model, root, self.targets)
         try:
             for (module_path, attribute), members in groups.items():
                 module = root.get_submodule(module_path)
@@ -145,6 +152,9 @@ class Attachment:
                 masking = _Masking(slot)
                 parametrize.register_parametrization(module, attribute, masking, unsafe=True)
                 self._locations.append(_Location(module, attribute, members, slot, masking, order))
+            self._handles = ablation.hooks(
+                root, {loc.slot.location: loc.slot for loc in self._locations}
+            )
             if adapter is not None:
                 adapter.on_attach(model)
                 self._hooked = True
@@ -181,6 +191,9 @@ class Attachment:
             return
         self._removed = True
         errors: list[BaseException] = []
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         for loc in reversed(self._locations):
             try:
                 _remove_one(loc)

@@ -18,18 +18,27 @@ def random_masks(
     shapes: Mapping[str, tuple[int, ...]],
     generator: torch.Generator,
     device: torch.device | str = "cpu",
+    within: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """For each target, a mask with exactly ``counts[name]`` kept weights, uniformly placed."""
+    """For each target, a mask with exactly ``counts[name]`` kept weights, placed uniformly
+    (among the ``True`` positions of ``within[name]`` when given)."""
     masks = {}
     for name, shape in shapes.items():
         numel = 1
         for size in shape:
             numel *= size
         count = counts[name]
-        if not 0 <= count <= numel:
-            raise ValueError(f"Cannot keep {count} of {numel} weights in {name!r}.")
+        allowed = numel if within is None else int(within[name].sum())
+        if not 0 <= count <= allowed:
+            where = "" if within is None else " of the allowed positions"
+            raise ValueError(
+                f"Cannot keep {count} weights in {name!r}: it has {allowed}{where}. (Complement "
+                "sampling needs the subnetwork to keep at most half of every target.)"
+            )
         # the `count` smallest of i.i.d. uniform keys: a uniform random subset of that size
         keys = torch.rand(numel, generator=generator, device=generator.device)
+        if within is not None:
+            keys = keys.masked_fill(~within[name].flatten().to(keys.device), float("inf"))
         mask = torch.zeros(numel, dtype=torch.bool, device=generator.device)
         if count:
             mask[torch.topk(keys, count, largest=False, sorted=False).indices] = True
@@ -37,12 +46,22 @@ def random_masks(
     return masks
 
 
-def random_like(subnetwork: Subnetwork, generator: torch.Generator | None = None) -> Subnetwork:
-    """A random subnetwork with the same kept count in every target as ``subnetwork``."""
+def random_like(
+    subnetwork: Subnetwork,
+    generator: torch.Generator | None = None,
+    *,
+    within: Subnetwork | None = None,
+) -> Subnetwork:
+    """A random subnetwork with the same kept count in every target as ``subnetwork``.
+
+    With ``within``, positions are drawn only among its kept weights (e.g. ``within=~sub`` for
+    NeuroSurgeon's complement-sampled control).
+    """
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     counts = {n: int(m.sum()) for n, m in subnetwork.masks.items()}
     shapes = {n: tuple(m.shape) for n, m in subnetwork.masks.items()}
-    masks = random_masks(counts, shapes, gen, subnetwork.device)
+    allowed = None if within is None else {n: within[n] for n in subnetwork.masks}
+    masks = random_masks(counts, shapes, gen, subnetwork.device, allowed)
     meta = {"method": "random", "reference": dict(subnetwork.meta)}
     if "fingerprint" in subnetwork.meta:
         meta["fingerprint"] = subnetwork.meta["fingerprint"]

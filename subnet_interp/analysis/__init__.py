@@ -1,0 +1,41 @@
+"""Analysis: what a subnetwork means (ablation against controls) and how subnetworks relate
+(overlap with a chance baseline). Vectorised torch on the masks' device."""
+
+from .ablation import (
+    AblationReport,
+    MeanAblation,
+    Metric,
+    ReinitAblation,
+    ResampleAblation,
+    ablation_effect,
+    accuracy,
+    kl_to_full,
+    logit_difference,
+    loss,
+)
+from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
+from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
+
+__all__ = [
+    "AblationReport",
+    "MeanAblation",
+    "Metric",
+    "Overlap",
+    "OverlapStats",
+    "OverlapTest",
+    "ReinitAblation",
+    "ResampleAblation",
+    "ablation_effect",
+    "head_densities",
+    "per_layer_densities",
+    "plot_ablation",
+    "plot_densities",
+    "plot_overlap",
+    "accuracy",
+    "kl_to_full",
+    "logit_difference",
+    "loss",
+    "overlap",
+    "overlap_matrix",
+    "overlap_test",
+]

@@ -1,0 +1,189 @@
+"""Figures (the ``[plots]`` extra, matplotlib): densities, overlaps, ablation reports.
+
+Each function returns a ``matplotlib.figure.Figure`` and, given ``path``, also saves a PNG.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .._subnetwork import Subnetwork
+from .ablation import AblationReport
+from .overlap import overlap_matrix
+
+_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        if matplotlib.get_backend().lower() not in (
+            "agg",
+            "module://matplotlib_inline.backend_inline",
+        ):
+            import os
+
+            if not os.environ.get("DISPLAY") and not os.environ.get("MPLBACKEND"):
+                matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError("Plots need matplotlib: pip install 'subnet_interp[plots]'.") from error
+    return plt
+
+
+def _finish(fig, path: str | None):
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
+def per_layer_densities(subnetwork: Subnetwork) -> tuple[list[int], list[str], torch.Tensor]:
+    """Densities of canonical ``blocks.{L}.{component}`` targets as a ``[layers, components]``
+    matrix (``nan`` where a layer lacks a component)."""
+    cells: dict[tuple[int, str], float] = {}
+    for name, density in subnetwork.densities().items():
+        match = _BLOCK.match(name)
+        if match:
+            cells[(int(match.group(1)), match.group(2))] = density
+    layers = sorted({layer for layer, _ in cells})
+    components = sorted({c for _, c in cells}, key=lambda c: (not c.startswith("attn"), c))
+    matrix = torch.full((len(layers), len(components)), float("nan"))
+    for (layer, component), density in cells.items():
+        matrix[layers.index(layer), components.index(component)] = density
+    return layers, components, matrix
+
+
+def head_densities(subnetwork: Subnetwork, model: Any) -> torch.Tensor:
+    """``[layers, heads]`` fraction of each head's Q/K/V/O weights kept (needs the model's
+    canonical axes)."""
+    from .. import _targets
+
+    available = _targets.targets(model, include="*")
+    kept: dict[tuple[int, int], list[float]] = {}
+    for name, mask in subnetwork.masks.items():
+        target = available.get(name)
+        match = _BLOCK.match(name)
+        if target is None or match is None or "head" not in target.axes:
+            continue
+        axis = target.axes.index("head")
+        counts = mask.movedim(axis, 0).flatten(1)
+        layer = int(match.group(1))
+        for head, (k, n) in enumerate(
+            zip(counts.sum(1).tolist(), [counts.shape[1]] * counts.shape[0], strict=True)
+        ):
+            entry = kept.setdefault((layer, head), [0.0, 0.0])
+            entry[0] += k
+            entry[1] += n
+    if not kept:
+        raise ValueError("No target of this subnetwork has a head axis; use plot_densities(sub).")
+    layers = 1 + max(layer for layer, _ in kept)
+    heads = 1 + max(head for _, head in kept)
+    matrix = torch.full((layers, heads), float("nan"))
+    for (layer, head), (k, n) in kept.items():
+        matrix[layer, head] = k / n
+    return matrix
+
+
+def plot_densities(
+    subnetwork: Subnetwork, model: Any = None, *, by: str = "component", path: str | None = None
+):
+    """Density heatmap: per layer and component (``by="component"``), per layer and attention head
+    (``by="head"``, needs ``model``), or a bar per target for non-transformer names."""
+    plt = _pyplot()
+    if by == "head":
+        if model is None:
+            raise ValueError("plot_densities(by='head') needs the model, for the head axes.")
+        matrix = head_densities(subnetwork, model)
+        fig, ax = plt.subplots(figsize=(1 + 0.5 * matrix.shape[1], 1 + 0.4 * matrix.shape[0]))
+        image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_title("fraction of each head's weights kept")
+        fig.colorbar(image, ax=ax)
+        return _finish(fig, path)
+    if by != "component":
+        raise ValueError(f"by must be 'component' or 'head', got {by!r}.")
+    layers, components, matrix = per_layer_densities(subnetwork)
+    if not layers:
+        densities = subnetwork.densities()
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(densities)), 3))
+        ax.bar(range(len(densities)), list(densities.values()))
+        ax.set_xticks(range(len(densities)), list(densities), rotation=60, ha="right")
+        ax.set_ylabel("density")
+        return _finish(fig, path)
+    fig, ax = plt.subplots(figsize=(1.5 + 0.9 * len(components), 1 + 0.4 * len(layers)))
+    image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(components)), components, rotation=45, ha="right")
+    ax.set_yticks(range(len(layers)), [str(layer) for layer in layers])
+    ax.set_ylabel("layer")
+    ax.set_title(f"density {subnetwork.density():.3f}")
+    fig.colorbar(image, ax=ax)
+    return _finish(fig, path)
+
+
+def plot_overlap(
+    subnetworks: Mapping[str, Subnetwork] | Sequence[Subnetwork],
+    measure: str = "iou",
+    *,
+    path: str | None = None,
+):
+    """Heatmap of ``measure`` between every pair of subnetworks."""
+    plt = _pyplot()
+    labels = (
+        list(subnetworks)
+        if isinstance(subnetworks, Mapping)
+        else [str(i) for i in range(len(subnetworks))]
+    )
+    matrix = overlap_matrix(subnetworks, measure).float().cpu()
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(labels), 1 + 0.6 * len(labels)))
+    image = ax.imshow(
+        matrix.numpy(), cmap="magma", vmin=0, vmax=1 if measure != "intersection" else None
+    )
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, f"{float(matrix[i, j]):.2f}", ha="center", va="center", color="grey")
+    ax.set_title(measure)
+    fig.colorbar(image, ax=ax)
+    return _finish(fig, path)
+
+
+def plot_ablation(report: AblationReport, *, path: str | None = None):
+    """Bars for the full model, the subnetwork kept / removed and the empty model, with the
+    controls' distribution beside them."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    names = ["full", "kept", "removed", "empty"]
+    values = [report.full, report.kept, report.removed, report.empty]
+    ax.bar(range(4), values, color=["grey", "tab:blue", "tab:orange", "lightgrey"])
+    if report.controls.numel():
+        jitter = torch.linspace(-0.25, 0.25, report.controls.numel())
+        ax.scatter((4 + jitter).numpy(), report.controls.numpy(), s=10, color="tab:green")
+        ax.errorbar(
+            [4],
+            [report.control_mean],
+            yerr=[0 if report.controls.numel() < 2 else report.control_std],
+            color="black",
+            capsize=4,
+        )
+        names.append(f"{report.control_kind}\ncontrols")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_ylabel(report.metric)
+    ax.set_title(f"faithfulness {report.faithfulness:.2f}, p = {report.p_value:.3g}")
+    return _finish(fig, path)
+
+
+__all__ = [
+    "head_densities",
+    "per_layer_densities",
+    "plot_ablation",
+    "plot_densities",
+    "plot_overlap",
+]
