@@ -13,6 +13,7 @@ from .ablation import (
     logit_difference,
     loss,
 )
+from .components import head_scores, neuron_scores, top_heads
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
 
@@ -27,10 +28,13 @@ __all__ = [
     "ResampleAblation",
     "ablation_effect",
     "head_densities",
+    "head_scores",
+    "neuron_scores",
     "per_layer_densities",
     "plot_ablation",
     "plot_densities",
     "plot_overlap",
+    "top_heads",
     "accuracy",
     "kl_to_full",
     "logit_difference",

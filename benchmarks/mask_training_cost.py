@@ -1,0 +1,282 @@
+"""Mask-training step time and peak memory, relative to plain fine-tuning of the same model.
+
+Same model, same batches, dropout off. For each configuration a fresh subprocess measures
+steady-state seconds per step (after warm-up steps) and its peak resident memory, so the
+figures are side by side in one run. Printed as ratios to plain fine-tuning; absolute times are
+not comparable across machines or runs.
+
+    python benchmarks/mask_training_cost.py                 # GPT-2-small config (124M), CPU
+    python benchmarks/mask_training_cost.py --model tiny --quick
+    python benchmarks/mask_training_cost.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METHODS = [
+    "gumbel_sigmoid",
+    "continuous_sparsification_lepori",
+    "hard_concrete",
+    "continuous_sparsification",
+]
+
+
+def build(model_name: str, device: str):
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    if model_name == "gpt2-small":
+        cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        batch, seq = 8, 128
+    else:
+        cfg = transformers.GPT2Config(
+            n_layer=2,
+            n_head=4,
+            n_embd=64,
+            vocab_size=512,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        batch, seq = 8, 64
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+    batches = [
+        torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device) for _ in range(4)
+    ]
+    return model, batches
+
+
+def lm_loss(model, batch):
+    import torch
+
+    logits = model(batch).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) -> dict:
+    """Seconds per step of one configuration (runs in its own process)."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    model, batches = build(model_name, device)
+    if config == "finetune":
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+        def step(i):
+            loss = lm_loss(model, batches[i % len(batches)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        for i in range(warmup):
+            step(i)
+        sync(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            step(i)
+        sync(device)
+        per_step = (time.perf_counter() - start) / steps
+    elif config == "neurosurgeon":
+        per_step = _neurosurgeon(model, batches, device, warmup, steps)
+    else:
+        import subnet_interp as si
+
+        method, _, variant = config.partition(":")
+        hparams = {"mask_samples": 1} if variant == "1sample" else {}
+        times = {}
+
+        def timer(step, record):
+            sync(device)
+            times[step] = time.perf_counter()
+
+        # callbacks (and the history's density reduction) run only at the warm-up boundary and
+        # the last step, as in normal use with a large log_every
+        total = warmup + steps
+        si.find(
+            model,
+            si.methods.create(method, **hparams),
+            lm_loss,
+            batches,
+            steps=total,
+            callbacks=[timer],
+            log_every=warmup,
+            progress=False,
+        )
+        per_step = (times[total - 1] - times[warmup]) / (total - 1 - warmup)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    cuda_peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else None
+    return {
+        "config": config,
+        "seconds_per_step": per_step,
+        "peak_rss_bytes": peak,
+        "cuda_peak_bytes": cuda_peak,
+    }
+
+
+def _neurosurgeon(model, batches, device, warmup, steps) -> float:
+    """NeuroSurgeon 0.1.0's continuous-sparsification masks on the same model and batches."""
+    import torch
+    from NeuroSurgeon.Models import circuit_model, model_configs
+
+    layers = [
+        f"transformer.h.{i}.{m}"
+        for i in range(model.config.n_layer)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    ]
+    config = model_configs.CircuitConfig(
+        mask_method="continuous_sparsification",
+        mask_hparams={
+            "ablation": "none",
+            "mask_unit": "weight",
+            "mask_bias": False,
+            "mask_init_value": 0.0,
+        },
+        target_layers=layers,
+        freeze_base=True,
+        add_l0=True,
+        l0_lambda=1e-8,
+    )
+    wrapped = circuit_model.CircuitModel(config, model).to(device)
+    optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(i):
+        batch = batches[i % len(batches)]
+        out = wrapped(input_ids=batch, labels=batch)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=["gpt2-small", "tiny"], default="gpt2-small")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
+    parser.add_argument("--configs", nargs="*", default=None)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.warmup = "tiny", 1
+    if args.warmup < 1:
+        parser.error("--warmup must be at least 1")
+    steps = args.steps or (3 if args.quick else (6 if args.model == "gpt2-small" else 30))
+    if args.one:
+        print(json.dumps(run_one(args.one, args.model, args.device, args.warmup, steps)))
+        return 0
+    configs = args.configs or (
+        ["finetune", *METHODS, "gumbel_sigmoid:1sample"]
+        + (["neurosurgeon"] if _has_neurosurgeon() and not args.quick else [])
+    )
+    rows = []
+    for config in configs:
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                config,
+                "--model",
+                args.model,
+                "--device",
+                args.device,
+                "--warmup",
+                str(args.warmup),
+                "--steps",
+                str(steps),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if out.returncode != 0:
+            print(f"{config}: failed\n{out.stderr[-2000:]}", file=sys.stderr)
+            return 1
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"model={args.model} device={args.device} steps={steps} (ratios to {base['config']})")
+    print(f"{'config':42s} {'s/step':>9s} {'time ratio':>10s} {'peak RSS ratio':>15s}")
+    for row in rows:
+        row["time_ratio"] = row["seconds_per_step"] / base["seconds_per_step"]
+        row["memory_ratio"] = row["peak_rss_bytes"] / base["peak_rss_bytes"]
+        if row["cuda_peak_bytes"]:
+            row["cuda_memory_ratio"] = row["cuda_peak_bytes"] / base["cuda_peak_bytes"]
+        print(
+            f"{row['config']:42s} {row['seconds_per_step']:9.4f} {row['time_ratio']:10.3f} {row['memory_ratio']:15.3f}"
+        )
+    os.makedirs(args.out, exist_ok=True)
+    record = {
+        "benchmark": "mask_training_cost",
+        "model": args.model,
+        "device": args.device,
+        "steps": steps,
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "rows": rows,
+    }
+    name = f"mask_training_cost_{args.model}_{args.device}{'_quick' if args.quick else ''}.json"
+    with open(os.path.join(args.out, name), "w") as handle:
+        json.dump(record, handle, indent=2)
+    return 0
+
+
+def _has_neurosurgeon() -> bool:
+    try:
+        import NeuroSurgeon  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for package in ("torch", "transformers", "subnet_interp", "NeuroSurgeon"):
+        try:
+            out[package] = version(package)
+        except PackageNotFoundError:
+            out[package] = None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
