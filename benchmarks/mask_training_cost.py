@@ -200,10 +200,13 @@ def main(argv=None) -> int:
     if args.one:
         print(json.dumps(run_one(args.one, args.model, args.device, args.warmup, steps)))
         return 0
-    configs = args.configs or (
-        ["finetune", *METHODS, "gumbel_sigmoid:1sample"]
-        + (["neurosurgeon"] if _has_neurosurgeon() and not args.quick else [])
-    )
+    if args.configs:
+        configs = args.configs
+    elif args.quick:
+        configs = ["finetune", "gumbel_sigmoid", "continuous_sparsification_lepori"]
+    else:
+        configs = ["finetune", *METHODS, "gumbel_sigmoid:1sample"]
+        configs += ["neurosurgeon"] if _has_neurosurgeon() else []
     rows = []
     for config in configs:
         out = subprocess.run(
