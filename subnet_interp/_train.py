@@ -35,6 +35,7 @@ class TrainState:
     round_step: int = 0
     steps_per_round: int = 0
     temperature: float = 1.0
+    batch_size: int = 1  # examples in the current batch (before splitting among mask samples)
     aux: dict[str, Any] = field(default_factory=dict)
 
 
@@ -128,6 +129,24 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
     return [batch] * parts  # non-tensor leaves (ints, strings) go to every part
 
 
+def batch_size(batch: Any) -> int:
+    """The leading dimension of the first tensor in a (nested) batch; 1 if there is none."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = (
+        batch.values()
+        if isinstance(batch, Mapping)
+        else batch
+        if isinstance(batch, (tuple, list))
+        else ()
+    )
+    for item in items:
+        size = batch_size(item)
+        if isinstance(item, (Tensor, Mapping, tuple, list)) and size:
+            return size
+    return 1
+
+
 def _same_mapping(original: Mapping, items: dict) -> Mapping:
     try:
         return type(original)(items)  # dict subclasses such as transformers' BatchEncoding
@@ -198,6 +217,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                 rewound = _canonical_copy(context.root, targets)
             method.on_step(state)
             batch = next(context.batches)
+            state.batch_size = batch_size(batch)
             chunks = split_batch(batch, samples)
             loss_sum = torch.zeros((), device=device)
             for chunk in chunks:

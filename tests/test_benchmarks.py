@@ -17,7 +17,9 @@ def test_benchmark_quick_mode_runs(script, tmp_path):
     pytest.importorskip("transformers")
     result = subprocess.run(
         [sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     written = list(tmp_path.glob("*.json"))

@@ -148,3 +148,12 @@ def test_weight_training_method_leaves_model_alone_unless_inplace(setup):
     assert result.weights is not None
     si.find(model, method, mse, data, steps=5, progress=False, inplace=True)
     assert not torch.equal(model.layers[0].weight, before["layers.0.weight"])
+
+
+def test_batch_size_reads_the_first_tensor():
+    from subnet_interp._train import batch_size
+
+    assert batch_size((torch.zeros(5, 2), torch.zeros(5))) == 5
+    assert batch_size({"ids": torch.zeros(3, 7)}) == 3
+    assert batch_size(["text", torch.zeros(2)]) == 2
+    assert batch_size("no tensors") == 1

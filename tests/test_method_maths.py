@@ -65,8 +65,10 @@ def test_gumbel_defaults_penalty_and_threshold():
         1e-2,
     )
     params = [torch.tensor([1.0, -2.0, 3.0]), torch.tensor([[0.5]])]
-    penalty = method.penalty(params, [1, 4], state())
-    assert float(penalty) == pytest.approx(1e-4 * (2.0 + 4 * 0.5))
+    penalty = method.penalty(params, [1, 4], state(batch_size=8))
+    assert float(penalty) == pytest.approx(1e-4 * (2.0 + 4 * 0.5) / 8)  # / batch size, as the code
+    unscaled = si.methods.create("gumbel_sigmoid", per_example_penalty=False)
+    assert float(unscaled.penalty(params, [1, 4], state(batch_size=8))) == pytest.approx(1e-4 * 4.0)
     assert method.final_mask(torch.tensor([-0.1, 0.0, 0.1])).tolist() == [False, False, True]
 
 

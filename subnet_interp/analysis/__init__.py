@@ -13,12 +13,19 @@ from .ablation import (
     logit_difference,
     loss,
 )
+from .circuits import Circuit, CircuitComparison, compare_to_circuit, head_node, mlp_node, roc_auc
 from .components import head_scores, neuron_scores, top_heads
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
 
 __all__ = [
     "AblationReport",
+    "Circuit",
+    "CircuitComparison",
+    "compare_to_circuit",
+    "head_node",
+    "mlp_node",
+    "roc_auc",
     "MeanAblation",
     "Metric",
     "Overlap",

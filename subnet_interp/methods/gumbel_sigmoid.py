@@ -41,13 +41,10 @@ class GumbelSigmoid(MaskMethod):
     Each forward pass samples ``m = sigmoid((l + g1 - g0) / tau)`` with Gumbel noise ``g0, g1``
     and ``tau = 1``, binarised at 0.5 with a straight-through gradient. Each batch is split
     into ``mask_samples = 4`` parts, each seen through an independent mask sample. The
-    regulariser is ``alpha * sum(l)`` over the raw logits (``alpha = 1e-4``), pushing unused
-    weights out. Adam, ``lr = 1e-2``, gradient norm clipped to 1.0. The weights are frozen.
-    Final mask: ``l > 0``.
-
-    The official code also divides the regulariser by the batch size because its task loss is
-    summed over the batch; with a mean-reduced ``loss_fn`` (the usual case) the sum of logits is
-    used as is, as here.
+    regulariser is ``alpha * sum(l) / batch_size`` over the raw logits (``alpha = 1e-4``; the
+    official code divides by the batch size next to a mean-reduced task loss, and so do we with
+    ``per_example_penalty=True``), pushing unused weights out. Adam, ``lr = 1e-2``, gradient norm
+    clipped to 1.0. The weights are frozen. Final mask: ``l > 0``.
     """
 
     name = "gumbel_sigmoid"
@@ -56,6 +53,7 @@ class GumbelSigmoid(MaskMethod):
     hard: bool = True
     mask_samples: int = 4
     alpha: float = 1e-4
+    per_example_penalty: bool = True
     lr: float = 1e-2
     clip_grad_norm: float | None = 1.0
     granularity: str = "weight"
@@ -74,10 +72,9 @@ class GumbelSigmoid(MaskMethod):
         self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
     ) -> Tensor:
         # per-gate weight counts multiply in so coarse gates pay for all the weights they hold
-        return (
-            self.alpha
-            * torch.stack([(p.sum() * w) for p, w in zip(params, weights, strict=True)]).sum()
-        )
+        total = torch.stack([(p.sum() * w) for p, w in zip(params, weights, strict=True)]).sum()
+        scale = self.alpha / state.batch_size if self.per_example_penalty else self.alpha
+        return scale * total
 
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0

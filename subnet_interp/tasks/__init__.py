@@ -1,5 +1,6 @@
 """Synthetic tasks with known answers, for tests, tutorials and benchmarks."""
 
+from .arithmetic import add_mul_batches, add_mul_network, digit_loss, exact_accuracy
 from .induction import (
     induction_accuracy,
     induction_loss,
@@ -13,6 +14,10 @@ from .training import logits_of, train
 
 __all__ = [
     "PlantedTask",
+    "add_mul_batches",
+    "add_mul_network",
+    "digit_loss",
+    "exact_accuracy",
     "induction_accuracy",
     "induction_loss",
     "logits_of",
