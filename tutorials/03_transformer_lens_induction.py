@@ -31,6 +31,12 @@ from subnet_interp.tasks import (
 FAST = os.environ.get("SUBNET_INTERP_FAST") == "1"
 TRAIN_STEPS, MASK_STEPS = (200, 60) if FAST else (1500, 400)
 
+# Gumbel-sigmoid masks (Csordás et al. 2021). The paper trains masks for 10-20k steps with the
+# regulariser divided by the batch size; for the few hundred steps here we leave that division
+# out (a push towards sparsity stronger by the batch size), and fast mode (the test suite) also
+# takes bigger steps.
+GUMBEL = si.methods.create("gumbel_sigmoid", per_example_penalty=False, lr=0.1 if FAST else 1e-2)
+
 # %% [markdown]
 # ## Train, then wrap in a bridge
 
@@ -87,13 +93,13 @@ print(ablation_drop.numpy().round(3))
 
 # %% [markdown]
 # ## The weight subnetwork
-# Gumbel-sigmoid masks (Csordás et al. 2021, the paper's defaults) over the attention weights,
+# Gumbel-sigmoid masks (Csordás et al. 2021) over the attention weights,
 # trained through the bridge.
 
 # %%
 result = si.find(
     bridge,
-    "gumbel_sigmoid",
+    GUMBEL,
     induction_loss,
     data[:64],
     targets="blocks.*.attn.*",
@@ -155,9 +161,10 @@ if not FAST:
 
 # %% [markdown]
 # ## What we learned
-# Head ablation and the weight mask agree on which heads carry induction: the heads whose
-# ablation costs most accuracy are the ones the mask keeps most of (see the AUC and rank
-# correlation printed above), while the mask keeps only a fraction of the attention weights and
-# random masks of the same density do no better than chance. The weight-level view adds what
-# head ablation cannot: which parts of those heads (Q/K vs V/O, per matrix densities in
-# `sub.densities()`) the behaviour needs.
+# Head ablation finds two heads in layer 0 (each costs 40-70% of the accuracy when removed) and
+# nothing in layer 1 (every single-head ablation there costs under 1%). The weight mask, at a
+# third of the attention weights, keeps 97% of the accuracy (random masks of that density keep
+# none of it) and its head scores rank the two layer-0 heads first (ROC AUC 1.0 against the
+# ablation circuit). But it also keeps about a third of every layer-1 head: the induction step
+# is spread over several layer-1 heads that back each other up, which one-at-a-time head
+# ablation cannot see and the weight subnetwork does.

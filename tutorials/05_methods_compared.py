@@ -19,6 +19,11 @@ from subnet_interp.tasks import train
 FAST = os.environ.get("SUBNET_INTERP_FAST") == "1"
 TRAIN_STEPS, MASK_STEPS = (200, 100) if FAST else (2000, 1000)
 torch.manual_seed(0)
+# Gumbel-sigmoid masks (Csordás et al. 2021). The paper trains masks for 10-20k steps with the
+# regulariser divided by the batch size; for the few hundred steps here we leave that division
+# out (a push towards sparsity stronger by the batch size), and fast mode (the test suite) also
+# takes bigger steps.
+GUMBEL = si.methods.create("gumbel_sigmoid", per_example_penalty=False, lr=0.1 if FAST else 1e-2)
 
 
 def make_data(n, generator):
@@ -76,7 +81,7 @@ print(f"trained model: loss A {test_loss(model):.4f}")
 # %%
 found = {}
 found["gumbel_sigmoid"] = si.find(
-    model, "gumbel_sigmoid", loss_a, batches, steps=MASK_STEPS, progress=False
+    model, GUMBEL, loss_a, batches, steps=MASK_STEPS, progress=False
 ).subnetwork
 density = found["gumbel_sigmoid"].density()
 print(f"gumbel_sigmoid chose density {density:.3f}")
@@ -163,10 +168,13 @@ print(
 
 # %% [markdown]
 # ## What we learned
-# At matched density the learned masks (Gumbel-sigmoid, hard concrete, continuous
-# sparsification) keep the task far better than magnitude pruning or random masks of the same
-# size, and they agree with each other far more than chance (tiny p-values), while their
-# overlap with a random mask is what chance predicts. Magnitude pruning needs much higher
-# density for the same loss. The lottery ticket answers a different question — which weights
-# suffice when retrained from initialisation — so its loss is that of its retrained ticket and
-# its mask need not resemble the others'.
+# At similar densities the methods differ a lot. Continuous sparsification (Lepori et al.)
+# keeps the task almost perfectly at about a quarter of the weights, and hard concrete at a
+# fifth does far better than magnitude pruning at that density (magnitude needs about 0.4-0.8
+# density for the same loss); Gumbel-sigmoid masks after 1000 steps are only a little better than
+# magnitude at their own density. Random masks of the same size destroy the task. The learned
+# masks agree with each other far beyond chance (enrichment about 2, p far below 1e-100) and
+# with magnitude somewhat, while their overlap with a random mask is what chance predicts. The
+# lottery ticket answers a different question — which weights suffice when retrained from
+# initialisation — so its loss is that of its retrained ticket and its mask overlaps the others
+# only modestly.
