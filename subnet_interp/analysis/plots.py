@@ -100,11 +100,13 @@ def plot_densities(
         if model is None:
             raise ValueError("plot_densities(by='head') needs the model, for the head axes.")
         matrix = head_densities(subnetwork, model)
-        fig, ax = plt.subplots(figsize=(1 + 0.5 * matrix.shape[1], 1 + 0.4 * matrix.shape[0]))
+        fig, ax = plt.subplots(
+            figsize=(max(4.5, 1 + 0.5 * matrix.shape[1]), max(3.0, 1 + 0.4 * matrix.shape[0]))
+        )
         image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xlabel("head")
         ax.set_ylabel("layer")
-        ax.set_title("fraction of each head's weights kept")
+        ax.set_title("kept fraction per head")
         fig.colorbar(image, ax=ax)
         return _finish(fig, path)
     if by != "component":
