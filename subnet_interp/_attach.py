@@ -107,13 +107,6 @@ class _Location:
         return self.module.parametrizations[self.attribute].original
 
 
-def _real_tensor(module: nn.Module, attribute: str) -> Tensor:
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is not None and attribute in parametrizations:
-        return parametrizations[attribute].original
-    return getattr(module, attribute)
-
-
 class Attachment:
     """Masks attached to a model. Use :func:`attach` to make one and :meth:`remove` to undo it.
 
@@ -272,7 +265,7 @@ def validate_masks(
                 f"Mask for {name!r} has dtype {mask.dtype}; expected torch.bool (binary) or a "
                 "floating dtype (soft mask)."
             )
-        real = _real_tensor(root.get_submodule(target.module), target.attribute)
+        real = adapters.real_tensor(root.get_submodule(target.module), target.attribute)
         if mask.device != real.device:
             raise ValueError(
                 f"Mask for {name!r} is on {mask.device} but the weight is on {real.device} "

@@ -14,12 +14,7 @@ _SAMPLES_PER_TARGET = 257
 
 def read_canonical(root: torch.nn.Module, target: Target) -> torch.Tensor:
     """The target's current (unmasked) tensor in canonical layout."""
-    module = root.get_submodule(target.module)
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is not None and target.attribute in parametrizations:
-        real = parametrizations[target.attribute].original
-    else:
-        real = getattr(module, target.attribute)
+    real = adapters.real_tensor(root.get_submodule(target.module), target.attribute)
     return target.layout.to_canonical(real)
 
 

@@ -53,6 +53,19 @@ class Adapter(abc.ABC):
         return None
 
 
+def real_tensor(module: nn.Module, attribute: str):
+    """The unmasked tensor ``module.<attribute>``, also while it is parametrized; ``None`` if
+    the module has no such parameter."""
+    parametrizations = getattr(module, "parametrizations", None)
+    if parametrizations is not None and attribute in parametrizations:
+        return parametrizations[attribute].original
+    return (
+        module._parameters.get(attribute)
+        if attribute in module._parameters
+        else getattr(module, attribute, None)
+    )
+
+
 _ADAPTERS: list[Adapter] = []
 
 
@@ -165,4 +178,4 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["Adapter", "register_adapter", "resolve", "select"]
+__all__ = ["Adapter", "real_tensor", "register_adapter", "resolve", "select"]

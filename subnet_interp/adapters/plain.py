@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Target
-from . import Adapter
+from . import Adapter, real_tensor
 
 _CONV_AXES = {1: ("kernel",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
 
@@ -19,15 +19,9 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 def module_targets(root: nn.Module) -> dict[str, Target]:
     """Targets of every Linear, Conv1d/2d/3d, HF Conv1D and Embedding weight under ``root``."""
     found: dict[str, Target] = {}
-    for path, module in root.named_modules(remove_duplicate=False):
-        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-        if (
-            weight is None
-            and hasattr(module, "parametrizations")
-            and "weight" in getattr(module, "parametrizations", {})
-        ):
-            weight = module.parametrizations["weight"].original
-        if weight is None:
+    for path, module in root.named_modules():
+        weight = real_tensor(module, "weight")
+        if not isinstance(weight, nn.Parameter):
             continue
         shape = tuple(weight.shape)
         name = f"{path}.weight" if path else "weight"

@@ -19,7 +19,7 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Layout, Target
-from . import Adapter
+from . import Adapter, real_tensor
 
 _TRANSPOSE = ("permute", (1, 0))
 
@@ -205,11 +205,8 @@ class HookedTransformerAdapter(Adapter):
         found: dict[str, Target] = {}
 
         def add(name, module, attribute, axes, kind, units, default=True):
-            owner = root.get_submodule(module)
-            tensor = owner._parameters.get(attribute)
-            if tensor is None and attribute in getattr(owner, "parametrizations", {}):
-                tensor = owner.parametrizations[attribute].original
-            if tensor is None:
+            tensor = real_tensor(root.get_submodule(module), attribute)
+            if not isinstance(tensor, nn.Parameter):
                 return
             found[name] = Target(
                 name,
@@ -236,9 +233,7 @@ class HookedTransformerAdapter(Adapter):
         for layer in range(root.cfg.n_layers):
             attn = f"blocks.{layer}.attn"
             owner = root.get_submodule(attn)
-            grouped = "_W_K" in owner._parameters or "_W_K" in getattr(
-                owner, "parametrizations", {}
-            )
+            grouped = real_tensor(owner, "_W_K") is not None
             for letter in "QKVO":
                 attribute = f"_W_{letter}" if grouped and letter in "KV" else f"W_{letter}"
                 head_axis = "kv_head" if grouped and letter in "KV" else "head"

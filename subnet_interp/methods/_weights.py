@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .._attach import ZERO, Attachment
 from .._fingerprint import read_canonical
-from .._types import Target
+from ..adapters import real_tensor
 from ._base import FindContext
 
 
@@ -43,21 +43,13 @@ def real_location_masks(
     """
     out: dict[int, Tensor] = {}
     for name, target in context.targets.items():
-        real = _real_parameter(context.root, target)
+        real = real_tensor(context.root.get_submodule(target.module), target.attribute)
         buffer = out.get(id(real))
         if buffer is None:
             buffer = torch.full(real.shape, fill, dtype=real.dtype, device=real.device)
         buffer = target.layout.write_real(masks[name].to(real.dtype), buffer)
         out[id(real)] = buffer
     return out
-
-
-def _real_parameter(root: torch.nn.Module, target: Target) -> Tensor:
-    module = root.get_submodule(target.module)
-    parametrizations = getattr(module, "parametrizations", None)
-    if parametrizations is not None and target.attribute in parametrizations:
-        return parametrizations[target.attribute].original
-    return getattr(module, target.attribute)
 
 
 def _gradient_mask(mask: Tensor) -> Callable[[Tensor], Tensor]:
