@@ -15,8 +15,10 @@ from .ablation import (
 )
 from .circuits import Circuit, CircuitComparison, compare_to_circuit, head_node, mlp_node, roc_auc
 from .components import head_scores, neuron_scores, top_heads
+from .modules import Modules, module_enrichment, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
+from .subspaces import head_ov, retained_energy, subspace_angles
 
 __all__ = [
     "AblationReport",
@@ -27,6 +29,12 @@ __all__ = [
     "mlp_node",
     "roc_auc",
     "MeanAblation",
+    "Modules",
+    "head_ov",
+    "module_enrichment",
+    "modules",
+    "retained_energy",
+    "subspace_angles",
     "Metric",
     "Overlap",
     "OverlapStats",
