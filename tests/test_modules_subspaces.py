@@ -8,17 +8,29 @@ import pytest
 import torch
 
 import subnet_interp as si
-from subnet_interp.analysis import head_ov, module_enrichment, modules, retained_energy, subspace_angles
+from subnet_interp.analysis import (
+    head_ov,
+    module_enrichment,
+    modules,
+    retained_energy,
+    subspace_angles,
+)
 
 
 def block_diagonal_mlp(blocks=2, width=8, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(blocks * width, blocks * width), torch.nn.ReLU(), torch.nn.Linear(blocks * width, blocks * width))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(blocks * width, blocks * width),
+        torch.nn.ReLU(),
+        torch.nn.Linear(blocks * width, blocks * width),
+    )
     with torch.no_grad():
         for layer in (net[0], net[2]):
             weight = torch.randn(blocks * width, blocks * width, generator=gen) * 0.01
             for b in range(blocks):
-                weight[b * width : (b + 1) * width, b * width : (b + 1) * width] = torch.randn(width, width, generator=gen)
+                weight[b * width : (b + 1) * width, b * width : (b + 1) * width] = torch.randn(
+                    width, width, generator=gen
+                )
             layer.weight.copy_(weight)
     return net
 
@@ -54,7 +66,9 @@ def test_non_chain_is_refused():
 def test_identical_subspaces_have_zero_angles_and_orthogonal_ones_right_angles():
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(20, 3, generator=gen)
-    assert torch.allclose(subspace_angles(a, a @ torch.randn(3, 3, generator=gen)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(
+        subspace_angles(a, a @ torch.randn(3, 3, generator=gen)), torch.zeros(3), atol=1e-5
+    )
     e = torch.eye(6)
     assert torch.allclose(subspace_angles(e[:, :2], e[:, 2:4]), torch.full((2,), math.pi / 2))
 
@@ -62,7 +76,15 @@ def test_identical_subspaces_have_zero_angles_and_orthogonal_ones_right_angles()
 def test_random_lines_have_the_expected_angle_distribution():
     gen = torch.Generator().manual_seed(1)
     n, trials = 30, 2000
-    cos2 = torch.stack([torch.cos(subspace_angles(torch.randn(n, 1, generator=gen), torch.randn(n, 1, generator=gen)))[0] ** 2 for _ in range(trials)])
+    cos2 = torch.stack(
+        [
+            torch.cos(
+                subspace_angles(torch.randn(n, 1, generator=gen), torch.randn(n, 1, generator=gen))
+            )[0]
+            ** 2
+            for _ in range(trials)
+        ]
+    )
     assert float(cos2.mean()) == pytest.approx(1 / n, rel=0.1)  # E[cos^2] = 1/n for random lines
 
 
@@ -80,6 +102,10 @@ def test_head_ov_masked_by_a_subnetwork():
     model = BUILDERS["gpt2"]()
     full = head_ov(model, 1, 2)
     assert full.shape == (D, D)
-    masks = {"blocks.1.attn.W_O": torch.zeros(si.targets(model)["blocks.1.attn.W_O"].shape, dtype=torch.bool)}
+    masks = {
+        "blocks.1.attn.W_O": torch.zeros(
+            si.targets(model)["blocks.1.attn.W_O"].shape, dtype=torch.bool
+        )
+    }
     assert torch.count_nonzero(head_ov(model, 1, 2, si.Subnetwork(masks))) == 0
     assert torch.linalg.matrix_rank(full) <= 8  # d_head
