@@ -10,10 +10,16 @@ from .induction import (
     tiny_gpt2,
 )
 from .planted import PlantedTask, planted_delta, planted_mlp, planted_teacher
+from .templates import VOCAB, ioi_accuracy, ioi_batches, ioi_logits, ioi_loss
 from .training import logits_of, train
 
 __all__ = [
     "PlantedTask",
+    "VOCAB",
+    "ioi_accuracy",
+    "ioi_batches",
+    "ioi_logits",
+    "ioi_loss",
     "add_mul_batches",
     "add_mul_network",
     "digit_loss",
