@@ -68,3 +68,44 @@ def test_scores_need_canonical_transformer_targets():
             si.Subnetwork({"0.weight": torch.ones(2, 2, dtype=torch.bool)}),
             torch.nn.Sequential(torch.nn.Linear(2, 2)),
         )
+
+
+@pytest.mark.parametrize("kind", ["q", "k", "v"])
+def test_edge_scores_match_dense_composition(kind):
+    from subnet_interp.analysis import edge_scores
+
+    model = BUILDERS["gpt2"]()
+    gen = torch.Generator().manual_seed(0)
+    sub = si.Subnetwork(
+        {n: torch.rand(t.shape, generator=gen) < 0.7 for n, t in si.targets(model).items()}
+    )
+    scores = edge_scores(sub, model, kind)
+    assert scores.shape == (LAYERS, HEADS, LAYERS, HEADS)
+    assert torch.isnan(scores[1, :, 0]).all() and torch.isnan(scores[0, :, 0]).all()
+
+    def canonical(letter, layer):
+        target = si.targets(model)[f"blocks.{layer}.attn.W_{letter}"]
+        weight = (
+            target.layout.to_canonical(model.get_submodule(target.module).weight).detach().double()
+        )
+        return weight * sub[f"blocks.{layer}.attn.W_{letter}"]
+
+    for a, b in ((0, 1), (3, 2)):
+        ov_a = canonical("V", 0)[a] @ canonical("O", 0)[a]
+        qk_b = canonical("Q", 1)[b] @ canonical("K", 1)[b].T
+        right = {"q": qk_b, "k": qk_b.T, "v": canonical("V", 1)[b] @ canonical("O", 1)[b]}[kind]
+        expected = torch.linalg.norm(ov_a @ right) / (
+            torch.linalg.norm(ov_a) * torch.linalg.norm(right)
+        )
+        assert float(scores[0, a, 1, b]) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_edge_scores_vanish_for_a_removed_head():
+    from subnet_interp.analysis import edge_scores
+
+    model = BUILDERS["gpt2"]()
+    masks = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in si.targets(model).items()}
+    masks["blocks.0.attn.W_O"][1] = False
+    scores = edge_scores(si.Subnetwork(masks), model, "v")
+    assert torch.all(scores[0, 1, 1] == 0) and torch.isnan(scores[0, 1, 0]).all()
+    assert torch.all(scores[0, 0, 1] > 0)

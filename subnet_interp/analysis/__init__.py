@@ -14,7 +14,7 @@ from .ablation import (
     loss,
 )
 from .circuits import Circuit, CircuitComparison, compare_to_circuit, head_node, mlp_node, roc_auc
-from .components import head_scores, neuron_scores, top_heads
+from .components import edge_scores, head_scores, neuron_scores, top_heads
 from .modules import Modules, module_enrichment, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
@@ -25,6 +25,7 @@ __all__ = [
     "Circuit",
     "CircuitComparison",
     "compare_to_circuit",
+    "edge_scores",
     "head_node",
     "mlp_node",
     "roc_auc",

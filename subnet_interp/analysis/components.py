@@ -116,4 +116,80 @@ def _root(model: Any):
     return adapters.resolve(model).root(model)
 
 
-__all__ = ["head_scores", "neuron_scores", "top_heads"]
+def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
+    """Canonical ``W_<letter>`` of every layer, masked, as ``[layers, heads, ...]`` (K/V of
+    grouped-query attention repeated for the query heads that share them)."""
+    from .. import adapters
+
+    adapter = adapters.resolve(model)
+    root, found = adapter.root(model), adapter.all_targets(model)
+    layers = sorted(
+        {int(m.group(1)) for m in map(_BLOCK.match, found) if m and m.group(2) == "attn"}
+    )
+    out = []
+    for layer in layers:
+        name = f"blocks.{layer}.attn.W_{letter}"
+        if name not in found:
+            raise ValueError(f"edge_scores needs canonical attention weights; {name!r} is missing.")
+        weight = read_canonical(root, found[name]).detach().double()
+        if subnetwork is not None and name in subnetwork:
+            weight = weight * subnetwork[name].to(weight.device)
+        heads = found[f"blocks.{layer}.attn.W_Q"].shape[0]
+        if weight.shape[0] != heads:
+            weight = weight.repeat_interleave(heads // weight.shape[0], dim=0)
+        out.append(weight)
+    return torch.stack(out)
+
+
+def edge_scores(
+    subnetwork: Subnetwork | None, model: Any, kind: str = "v"
+) -> Float[Tensor, "layer_a head_a layer_b head_b"]:
+    """Composition scores between heads (Elhage et al. 2021) of the masked weights:
+    ``||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F)`` with ``W^B`` = ``W_QK^B`` (``kind="q"``),
+    ``W_QK^B.T`` (``"k"``) or ``W_OV^B`` (``"v"``), for every head A in an earlier layer than B
+    (``nan`` otherwise). Computed from ``d_head``-sized factors, never from ``d_model``-squared
+    products, so it is vectorised over all pairs.
+    """
+    if kind not in ("q", "k", "v"):
+        raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}.")
+    wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
+    n_layers, n_heads = wq.shape[:2]
+    flat = lambda t: t.flatten(0, 1)  # noqa: E731
+    q, k, v, o = flat(wq), flat(wk), flat(wv), flat(wo)  # [N, d, dh] x3, [N, dh, d]
+    gram_v = v.transpose(1, 2) @ v  # V^T V      [N, dh, dh]
+    gram_o = o @ o.transpose(1, 2)  # O O^T      [N, dh, dh]
+    if kind == "q":
+        middle = torch.einsum("aij,bjk->abik", o, q)
+        right_gram, right_norm2 = (
+            k.transpose(1, 2) @ k,
+            _trace(q.transpose(1, 2) @ q, k.transpose(1, 2) @ k),
+        )
+    elif kind == "k":
+        middle = torch.einsum("aij,bjk->abik", o, k)
+        right_gram, right_norm2 = (
+            q.transpose(1, 2) @ q,
+            _trace(q.transpose(1, 2) @ q, k.transpose(1, 2) @ k),
+        )
+    else:
+        middle = torch.einsum("aij,bjk->abik", o, v)
+        right_gram, right_norm2 = gram_o, _trace(gram_v, gram_o)
+    # ||V_A M K_B^T||_F^2 = tr(M^T (V_A^T V_A) M (K_B^T K_B)), etc.
+    product = torch.einsum("abji,ajk,abkl,bli->ab", middle, gram_v, middle, right_gram)
+    left_norm2 = _trace(gram_v, gram_o)
+    denominator = (left_norm2[:, None] * right_norm2[None, :]).sqrt()
+    # a head whose masked weights are all zero composes with nothing: score 0, not 0 / 0
+    ratio = product.clamp(min=0).sqrt() / denominator.clamp(min=1e-300)
+    scores = torch.where(denominator > 0, ratio, torch.zeros_like(ratio)).view(
+        n_layers, n_heads, n_layers, n_heads
+    )
+    layer = torch.arange(n_layers)
+    earlier = (layer[:, None] < layer[None, :])[:, None, :, None].expand_as(scores)
+    return torch.where(earlier, scores, torch.full_like(scores, float("nan"))).float()
+
+
+def _trace(a: Tensor, b: Tensor) -> Tensor:
+    """``tr(a_i b_i)`` for batches of square matrices."""
+    return (a * b.transpose(1, 2)).sum((1, 2))
+
+
+__all__ = ["edge_scores", "head_scores", "neuron_scores", "top_heads"]
