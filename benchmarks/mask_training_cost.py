@@ -76,6 +76,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def time_steps(step, device: str, warmup: int, steps: int) -> float:
+    """Seconds per call of ``step(i)`` after ``warmup`` untimed calls."""
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        step(i)
+    sync(device)
+    return (time.perf_counter() - start) / steps
+
+
 def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) -> dict:
     """Seconds per step of one configuration (runs in its own process)."""
     import torch
@@ -91,14 +103,7 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
             loss.backward()
             optimizer.step()
 
-        for i in range(warmup):
-            step(i)
-        sync(device)
-        start = time.perf_counter()
-        for i in range(steps):
-            step(i)
-        sync(device)
-        per_step = (time.perf_counter() - start) / steps
+        per_step = time_steps(step, device, warmup, steps)
     elif config == "neurosurgeon":
         per_step = _neurosurgeon(model, batches, device, warmup, steps)
     else:
@@ -169,14 +174,7 @@ def _neurosurgeon(model, batches, device, warmup, steps) -> float:
         out.loss.backward()
         optimizer.step()
 
-    for i in range(warmup):
-        step(i)
-    sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(i)
-    sync(device)
-    return (time.perf_counter() - start) / steps
+    return time_steps(step, device, warmup, steps)
 
 
 def main(argv=None) -> int:

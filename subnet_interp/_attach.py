@@ -273,6 +273,18 @@ def validate_masks(
             )
 
 
+def check_fingerprint(model: object, recorded: str) -> None:
+    """Raise if ``model``'s weights are not those a subnetwork was found on."""
+    actual = fingerprint(model)
+    if actual != recorded:
+        raise ValueError(
+            f"This subnetwork was found on a model with fingerprint {recorded!r}, but this "
+            f"model's fingerprint is {actual!r}: its weights differ (another checkpoint, a "
+            "fine-tuned copy, or weights processed by e.g. fold_ln). Pass strict=False to "
+            "apply it anyway."
+        )
+
+
 @contextlib.contextmanager
 def masked(
     model: object,
@@ -312,14 +324,7 @@ def masked(
     validate_masks(model, masks, available, root)
     resolved_ablation = resolve_ablation(ablation)
     if strict and recorded is not None:
-        actual = fingerprint(model)
-        if actual != recorded:
-            raise ValueError(
-                f"This subnetwork was found on a model with fingerprint {recorded!r}, but this "
-                f"model's fingerprint is {actual!r}: its weights differ (another checkpoint, a "
-                "fine-tuned copy, or weights processed by e.g. fold_ln). Pass strict=False to "
-                "apply it anyway."
-            )
+        check_fingerprint(model, recorded)
     attachment = Attachment(
         root, {n: available[n] for n in masks}, resolved_ablation, adapter=adapter, model=model
     )
@@ -373,6 +378,7 @@ __all__ = [
     "Ablation",
     "Attachment",
     "attach",
+    "check_fingerprint",
     "delta_applied",
     "masked",
     "resolve_ablation",

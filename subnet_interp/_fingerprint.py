@@ -18,6 +18,12 @@ def read_canonical(root: torch.nn.Module, target: Target) -> torch.Tensor:
     return target.layout.to_canonical(real)
 
 
+def canonical_copy(root: torch.nn.Module, targets) -> dict[str, torch.Tensor]:
+    """Detached copies of the targets' current (unmasked) tensors, in canonical layout."""
+    with torch.no_grad():
+        return {n: read_canonical(root, t).detach().clone() for n, t in targets.items()}
+
+
 def _sample(tensor: torch.Tensor) -> bytes:
     flat_count = tensor.numel()
     if flat_count == 0:
@@ -47,4 +53,4 @@ def fingerprint(model: object) -> str:
     return digest.hexdigest()[:16]
 
 
-__all__ = ["fingerprint", "read_canonical"]
+__all__ = ["canonical_copy", "fingerprint", "read_canonical"]

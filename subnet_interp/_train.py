@@ -18,7 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ._attach import ZERO, Attachment
-from ._fingerprint import read_canonical
+from ._fingerprint import canonical_copy, read_canonical
 from ._subnetwork import Subnetwork
 from ._types import Target
 from .methods._base import FindContext, FindResult, Method
@@ -214,7 +214,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
             state.step, state.round = step, round_index
             state.round_step = step - round_index * steps_per_round
             if rewind_at is not None and step == min(rewind_at, context.steps - 1):
-                rewound = _canonical_copy(context.root, targets)
+                rewound = canonical_copy(context.root, targets)
             method.on_step(state)
             batch = next(context.batches)
             state.batch_size = batch_size(batch)
@@ -269,13 +269,8 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     floats = {k: torch.stack(v).cpu().tolist() if v else [] for k, v in history.items()}
     weights = None
     if method.trains_weights:
-        weights = rewound if rewound is not None else _canonical_copy(context.root, targets)
+        weights = rewound if rewound is not None else canonical_copy(context.root, targets)
     return FindResult(Subnetwork(masks), floats, weights)
-
-
-def _canonical_copy(root: torch.nn.Module, targets: Mapping[str, Target]) -> dict[str, Tensor]:
-    with torch.no_grad():
-        return {n: read_canonical(root, t).detach().clone() for n, t in targets.items()}
 
 
 def _check_loss(loss: Any, step: int) -> None:

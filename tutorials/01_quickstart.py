@@ -16,6 +16,7 @@ import tempfile
 import torch
 
 import subnet_interp as si
+from subnet_interp.tasks import two_outputs
 
 FAST = os.environ.get("SUBNET_INTERP_FAST") == "1"
 TRAIN_STEPS, MASK_STEPS, CONTROLS = (150, 150, 5) if FAST else (1500, 1500, 20)
@@ -27,13 +28,6 @@ torch.manual_seed(0)
 
 
 # %%
-def make_data(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x = torch.randn(n, 8)
-    out_a = torch.relu(x[:, 0] + x[:, 1]) - x[:, 2] * x[:, 3].sign()
-    out_b = torch.relu(x[:, 4] - x[:, 5]) + 0.5 * x[:, 6] - x[:, 7]
-    return x, torch.stack([out_a, out_b], dim=1)
-
-
 model = torch.nn.Sequential(
     torch.nn.Linear(8, 64),
     torch.nn.ReLU(),
@@ -43,13 +37,13 @@ model = torch.nn.Sequential(
 )
 optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 for _ in range(TRAIN_STEPS):
-    x, y = make_data(128)
+    x, y = two_outputs(128)
     loss = torch.nn.functional.mse_loss(model(x), y)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
 
-test_x, test_y = make_data(2048)
+test_x, test_y = two_outputs(2048)
 
 
 def loss_a(net, batch=(test_x, test_y)) -> torch.Tensor:
@@ -72,7 +66,7 @@ with torch.no_grad():
 
 # %%
 print(list(si.targets(model)))
-train_batches = [make_data(128) for _ in range(16)]
+train_batches = [two_outputs(128) for _ in range(16)]
 # Csordás et al. train masks for 10-20k steps with the regulariser divided by the batch size;
 # for this short run we leave the division out (a stronger push towards sparsity).
 method = si.methods.create("gumbel_sigmoid", per_example_penalty=False)

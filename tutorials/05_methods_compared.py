@@ -14,7 +14,7 @@ import torch
 
 import subnet_interp as si
 from subnet_interp.analysis import overlap, overlap_matrix, overlap_test
-from subnet_interp.tasks import train
+from subnet_interp.tasks import train, two_outputs
 
 FAST = os.environ.get("SUBNET_INTERP_FAST") == "1"
 TRAIN_STEPS, MASK_STEPS = (200, 100) if FAST else (2000, 1000)
@@ -26,16 +26,9 @@ torch.manual_seed(0)
 GUMBEL = si.methods.create("gumbel_sigmoid", per_example_penalty=False, lr=0.1 if FAST else 1e-2)
 
 
-def make_data(n, generator):
-    x = torch.randn(n, 8, generator=generator)
-    out_a = torch.relu(x[:, 0] + x[:, 1]) - x[:, 2] * x[:, 3].sign()
-    out_b = torch.relu(x[:, 4] - x[:, 5]) + 0.5 * x[:, 6] - x[:, 7]
-    return x, torch.stack([out_a, out_b], dim=1)
-
-
 gen = torch.Generator().manual_seed(0)
-batches = [make_data(128, gen) for _ in range(32)]
-test = make_data(4096, torch.Generator().manual_seed(1))
+batches = [two_outputs(128, gen) for _ in range(32)]
+test = two_outputs(4096, torch.Generator().manual_seed(1))
 
 
 def loss_a(model, batch):

@@ -21,7 +21,14 @@ from subnet_interp.analysis import (
     subspace_angles,
     top_heads,
 )
-from subnet_interp.tasks import induction_loss, next_token_loss, repeated_tokens, tiny_gpt2, train
+from subnet_interp.tasks import (
+    induction_loss,
+    next_token_loss,
+    repeated_tokens,
+    tiny_gpt2,
+    train,
+    two_outputs,
+)
 
 FAST = os.environ.get("SUBNET_INTERP_FAST") == "1"
 TRAIN_STEPS, MASK_STEPS, NULL = (300, 100, 4) if FAST else (3000, 1500, 20)
@@ -33,15 +40,8 @@ GUMBEL = si.methods.create("gumbel_sigmoid", per_example_penalty=False, lr=0.1 i
 
 
 # %%
-def make_data(n, generator):
-    x = torch.randn(n, 8, generator=generator)
-    out_a = torch.relu(x[:, 0] + x[:, 1]) - x[:, 2] * x[:, 3].sign()
-    out_b = torch.relu(x[:, 4] - x[:, 5]) + 0.5 * x[:, 6] - x[:, 7]
-    return x, torch.stack([out_a, out_b], dim=1)
-
-
 gen = torch.Generator().manual_seed(0)
-batches = [make_data(128, gen) for _ in range(32)]
+batches = [two_outputs(128, gen) for _ in range(32)]
 torch.manual_seed(0)
 mlp = torch.nn.Sequential(
     torch.nn.Linear(8, 32),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import adapters
-from .._attach import Ablation, Attachment, resolve_ablation, validate_masks
+from .._attach import Ablation, Attachment, check_fingerprint, resolve_ablation, validate_masks
 from .._subnetwork import Subnetwork
 from .._types import Target
 from ..methods.random import random_like
@@ -380,13 +380,7 @@ def ablation_effect(
     available = adapter.all_targets(model)
     validate_masks(model, subnetwork.masks, available, root)
     if strict and "fingerprint" in subnetwork.meta:
-        from .._fingerprint import fingerprint
-
-        if fingerprint(model) != subnetwork.meta["fingerprint"]:
-            raise ValueError(
-                "This subnetwork was found on a model with other weights (fingerprint mismatch); "
-                "pass strict=False to evaluate it anyway."
-            )
+        check_fingerprint(model, subnetwork.meta["fingerprint"])
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     control_masks = [
         random_like(subnetwork, gen, within=~subnetwork if control_kind == "complement" else None)

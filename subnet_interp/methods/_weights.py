@@ -10,17 +10,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .._attach import ZERO, Attachment
-from .._fingerprint import read_canonical
+from .._fingerprint import canonical_copy
 from ..adapters import real_tensor
 from ._base import FindContext
 
 
 def canonical_weights(context: FindContext) -> dict[str, Tensor]:
     """Copies of the targets' current weights, in canonical layout."""
-    with torch.no_grad():
-        return {
-            n: read_canonical(context.root, t).detach().clone() for n, t in context.targets.items()
-        }
+    return canonical_copy(context.root, context.targets)
 
 
 _PARAMETRIZED = re.compile(r"(^|\.)parametrizations\.([^.]+)\.original(?=$|\.)")

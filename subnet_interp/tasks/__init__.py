@@ -10,6 +10,7 @@ from .induction import (
     tiny_gpt2,
 )
 from .planted import PlantedTask, planted_delta, planted_mlp, planted_teacher
+from .regression import two_outputs
 from .templates import VOCAB, ioi_accuracy, ioi_batches, ioi_logits, ioi_loss
 from .training import logits_of, train
 
@@ -35,4 +36,5 @@ __all__ = [
     "repeated_tokens",
     "tiny_gpt2",
     "train",
+    "two_outputs",
 ]
