@@ -109,3 +109,54 @@ def test_edge_scores_vanish_for_a_removed_head():
     scores = edge_scores(si.Subnetwork(masks), model, "v")
     assert torch.all(scores[0, 1, 1] == 0) and torch.isnan(scores[0, 1, 0]).all()
     assert torch.all(scores[0, 0, 1] > 0)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_graph_edge_scores_match_dense_products(kind):
+    from subnet_interp.analysis import edge_scores, graph_edge_scores, head_node, mlp_node
+
+    model = BUILDERS[kind]()
+    gen = torch.Generator().manual_seed(1)
+    sub = si.Subnetwork(
+        {n: torch.rand(t.shape, generator=gen) < 0.7 for n, t in si.targets(model).items()}
+    )
+    scores = graph_edge_scores(sub, model)
+
+    def canonical(name):
+        target = si.targets(model, include="*")[name]
+        weight = target.layout.to_canonical(model.get_submodule(target.module).weight)
+        return weight.detach().double() * sub[name]
+
+    def ratio(write, read):
+        return float(
+            torch.linalg.norm(write @ read) / (torch.linalg.norm(write) * torch.linalg.norm(read))
+        )
+
+    def ov(layer, h):
+        v, o = canonical(f"blocks.{layer}.attn.W_V"), canonical(f"blocks.{layer}.attn.W_O")
+        return v[h * v.shape[0] // HEADS] @ o[h]
+
+    w_in = canonical("blocks.0.mlp.W_in")
+    if kind == "llama":
+        w_in = torch.cat([w_in, canonical("blocks.0.mlp.W_gate")], dim=1)
+    w_out0 = canonical("blocks.0.mlp.W_out")
+    expected = {
+        (head_node(0, 1), mlp_node(0)): ratio(ov(0, 1), w_in),
+        (mlp_node(0), head_node(1, 2, "v")): ratio(w_out0, ov(1, 2)),
+        (mlp_node(0), mlp_node(1)): ratio(w_out0, canonical("blocks.1.mlp.W_in"))
+        if kind == "gpt2"
+        else scores[(mlp_node(0), mlp_node(1))],
+    }
+    for edge, value in expected.items():
+        assert scores[edge] == pytest.approx(value, rel=1e-6), edge
+    composition = edge_scores(sub, model, "q")
+    assert scores[(head_node(0, 3), head_node(1, 0, "q"))] == pytest.approx(
+        float(composition[0, 3, 1, 0]), rel=1e-4
+    )
+    # only forward edges: no head -> head within a layer, no MLP L -> head L
+    assert (head_node(0, 0), head_node(0, 1, "q")) not in scores
+    assert (mlp_node(1), head_node(1, 0, "k")) not in scores
+    assert (head_node(1, 0), mlp_node(1)) in scores
+    assert len(scores) == len(
+        [e for e in si.analysis.circuit_formats.all_edges(LAYERS, HEADS) if "embed" not in str(e)]
+    )

@@ -109,3 +109,27 @@ def test_head_ov_masked_by_a_subnetwork():
     }
     assert torch.count_nonzero(head_ov(model, 1, 2, si.Subnetwork(masks))) == 0
     assert torch.linalg.matrix_rank(full) <= 8  # d_head
+
+
+def test_lesioning_the_module_a_task_uses_hurts_more_than_random_lesions():
+    from subnet_interp.analysis import module_lesions
+
+    net = block_diagonal_mlp()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = modules(net, 2, null_samples=2)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        target = net(x)[:, :8]  # the task reads the first block's outputs only
+
+    def evaluate(model):
+        with torch.no_grad():
+            return float(((model(x)[:, :8] - target) ** 2).mean())
+
+    lesions = module_lesions(net, result, evaluate, n_random=30)
+    assert len(lesions) == 2 and {lesion.size for lesion in lesions} == {8}
+    used = int(result.labels["0.weight"][0])
+    by_module = {lesion.module: lesion for lesion in lesions}
+    assert by_module[used].percentile < 0.05  # more damaging than random lesions of 8 neurons
+    assert by_module[used].effect > 10 * abs(by_module[1 - used].effect)
+    assert by_module[1 - used].percentile > 0.5  # the other module barely matters
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())

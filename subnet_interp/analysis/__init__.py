@@ -1,6 +1,7 @@
 """Analysis: what a subnetwork means (ablation against controls) and how subnetworks relate
 (overlap with a chance baseline). Vectorised torch on the masks' device."""
 
+from . import circuit_formats
 from .ablation import (
     AblationReport,
     MeanAblation,
@@ -13,9 +14,20 @@ from .ablation import (
     logit_difference,
     loss,
 )
-from .circuits import Circuit, CircuitComparison, compare_to_circuit, head_node, mlp_node, roc_auc
-from .components import edge_scores, head_scores, neuron_scores, top_heads
-from .modules import Modules, module_enrichment, modules
+from .circuits import (
+    Circuit,
+    CircuitComparison,
+    CircuitOverlap,
+    compare_circuits,
+    compare_edges,
+    compare_to_circuit,
+    head_node,
+    mlp_node,
+    node_of,
+    roc_auc,
+)
+from .components import edge_scores, graph_edge_scores, head_scores, neuron_scores, top_heads
+from .modules import Lesion, Modules, module_enrichment, module_lesions, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
 from .subspaces import head_ov, retained_energy, subspace_angles
@@ -24,13 +36,21 @@ __all__ = [
     "AblationReport",
     "Circuit",
     "CircuitComparison",
+    "CircuitOverlap",
+    "circuit_formats",
+    "compare_circuits",
+    "compare_edges",
     "compare_to_circuit",
     "edge_scores",
+    "graph_edge_scores",
+    "node_of",
     "head_node",
     "mlp_node",
     "roc_auc",
     "MeanAblation",
+    "Lesion",
     "Modules",
+    "module_lesions",
     "head_ov",
     "module_enrichment",
     "modules",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -13,12 +15,20 @@ from torch import Tensor
 from .._types import NotFoundError
 from .overlap import _hypergeometric_pmf
 
-_NODE = re.compile(r"^blocks\.(\d+)\.(attn\.head\.(\d+)|mlp)$")
+_NODE = re.compile(r"^(?:embed|unembed|blocks\.(\d+)\.(attn\.head\.(\d+)|mlp))$")
+_PORT = re.compile(r"^(blocks\.\d+\.attn\.head\.\d+)\.([qkv])$")
+EMBED, UNEMBED = "embed", "unembed"
 
 
-def head_node(layer: int, head: int) -> str:
-    """Canonical node name of an attention head: ``blocks.{layer}.attn.head.{head}``."""
-    return f"blocks.{layer}.attn.head.{head}"
+def head_node(layer: int, head: int, port: str | None = None) -> str:
+    """Canonical node name of an attention head: ``blocks.{layer}.attn.head.{head}``; with
+    ``port`` (``"q"``, ``"k"`` or ``"v"``) the name of that head input, used as an edge's end."""
+    name = f"blocks.{layer}.attn.head.{head}"
+    if port is None:
+        return name
+    if port not in ("q", "k", "v"):
+        raise ValueError(f"port must be 'q', 'k' or 'v', got {port!r}.")
+    return f"{name}.{port}"
 
 
 def mlp_node(layer: int) -> str:
@@ -26,28 +36,71 @@ def mlp_node(layer: int) -> str:
     return f"blocks.{layer}.mlp"
 
 
+def node_of(endpoint: str) -> str:
+    """The node an edge endpoint belongs to (``blocks.1.attn.head.2.q`` -> its head)."""
+    match = _PORT.match(endpoint)
+    return match.group(1) if match else endpoint
+
+
+def _check_names(nodes, edges) -> None:
+    bad = sorted(n for n in nodes if not _NODE.match(n))
+    for src, dst in edges:
+        if not _NODE.match(src) or src == UNEMBED:
+            bad.append(src)
+        if not (_NODE.match(dst) or _PORT.match(dst)) or dst == EMBED:
+            bad.append(dst)
+    if bad:
+        raise NotFoundError(
+            f"Unknown circuit node name(s) {sorted(set(bad))[:5]}; expected 'embed', "
+            "'blocks.L.attn.head.H', 'blocks.L.mlp' or 'unembed' (edge sources), and those or "
+            "'blocks.L.attn.head.H.q|k|v' (edge destinations, except 'embed'); see "
+            "si.analysis.head_node / mlp_node. To import another tool's names use "
+            "Circuit.from_acdc / from_auto_circuit / from_eap."
+        )
+
+
 @dataclass(frozen=True)
 class Circuit:
-    """A set of canonical nodes (``blocks.L.attn.head.H``, ``blocks.L.mlp``) and optional edges
-    between them."""
+    """A circuit: canonical nodes and optional edges between them, with optional scores.
+
+    Nodes are ``embed``, ``blocks.L.attn.head.H``, ``blocks.L.mlp`` and ``unembed``. An edge is
+    ``(source, destination)``; a destination that is a head may name the input it enters,
+    ``blocks.L.attn.head.H.q`` / ``.k`` / ``.v``. Every edge end is also a node.
+
+    ``edge_scores`` / ``node_scores`` keep the scores a discovery tool attached (also for edges
+    outside the circuit, as attribution methods score every edge); ``n_layers`` / ``n_heads``
+    give the model's shape when known (needed to write complete graphs); ``metadata`` keeps what
+    an imported format carries that a circuit has no field for, so that exporting to the same
+    format gives the file back.
+    """
 
     nodes: frozenset[str]
     edges: frozenset[tuple[str, str]] = field(default_factory=frozenset)
+    edge_scores: Mapping[tuple[str, str], float] = field(default_factory=dict, hash=False)
+    node_scores: Mapping[str, float] = field(default_factory=dict, hash=False)
+    n_layers: int | None = None
+    n_heads: int | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "nodes", frozenset(self.nodes))
-        object.__setattr__(self, "edges", frozenset(tuple(e) for e in self.edges))
-        bad = sorted(
-            n for n in self.nodes | {x for e in self.edges for x in e} if not _NODE.match(n)
+        edges = frozenset((str(a), str(b)) for a, b in self.edges)
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(
+            self,
+            "edge_scores",
+            {(str(a), str(b)): float(v) for (a, b), v in self.edge_scores.items()},
         )
-        if bad:
-            raise NotFoundError(
-                f"Unknown circuit node name(s) {bad[:5]}; expected 'blocks.L.attn.head.H' or "
-                "'blocks.L.mlp' (see si.analysis.head_node / mlp_node)."
-            )
-        missing = sorted({x for e in self.edges for x in e} - self.nodes)
-        if missing:
-            object.__setattr__(self, "nodes", self.nodes | frozenset(missing))
+        object.__setattr__(
+            self, "node_scores", {str(k): float(v) for k, v in self.node_scores.items()}
+        )
+        object.__setattr__(self, "metadata", dict(self.metadata))
+        _check_names(self.nodes | set(self.node_scores), edges | set(self.edge_scores))
+        ends = {node_of(x) for e in edges for x in e}
+        if ends - self.nodes:
+            object.__setattr__(self, "nodes", self.nodes | frozenset(ends))
+        if self.n_layers is not None or self.n_heads is not None:
+            self.check_against(self.n_layers, self.n_heads)
 
     @classmethod
     def from_heads(cls, heads: Iterable[tuple[int, int]], mlps: Iterable[int] = ()) -> Circuit:
@@ -58,21 +111,96 @@ class Circuit:
         )
 
     def heads(self) -> list[tuple[int, int]]:
+        """The circuit's heads as ``(layer, head)``, sorted."""
         out = []
-        for node in sorted(self.nodes):
+        for node in self.nodes:
             match = _NODE.match(node)
             if match and match.group(3) is not None:
                 out.append((int(match.group(1)), int(match.group(3))))
-        return out
+        return sorted(out)
 
-    def check_against(self, n_layers: int, n_heads: int) -> None:
-        """Raise if a head node lies outside a ``[n_layers, n_heads]`` model."""
-        outside = [head_node(ly, h) for ly, h in self.heads() if ly >= n_layers or h >= n_heads]
+    def mlps(self) -> list[int]:
+        """The layers whose MLP is in the circuit, sorted."""
+        out = []
+        for node in self.nodes:
+            match = _NODE.match(node)
+            if match and match.group(2) == "mlp":
+                out.append(int(match.group(1)))
+        return sorted(out)
+
+    def check_against(self, n_layers: int | None, n_heads: int | None) -> None:
+        """Raise if a node lies outside a model with ``n_layers`` layers of ``n_heads`` heads."""
+        outside = []
+        for name in (
+            self.nodes | set(self.node_scores) | {node_of(x) for e in self.edge_scores for x in e}
+        ):
+            match = _NODE.match(name)
+            if not match or match.group(1) is None:
+                continue
+            layer = int(match.group(1))
+            head = None if match.group(3) is None else int(match.group(3))
+            if (n_layers is not None and layer >= n_layers) or (
+                head is not None and n_heads is not None and head >= n_heads
+            ):
+                outside.append(name)
         if outside:
             raise NotFoundError(
-                f"Circuit nodes {outside[:5]} do not exist in a model with {n_layers} layers and "
-                f"{n_heads} heads per layer."
+                f"Circuit nodes {sorted(outside)[:5]} do not exist in a model with {n_layers} "
+                f"layers and {n_heads} heads per layer."
             )
+
+    # ---- formats (see circuit_formats.py for what each reads and writes) -------------------
+    @classmethod
+    def from_eap(cls, graph: Mapping[str, Any] | str | os.PathLike) -> Circuit:
+        """From an EAP / EAP-IG ``Graph.to_json`` file or dict (also MIB circuit-track files)."""
+        from . import circuit_formats
+
+        return circuit_formats.from_eap(graph)
+
+    def to_eap(self, path: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+        """As an EAP-IG ``Graph.from_json``-loadable dict (written to ``path`` if given)."""
+        from . import circuit_formats
+
+        return circuit_formats.to_eap(self, path, **kwargs)
+
+    @classmethod
+    def from_acdc(cls, edges: Any, **kwargs: Any) -> Circuit:
+        """From ACDC edges: ``{(child_hook, child_index, parent_hook, parent_index): value}``."""
+        from . import circuit_formats
+
+        return circuit_formats.from_acdc(edges, **kwargs)
+
+    def to_acdc(self, *, complete: bool = False) -> dict[tuple, bool]:
+        """As ACDC's subgraph dict ``{(child_hook, child_index, parent_hook, parent_index): bool}``."""
+        from . import circuit_formats
+
+        return circuit_formats.to_acdc(self, complete=complete)
+
+    @classmethod
+    def from_auto_circuit(cls, prune_scores: Mapping[str, Any], **kwargs: Any) -> Circuit:
+        """From auto-circuit ``PruneScores`` (or a dict of auto-circuit edge names)."""
+        from . import circuit_formats
+
+        return circuit_formats.from_auto_circuit(prune_scores, **kwargs)
+
+    def to_auto_circuit(self, **kwargs: Any) -> dict[str, Tensor]:
+        """As auto-circuit ``PruneScores``: a tensor per destination hook."""
+        from . import circuit_formats
+
+        return circuit_formats.to_auto_circuit(self, **kwargs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write this circuit as JSON in subnet_interp's own format (everything it holds)."""
+        from . import circuit_formats
+
+        circuit_formats.save(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Circuit:
+        """Read a JSON circuit: subnet_interp's own format or an EAP-IG / MIB graph."""
+        from . import circuit_formats
+
+        return circuit_formats.load(path)
 
 
 @dataclass(frozen=True)
@@ -117,21 +245,108 @@ def compare_to_circuit(
         for (layer, head), value in head_scores.items():
             matrix[layer, head] = value
         head_scores = matrix
-    scores = torch.nan_to_num(head_scores.detach().double().cpu(), nan=-math.inf)
+    scores = head_scores.detach().double().cpu()
     n_layers, n_heads = scores.shape
     circuit.check_against(n_layers, n_heads)
     labels = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     for layer, head in circuit.heads():
         labels[layer, head] = True
+    return _compare(scores, labels, k, "attention-head nodes")
+
+
+@dataclass(frozen=True)
+class CircuitOverlap:
+    """Node and edge agreement of two circuits on one model, with hypergeometric chance levels.
+
+    For nodes (heads and MLPs) and for edges: the shared count, each circuit's size, the number
+    of candidates (the complete graph), the expected shared count for independent circuits of
+    those sizes, the Jaccard index and the p-value of sharing at least that many by chance.
+    """
+
+    nodes: dict[str, float | int]
+    edges: dict[str, float | int]
+
+
+def _overlap_stats(a: set, b: set, universe: int) -> dict[str, float | int]:
+    shared = len(a & b)
+    union = len(a | b)
+    out = {
+        "shared": shared,
+        "size_a": len(a),
+        "size_b": len(b),
+        "universe": universe,
+        "expected": len(a) * len(b) / universe if universe else float("nan"),
+        "jaccard": shared / union if union else float("nan"),
+    }
+    if universe and len(a) and len(b):
+        low, pmf = _hypergeometric_pmf(universe, len(a), len(b))
+        out["p_value"] = min(1.0, float(pmf[max(0, shared - low) :].sum()))
+    else:
+        out["p_value"] = float("nan")
+    return out
+
+
+def compare_circuits(a: Circuit, b: Circuit) -> CircuitOverlap:
+    """How much two circuits of the same model share (nodes: heads and MLPs; edges: if both
+    have any), against the chance of independent circuits of the same sizes. Head-input ports
+    are compared as given if both circuits use them, else edges are compared by node pairs."""
+    from .circuit_formats import all_edges
+
+    n_layers = a.n_layers if a.n_layers is not None else b.n_layers
+    n_heads = a.n_heads if a.n_heads is not None else b.n_heads
+    if n_layers is None or n_heads is None:
+        raise ValueError("compare_circuits needs n_layers and n_heads on at least one circuit.")
+    for c in (a, b):
+        c.check_against(n_layers, n_heads)
+        if c.n_layers not in (None, n_layers) or c.n_heads not in (None, n_heads):
+            raise ValueError(
+                f"The circuits are of different models: {a.n_layers}x{a.n_heads} vs "
+                f"{b.n_layers}x{b.n_heads} (layers x heads)."
+            )
+    inner = lambda c: {n for n in c.nodes if n not in (EMBED, UNEMBED)}  # noqa: E731
+    nodes = _overlap_stats(inner(a), inner(b), n_layers * (n_heads + 1))
+    ported = all(any(node_of(d) != d for _, d in c.edges) for c in (a, b))
+    edge_set = lambda c: (  # noqa: E731
+        set(c.edges) if ported else {(s, node_of(d)) for s, d in c.edges}
+    )
+    universe = len(set(all_edges(n_layers, n_heads, ports=ported)))
+    edges = _overlap_stats(edge_set(a), edge_set(b), universe)
+    return CircuitOverlap(nodes, edges)
+
+
+def compare_edges(
+    scores: Mapping[tuple[str, str], float], circuit: Circuit, *, k: int | None = None
+) -> CircuitComparison:
+    """Compare per-edge scores (e.g. ``si.analysis.graph_edge_scores``) with a circuit's edges:
+    ROC AUC, precision / recall of the top ``k`` (default: as many as the circuit has among the
+    scored edges) and the hypergeometric chance baseline. Only scored edges are candidates;
+    head-input ports are dropped on both sides when the scores have none."""
+    if not scores:
+        raise ValueError("No edge scores given.")
+    ported = any(node_of(d) != d for _, d in scores)
+    edge = (lambda e: e) if ported else (lambda e: (e[0], node_of(e[1])))
+    keys = sorted({edge(e) for e in scores})
+    merged: dict[tuple[str, str], float] = {}
+    for e, v in scores.items():
+        merged[edge(e)] = max(merged.get(edge(e), -math.inf), float(v))
+    truth = {edge(e) for e in circuit.edges}
+    values = torch.tensor([merged[e] for e in keys], dtype=torch.float64)
+    labels = torch.tensor([e in truth for e in keys])
+    return _compare(values, labels, k, "edges among the scored ones")
+
+
+def _compare(scores: Tensor, labels: Tensor, k: int | None, what: str) -> CircuitComparison:
+    scores = torch.nan_to_num(scores.flatten().double(), nan=-math.inf)
+    labels = labels.flatten().bool()
     size = int(labels.sum())
     if size == 0:
-        raise ValueError("The circuit has no attention-head nodes to compare per-head scores with.")
+        raise ValueError(f"The circuit has no {what} to compare the scores with.")
     k = size if k is None else k
     if not 1 <= k <= scores.numel():
         raise ValueError(f"k must be in [1, {scores.numel()}], got {k}.")
     top = torch.zeros(scores.numel(), dtype=torch.bool)
-    top[scores.flatten().argsort(descending=True, stable=True)[:k]] = True
-    overlap = int((top & labels.flatten()).sum())
+    top[scores.argsort(descending=True, stable=True)[:k]] = True
+    overlap = int((top & labels).sum())
     total = scores.numel()
     low, pmf = _hypergeometric_pmf(total, size, k)
     p_value = float(pmf[max(0, overlap - low) :].sum())
@@ -144,6 +359,3 @@ def compare_to_circuit(
         expected_overlap=size * k / total,
         p_value=min(1.0, p_value),
     )
-
-
-__all__ = ["Circuit", "CircuitComparison", "compare_to_circuit", "head_node", "mlp_node", "roc_auc"]

@@ -187,9 +187,100 @@ def edge_scores(
     return torch.where(earlier, scores, torch.full_like(scores, float("nan"))).float()
 
 
+def _canonical(model: Any, subnetwork: Subnetwork | None, name: str) -> Tensor | None:
+    from .. import adapters
+
+    adapter = adapters.resolve(model)
+    found = adapter.all_targets(model)
+    if name not in found:
+        return None
+    weight = read_canonical(adapter.root(model), found[name]).detach().double()
+    if subnetwork is not None and name in subnetwork:
+        weight = weight * subnetwork[name].to(weight.device)
+    return weight
+
+
+def graph_edge_scores(
+    subnetwork: Subnetwork | None, model: Any, *, chunk: int = 64
+) -> dict[tuple[str, str], float]:
+    """Weight-based strength of every edge between heads and MLPs, from the masked weights:
+    for source ``s`` writing ``W_s`` into the residual stream and destination input ``t`` reading
+    it through ``R_t``, ``||W_s R_t||_F / (||W_s||_F ||R_t||_F)``.
+
+    Sources: a head's ``W_OV`` and an MLP's ``W_out``. Destinations: a head's query input
+    (``R = W_QK``), key input (``R = W_QK^T``), value input (``R = W_OV``), named
+    ``blocks.L.attn.head.H.q|k|v`` as in :class:`Circuit` edges, and an MLP's ``W_in`` (with
+    ``W_gate``). For head pairs these are the composition scores of Elhage et al. 2021 (as in
+    :func:`edge_scores`), extended to MLPs. Every edge goes forward (MLP ``L`` reads heads of
+    layer ``L``); keys follow ``si.analysis.circuit_formats.all_edges`` without embed/unembed.
+
+    Computed as ``<W_s^T W_s, R_t R_t^T>`` between ``d_model``-square Gram matrices, one matmul
+    per chunk of destinations, so it is vectorised over all pairs.
+    """
+    wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
+    n_layers, n_heads = wq.shape[0], wq.shape[1]
+    grams_src, names_src, grams_dst, names_dst = [], [], [], []
+    dst_layer, src_layer, src_is_head = [], [], []
+    from .circuits import head_node, mlp_node
+
+    for layer in range(n_layers):
+        q, k, v, o = wq[layer], wk[layer], wv[layer], wo[layer]  # [H, d, dh] x3, [H, dh, d]
+        vv, oo, qq, kk = (
+            v.transpose(1, 2) @ v,
+            o @ o.transpose(1, 2),
+            q.transpose(1, 2) @ q,
+            k.transpose(1, 2) @ k,
+        )
+        grams_src.append(o.transpose(1, 2) @ vv @ o)  # (V O)^T (V O)
+        names_src += [head_node(layer, h) for h in range(n_heads)]
+        src_layer += [layer] * n_heads
+        src_is_head += [True] * n_heads
+        for port, gram in (
+            ("q", q @ kk @ q.transpose(1, 2)),  # W_QK W_QK^T
+            ("k", k @ qq @ k.transpose(1, 2)),  # W_QK^T W_QK
+            ("v", v @ oo @ v.transpose(1, 2)),  # W_OV W_OV^T
+        ):
+            grams_dst.append(gram)
+            names_dst += [head_node(layer, h, port) for h in range(n_heads)]
+            dst_layer += [2 * layer] * n_heads
+        w_in = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_in")
+        w_out = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_out")
+        if w_in is None or w_out is None:
+            continue
+        gate = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_gate")
+        read = w_in @ w_in.T + (gate @ gate.T if gate is not None else 0)
+        grams_dst.append(read[None])
+        names_dst.append(mlp_node(layer))
+        dst_layer.append(2 * layer + 1)
+        grams_src.append((w_out.T @ w_out)[None])
+        names_src.append(mlp_node(layer))
+        src_layer.append(layer)
+        src_is_head.append(False)
+    src = torch.cat(grams_src).flatten(1)  # [S, d*d]
+    src_trace = torch.cat([g.diagonal(dim1=1, dim2=2).sum(1) for g in grams_src])
+    # forward order: heads of layer L sit at 2L, the MLP of layer L at 2L + 1
+    src_pos = torch.tensor(
+        [2 * ly + (0 if h else 1) for ly, h in zip(src_layer, src_is_head, strict=True)]
+    )
+    dst = torch.cat(grams_dst)  # [T, d, d]
+    out: dict[tuple[str, str], float] = {}
+    for lo in range(0, dst.shape[0], chunk):
+        part = dst[lo : lo + chunk]
+        numerator = src @ part.flatten(1).T  # [S, chunk]
+        trace = part.diagonal(dim1=1, dim2=2).sum(1)
+        denominator = (src_trace[:, None] * trace[None, :]).sqrt()
+        ratio = numerator.clamp(min=0).sqrt() / denominator.clamp(min=1e-300)
+        ratio = torch.where(denominator > 0, ratio, torch.zeros_like(ratio)).tolist()
+        for j in range(part.shape[0]):
+            target = lo + j
+            for i in (src_pos < dst_layer[target]).nonzero().flatten().tolist():
+                out[(names_src[i], names_dst[target])] = ratio[i][j]
+    return out
+
+
 def _trace(a: Tensor, b: Tensor) -> Tensor:
     """``tr(a_i b_i)`` for batches of square matrices."""
     return (a * b.transpose(1, 2)).sum((1, 2))
 
 
-__all__ = ["edge_scores", "head_scores", "neuron_scores", "top_heads"]
+__all__ = ["edge_scores", "graph_edge_scores", "head_scores", "neuron_scores", "top_heads"]

@@ -203,11 +203,96 @@ def module_enrichment(subnetwork: Subnetwork, result: Modules) -> dict[int, dict
     return out
 
 
+@dataclass(frozen=True)
+class Lesion:
+    """One lesion test (Casper et al. 2022): the neurons of ``module`` in hidden layer ``layer``
+    (named by the weight that writes them) silenced, the change in ``evaluate`` it causes
+    (``effect``), the changes from ``random_effects`` lesions of as many random neurons of the
+    same layer, and ``percentile``: the fraction of random lesions at least as damaging."""
+
+    layer: str
+    module: int
+    size: int
+    effect: float
+    random_effects: Tensor
+    percentile: float
+
+
+def module_lesions(
+    model: Any,
+    result: Modules,
+    evaluate: Any,
+    *,
+    n_random: int = 20,
+    generator: torch.Generator | None = None,
+) -> list[Lesion]:
+    """Lesion each module within each hidden layer of the clustered chain: the outgoing weights
+    of its neurons are masked to zero (so the neurons' activations reach nothing), and the
+    damage ``evaluate(model) - evaluate(unlesioned model)`` is set against lesions of random
+    neuron sets of the same size in the same layer (Casper et al. 2022, "Graphical
+    clusterability and local specialization in deep neural networks").
+
+    ``evaluate(model) -> float`` is a loss (higher is worse) run under ``si.masked``; the model
+    is unchanged afterwards.
+    """
+    from .._attach import masked
+
+    if n_random < 1:
+        raise ValueError(f"n_random must be at least 1, got {n_random}.")
+    gen = generator if generator is not None else torch.Generator().manual_seed(0)
+    adapter = adapters.resolve(model)
+    targets = adapter.all_targets(model)
+    names = list(result.weight_names)
+    for name in names:
+        if name not in targets:
+            raise ValueError(f"{name!r} from the clustering is not a target of this model.")
+    base = float(evaluate(model))
+
+    def lesioned(name: str, neurons: Tensor) -> float:
+        target = targets[name]
+        mask = torch.ones(target.shape, dtype=torch.bool)
+        axis = 0 if target.axes[:1] == ("in",) else 1  # the input side of [out, in]
+        mask.index_fill_(axis, neurons, False)
+        with masked(model, Subnetwork({name: mask})):
+            return float(evaluate(model)) - base
+
+    lesions = []
+    layers = list(result.labels)  # "input", then each weight's output side
+    for index in range(1, len(names)):  # hidden layers: written by names[i-1], read by names[i]
+        labels = result.labels[layers[index]]
+        reader = names[index]
+        for module in labels.unique().tolist():
+            neurons = (labels == module).nonzero().flatten().cpu()
+            effect = lesioned(reader, neurons)
+            controls = torch.tensor(
+                [
+                    lesioned(
+                        reader, torch.randperm(labels.numel(), generator=gen)[: neurons.numel()]
+                    )
+                    for _ in range(n_random)
+                ],
+                dtype=torch.float64,
+            )
+            lesions.append(
+                Lesion(
+                    layers[index],
+                    int(module),
+                    int(neurons.numel()),
+                    effect,
+                    controls,
+                    float((controls >= effect).double().mean()),
+                )
+            )
+    return lesions
+
+
 __all__ = [
+    "Lesion",
     "Modules",
     "adjacency",
     "chain_weights",
     "module_enrichment",
+    "module_lesions",
     "modules",
     "normalised_cut",
     "spectral_labels",
