@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -13,6 +14,7 @@ from torch import Tensor, nn
 
 from . import adapters
 from ._fingerprint import fingerprint, read_canonical
+from ._registry import check_hparams
 from ._train import endless
 from ._types import NotFoundError, Target
 from .methods import registry
@@ -95,6 +97,8 @@ def find(
     progress: bool = True,
     log_every: int = 10,
     inplace: bool = False,
+    mask_dtype: torch.dtype = torch.float32,
+    mask_optimizer: str = "paper",
 ) -> FindResult:
     """Find a subnetwork of ``model`` with a registered method.
 
@@ -118,6 +122,14 @@ def find(
         log_every: how often (in steps) history is recorded and callbacks run.
         inplace: for methods that train weights (``lottery_ticket``, ``lt_sft``,
             ``continuous_sparsification``): train the model itself instead of a deep copy.
+        mask_dtype: dtype of the mask parameters of learnable methods, and so of their
+            gradients and optimiser state: ``torch.float32`` (16 bytes per gate with Adam) or
+            ``torch.bfloat16`` (8 bytes; see benchmarks/mask_memory.py for what fits).
+        mask_optimizer: ``"paper"`` (the method's own optimiser, Adam for all learnable
+            methods) or ``"adafactor"`` (``torch.optim.Adafactor`` at the method's learning rate:
+            factored second moments and no first moment, so almost no per-gate state). Both
+            memory options are off the papers' recipes; the conformance tests show the planted
+            subnetwork is still recovered.
 
     Returns:
         ``FindResult(subnetwork, history)``; ``subnetwork.meta`` records the method, its
@@ -134,8 +146,16 @@ def find(
         )
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    check_hparams(resolved)
+    _check_loss_fn(loss_fn)
+    if mask_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(
+            f"`mask_dtype` must be torch.float32, torch.bfloat16 or torch.float16, got {mask_dtype!r}."
+        )
+    if mask_optimizer not in ("paper", "adafactor"):
+        raise ValueError(
+            f"`mask_optimizer` must be 'paper' or 'adafactor', got {mask_optimizer!r}."
+        )
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be a positive int, got {log_every!r}.")
     adapter = adapters.resolve(model)
@@ -172,6 +192,8 @@ def find(
             callbacks=tuple(callbacks),
             progress=progress,
             log_every=log_every,
+            mask_dtype=mask_dtype,
+            mask_optimizer=mask_optimizer,
         )
         result = resolved.run(context)
     finally:
@@ -185,6 +207,8 @@ def find(
         "method": resolved.name,
         "hparams": dataclasses.asdict(resolved),
         "steps": steps,
+        "mask_dtype": str(mask_dtype).removeprefix("torch."),
+        "mask_optimizer": mask_optimizer,
         "fingerprint": print_before,
         "family": adapter.family,
         "targets": list(chosen),
@@ -193,6 +217,24 @@ def find(
     }
     subnetwork = result.subnetwork.to(model_device).with_meta(**meta)
     return dataclasses.replace(result, subnetwork=subnetwork)
+
+
+def _check_loss_fn(loss_fn: Any) -> None:
+    if not callable(loss_fn):
+        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return
+    try:
+        signature.bind(None, None)
+    except TypeError:
+        name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
+        raise TypeError(
+            f"`loss_fn` is called as loss_fn(model, batch), but {name}{signature} cannot take "
+            "those two positional arguments. Give it that signature, e.g. "
+            "`lambda model, batch: my_loss(model(batch))`."
+        ) from None
 
 
 def _copy_model(model: Any) -> Any:

@@ -168,7 +168,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     for name, target in targets.items():
         weight = read_canonical(context.root, target).detach()
         init = method.init_parameters(target, gate_shapes[name], weight, generator)
-        params[name] = init.to(device=device, dtype=torch.float32).requires_grad_(True)
+        params[name] = init.to(device=device, dtype=context.mask_dtype).requires_grad_(True)
     names = list(params)
     param_list = [params[n] for n in names]
     per_gate = [targets[n].numel // max(1, math.prod(gate_shapes[n])) for n in names]
@@ -202,7 +202,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     attachment = Attachment(
         context.root, targets, ZERO, adapter=context.adapter, model=context.model
     )
-    optimizer = method.optimizer(param_list)
+    optimizer = _mask_optimizer(method, param_list, context)
     clip = method.grad_clip()
     bar = tqdm(total=context.steps, disable=not context.progress, desc=method.name, leave=False)
     try:
@@ -210,7 +210,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
             round_index = min(step // steps_per_round, rounds - 1)
             if round_index != state.round:
                 method.on_round_end(param_list, state)
-                optimizer = method.optimizer(param_list)
+                optimizer = _mask_optimizer(method, param_list, context)
             state.step, state.round = step, round_index
             state.round_step = step - round_index * steps_per_round
             if rewind_at is not None and step == min(rewind_at, context.steps - 1):
@@ -271,6 +271,17 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     if method.trains_weights:
         weights = rewound if rewound is not None else canonical_copy(context.root, targets)
     return FindResult(Subnetwork(masks), floats, weights)
+
+
+def _mask_optimizer(
+    method: MaskMethod, params: Sequence[Tensor], context: FindContext
+) -> torch.optim.Optimizer:
+    if context.mask_optimizer == "paper":
+        return method.optimizer(params)
+    lr = getattr(method, "lr", None)
+    if lr is None:
+        raise ValueError(f"{method.name} has no `lr`; mask_optimizer='adafactor' needs one.")
+    return torch.optim.Adafactor(params, lr=lr, foreach=True)
 
 
 def _check_loss(loss: Any, step: int) -> None:

@@ -151,3 +151,56 @@ def test_weight_training_methods_return_weights(outcome):
     assert set(weights) == set(outcome["result"].subnetwork.names)
     for name, tensor in weights.items():
         assert tensor.shape == outcome["result"].subnetwork[name].shape
+
+
+LOW_MEMORY = [  # (method, mask_dtype, mask_optimizer): options that keep planted recovery
+    ("gumbel_sigmoid", torch.bfloat16, "paper"),
+    ("continuous_sparsification_lepori", torch.bfloat16, "paper"),
+    ("continuous_sparsification_lepori", torch.bfloat16, "adafactor"),
+    ("hard_concrete", torch.bfloat16, "paper"),
+    ("hard_concrete", torch.bfloat16, "adafactor"),
+    ("continuous_sparsification", torch.bfloat16, "paper"),
+    ("continuous_sparsification", torch.float32, "adafactor"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,dtype,optimizer", LOW_MEMORY, ids=[f"{n}-{str(d)[6:]}-{o}" for n, d, o in LOW_MEMORY]
+)
+def test_low_memory_options_still_recover_the_planted_subnetwork(name, dtype, optimizer):
+    setting = SETTINGS[name]
+    task = make_task(name)
+    result = si.find(
+        task.model,
+        si.methods.create(name, **setting["hparams"]),
+        task.loss_fn,
+        task.batches(64),
+        steps=setting["steps"],
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+        mask_dtype=dtype,
+        mask_optimizer=optimizer,
+    )
+    assert iou(result.subnetwork, task.planted) >= setting["iou"] - 0.05
+    assert result.subnetwork.meta["mask_dtype"] == str(dtype)[6:]
+    assert result.subnetwork.meta["mask_optimizer"] == optimizer
+
+
+def test_mask_parameters_take_the_requested_dtype():
+    seen = []
+
+    class Spy(si.methods.get("continuous_sparsification_lepori")):
+        def sample(self, params, state, generator):
+            seen.append(params.dtype)
+            return super().sample(params, state, generator)
+
+    task = make_task("continuous_sparsification_lepori")
+    si.find(task.model, Spy(), task.loss_fn, task.batches(8), steps=2, progress=False,
+            mask_dtype=torch.bfloat16)  # fmt: skip
+    assert seen and set(seen) == {torch.bfloat16}
+    with pytest.raises(ValueError, match="`mask_dtype` must be torch.float32"):
+        si.find(task.model, "gumbel_sigmoid", task.loss_fn, task.batches(8), steps=2,
+                mask_dtype=torch.int8)  # fmt: skip
+    with pytest.raises(ValueError, match="`mask_optimizer` must be 'paper' or 'adafactor'"):
+        si.find(task.model, "gumbel_sigmoid", task.loss_fn, task.batches(8), steps=2,
+                mask_optimizer="sgd")  # fmt: skip

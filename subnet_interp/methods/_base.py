@@ -34,6 +34,8 @@ class FindContext:
     callbacks: Sequence[Callback] = ()
     progress: bool = True
     log_every: int = 10
+    mask_dtype: torch.dtype = torch.float32  # learnable methods' gate parameters
+    mask_optimizer: str = "paper"  # or "adafactor"
     extras: dict[str, Any] = field(default_factory=dict)
 
 
