@@ -192,8 +192,10 @@ def main() -> None:
         {"method": "fine-tuning", "width": width, "layers": layers}
     )["peak"]}  # fmt: skip
     rows = []
-    for method in args.methods:
-        for option in OPTIONS:
+    methods = ["continuous_sparsification_lepori"] if args.quick else args.methods
+    options = list(OPTIONS)[:2] if args.quick else list(OPTIONS)
+    for method in methods:
+        for option in options:
             if method == "continuous_sparsification" and option.endswith("neuron gates"):
                 continue  # trains every weight anyway
             measured = run_child(
@@ -211,7 +213,7 @@ def main() -> None:
         f"{'plain fine-tuning (Adam on weights)':63s} peak {results['fine-tuning (Adam on weights)']:6.2f} B/w"
     )
     by_option = {}
-    for option in OPTIONS:
+    for option in options:
         peaks = [
             r["peak"]
             for r in rows
