@@ -7,7 +7,8 @@ Two figures per configuration:
 * ``state``: the persistent training state, exact: mask parameters + their gradients +
   optimizer state, counted tensor by tensor on the same method and options.
 * ``peak``: (peak resident memory during ``si.find`` - resident memory before it) / masked
-  weights. It includes the state and every temporary at the peak (sampled masks, the masked
+  weights, with glibc's mmap threshold fixed at 1 MiB so that freed temporaries are returned
+  (as a GPU caching allocator would reuse them) rather than retained. It includes the state and every temporary at the peak (sampled masks, the masked
   weights autograd saves for backward, noise), i.e. what training really costs next to the
   frozen model.
 
@@ -41,13 +42,14 @@ METHODS = {  # the conformance settings' hyper-parameters (see tests/test_method
     "continuous_sparsification": {},
 }
 OPTIONS = {
-    "fp32 + Adam (paper)": dict(mask_dtype="float32", mask_optimizer="paper", granularity="weight"),
-    "bf16 + Adam": dict(mask_dtype="bfloat16", mask_optimizer="paper", granularity="weight"),
-    "bf16 + Adafactor": dict(
-        mask_dtype="bfloat16", mask_optimizer="adafactor", granularity="weight"
+    "fp32 + Adam (paper)": dict(mask_dtype="float32", mask_optimizer="paper", recompute=False),
+    "fp32 + Adam, recompute": dict(mask_dtype="float32", mask_optimizer="paper", recompute=True),
+    "bf16 + Adam, recompute": dict(mask_dtype="bfloat16", mask_optimizer="paper", recompute=True),
+    "bf16 + Adafactor, recompute": dict(
+        mask_dtype="bfloat16", mask_optimizer="adafactor", recompute=True
     ),
-    "fp32 + Adam, neuron gates": dict(
-        mask_dtype="float32", mask_optimizer="paper", granularity="neuron"
+    "neuron gates, recompute": dict(
+        mask_dtype="float32", mask_optimizer="paper", recompute=True, granularity="neuron"
     ),
 }
 PLAN_MODELS = {
@@ -131,7 +133,7 @@ def child(config: dict) -> dict:
             optimizer.zero_grad(set_to_none=False)
         return {"masked": masked, "peak": (peak_bytes() - before) / masked}
     option = OPTIONS[config["option"]]
-    hparams = dict(METHODS[config["method"]], granularity=option["granularity"])
+    hparams = dict(METHODS[config["method"]], granularity=option.get("granularity", "weight"))
     before = rss_bytes()
     si.find(
         model,
@@ -142,6 +144,7 @@ def child(config: dict) -> dict:
         progress=False,
         mask_dtype=getattr(torch, option["mask_dtype"]),
         mask_optimizer=option["mask_optimizer"],
+        recompute_masks=option["recompute"],
         inplace=True,  # weight-training methods: no copy of the model in the measurement
     )
     return {"masked": masked, "peak": (peak_bytes() - before) / masked}
@@ -153,7 +156,9 @@ def run_child(config: dict) -> dict:
         capture_output=True,
         text=True,
         check=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        # a fixed mmap threshold: glibc's dynamic one otherwise keeps freed weight-sized
+        # temporaries in the heap, and RSS then measures the allocator's retention, not use
+        env={**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "1048576"},
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -183,6 +188,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
@@ -193,16 +199,16 @@ def main() -> None:
     )["peak"]}  # fmt: skip
     rows = []
     methods = ["continuous_sparsification_lepori"] if args.quick else args.methods
-    options = list(OPTIONS)[:2] if args.quick else list(OPTIONS)
+    options = list(OPTIONS)[1:3] if args.quick else list(OPTIONS)
     for method in methods:
         for option in options:
-            if method == "continuous_sparsification" and option.endswith("neuron gates"):
+            if method == "continuous_sparsification" and "neuron" in option:
                 continue  # trains every weight anyway
             measured = run_child(
                 {"method": method, "option": option, "width": width, "layers": layers}
             )
             state = state_bytes_per_gate(method, OPTIONS[option])
-            if OPTIONS[option]["granularity"] != "weight":
+            if OPTIONS[option].get("granularity", "weight") != "weight":
                 state = state / width  # one gate per output neuron of a width x width matrix
             rows.append({"method": method, "option": option, "state": state, **measured})
             print(
@@ -241,8 +247,8 @@ def main() -> None:
         "plan": table,
     }
     name = "mask_memory_quick.json" if args.quick else "mask_memory.json"
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", name), "w") as f:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, name), "w") as f:
         json.dump(record, f, indent=1)
 
 

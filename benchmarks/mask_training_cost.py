@@ -110,7 +110,8 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
         import subnet_interp as si
 
         method, _, variant = config.partition(":")
-        hparams = {"mask_samples": 1} if variant == "1sample" else {}
+        variants = set(variant.split("+")) if variant else set()
+        hparams = {"mask_samples": 1} if "1sample" in variants else {}
         times = {}
 
         def timer(step, record):
@@ -129,6 +130,7 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
             callbacks=[timer],
             log_every=warmup,
             progress=False,
+            recompute_masks="recompute" in variants,
         )
         per_step = (times[total - 1] - times[warmup]) / (total - 1 - warmup)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -204,6 +206,10 @@ def main(argv=None) -> int:
         configs = ["finetune", "gumbel_sigmoid", "continuous_sparsification_lepori"]
     else:
         configs = ["finetune", *METHODS, "gumbel_sigmoid:1sample"]
+        configs += [
+            "continuous_sparsification_lepori:recompute",
+            "gumbel_sigmoid:1sample+recompute",
+        ]
         configs += ["neurosurgeon"] if _has_neurosurgeon() else []
     rows = []
     for config in configs:

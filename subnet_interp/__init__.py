@@ -10,6 +10,7 @@ from ._find import find
 from ._fingerprint import fingerprint
 from ._subnetwork import Subnetwork
 from ._targets import targets
+from ._train import NonFiniteLossError
 from ._types import NotFoundError, Target
 from .analysis import MeanAblation, ReinitAblation, ResampleAblation
 from .methods import FindResult, random_like
@@ -22,6 +23,7 @@ __all__ = [
     "ReinitAblation",
     "ResampleAblation",
     "FindResult",
+    "NonFiniteLossError",
     "NotFoundError",
     "Subnetwork",
     "Target",

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator, Mapping
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
 
 from . import adapters
 from ._fingerprint import fingerprint
@@ -71,10 +73,12 @@ class _Slot:
     Not an ``nn.Module`` on purpose: nothing here may appear in the model's ``state_dict``.
     """
 
-    __slots__ = ("mask", "ablation", "location")
+    __slots__ = ("mask", "compute", "ablation", "location")
 
     def __init__(self, ablation: Ablation, location: tuple[str, str]):
         self.mask: Tensor | None = None
+        # set instead of ``mask`` by Attachment.set_mask_functions: weight -> masked weight
+        self.compute: Callable[[Tensor], Tensor] | None = None
         self.ablation = ablation
         self.location = location
 
@@ -87,6 +91,14 @@ class _Masking(nn.Module):
         self._slot = slot
 
     def forward(self, weight: Tensor) -> Tensor:
+        compute = self._slot.compute
+        if compute is not None:
+            if not torch.is_grad_enabled():
+                return compute(weight)
+            # Nothing the mask computation makes is kept for backward: it is recomputed there
+            # (the mask functions are deterministic), so a step holds no mask-sized tensors
+            # beyond the masked weight the layer itself saves.
+            return checkpoint(compute, weight, use_reentrant=False)
         mask = self._slot.mask
         if mask is None:
             return weight
@@ -163,20 +175,36 @@ class Attachment:
         validate once up front.
         """
         for loc in self._locations:
-            real = loc.real
+            loc.slot.compute = None
             present = [t for t in loc.targets if t.name in masks]
+            loc.slot.mask = _real_mask(loc, loc.real, masks, present, fill) if present else None
+
+    def set_mask_functions(
+        self, functions: Mapping[str, Callable[[], Tensor]], *, fill: float = 1.0
+    ) -> None:
+        """Like :meth:`set_masks`, but each canonical mask is computed by ``functions[name]()``
+        when the model reads the weight, and again in the backward pass instead of keeping its
+        intermediates (activation checkpointing of the mask). The functions must return the
+        same values every time they are called until the next ``set_*`` call (sample noise from
+        a generator seeded the same way each call). Training loops use this to keep memory per
+        masked weight down to the masked weight itself.
+        """
+        if type(self.ablation) is not Ablation:  # ablations with hooks read slot.mask
+            self.set_masks({n: f() for n, f in functions.items()}, fill=fill)
+            return
+        for loc in self._locations:
+            loc.slot.mask = None
+            present = [t for t in loc.targets if t.name in functions]
             if not present:
-                loc.slot.mask = None
+                loc.slot.compute = None
                 continue
-            if len(loc.targets) == 1 and loc.targets[0].layout.is_identity:
-                mask = masks[loc.targets[0].name]
-            else:
-                mask = torch.full(real.shape, fill, dtype=real.dtype, device=real.device)
-                for target in present:
-                    mask = target.layout.write_real(masks[target.name], mask)
-            if mask.dtype != real.dtype:
-                mask = mask.to(real.dtype)
-            loc.slot.mask = mask
+
+            def compute(weight: Tensor, loc=loc, present=present) -> Tensor:
+                masks = {t.name: functions[t.name]() for t in present}
+                mask = _real_mask(loc, weight, masks, present, fill)
+                return loc.slot.ablation.apply(weight, mask, loc.slot.location)
+
+            loc.slot.compute = compute
 
     def remove(self) -> None:
         """Detach every mask this attachment added; idempotent."""
@@ -203,6 +231,19 @@ class Attachment:
             raise errors[0]
 
 
+def _real_mask(
+    loc: _Location, real: Tensor, masks: Mapping[str, Tensor], present: list[Target], fill: float
+) -> Tensor:
+    """The mask of one real tensor, in its layout and dtype, from canonical masks."""
+    if len(loc.targets) == 1 and loc.targets[0].layout.is_identity:
+        mask = masks[loc.targets[0].name]
+    else:
+        mask = torch.full(real.shape, fill, dtype=real.dtype, device=real.device)
+        for target in present:
+            mask = target.layout.write_real(masks[target.name], mask)
+    return mask if mask.dtype == real.dtype else mask.to(real.dtype)
+
+
 def _remove_one(loc: _Location) -> None:
     module, attribute = loc.module, loc.attribute
     plist = module.parametrizations[attribute]
@@ -218,6 +259,7 @@ def _remove_one(loc: _Location) -> None:
     else:
         del plist[index]
     loc.slot.mask = None
+    loc.slot.compute = None
 
 
 def attach(
@@ -242,8 +284,7 @@ def validate_masks(
     """Check names, shapes, dtypes and devices of canonical masks against the model."""
     for name, mask in masks.items():
         if name not in available:
-            close = difflib.get_close_matches(name, list(available), n=3)
-            hint = f" Closest: {close}." if close else ""
+            hint = _unknown_name_hint(name, available)
             names = list(available)
             shown = ", ".join(names[:30]) + (
                 f", ... ({len(names) - 30} more)" if len(names) > 30 else ""
@@ -263,7 +304,7 @@ def validate_masks(
         if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
             raise TypeError(
                 f"Mask for {name!r} has dtype {mask.dtype}; expected torch.bool (binary) or a "
-                "floating dtype (soft mask)."
+                "floating dtype (soft mask). Convert it with `mask.bool()` or `mask.float()`."
             )
         real = adapters.real_tensor(root.get_submodule(target.module), target.attribute)
         if mask.device != real.device:
@@ -271,6 +312,22 @@ def validate_masks(
                 f"Mask for {name!r} is on {mask.device} but the weight is on {real.device} "
                 f"({describe_tensor(real)}). Move the subnetwork with `.to({str(real.device)!r})`."
             )
+
+
+def _unknown_name_hint(name: str, available: Mapping[str, Target]) -> str:
+    if any(char in name for char in "*?["):
+        hits = [n for n in available if fnmatch.fnmatchcase(n, name)]
+        if hits:
+            return (
+                f" It is a glob pattern matching {len(hits)} targets ({hits[:6]}"
+                f"{', ...' if len(hits) > 6 else ''}); masks are keyed by exact canonical names, "
+                "one mask per target. Expand the pattern with `si.targets(model, include=...)`."
+            )
+    real = adapters.real_name_hint(name, available)
+    if real:
+        return real
+    close = difflib.get_close_matches(name, list(available), n=3)
+    return f" Closest: {close}." if close else ""
 
 
 def check_fingerprint(model: object, recorded: str) -> None:
@@ -362,7 +419,9 @@ def delta_applied(
     for name, value in delta.items():
         if not value.dtype.is_floating_point:
             raise TypeError(
-                f"delta[{name!r}] has dtype {value.dtype}; a weight delta is a float tensor."
+                f"delta[{name!r}] has dtype {value.dtype}; a weight delta is a float tensor "
+                "(e.g. `FindResult.delta` of lt_sft). To keep or remove weights by a binary "
+                "mask, use `si.masked` instead."
             )
     attachment = Attachment(
         root, {n: available[n] for n in delta}, _AddDelta(), adapter=adapter, model=model

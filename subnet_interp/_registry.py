@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
+import typing
 from typing import Any, TypeVar
 
 from ._types import NotFoundError
@@ -76,7 +79,9 @@ class Registry:
                 f"{self._kind} {name!r} has no hyper-parameter(s) {unknown}; it takes "
                 f"{sorted(fields)}."
             )
-        return cls(**hparams)
+        method = cls(**hparams)
+        check_hparams(method, kind=self._kind)
+        return method
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -91,6 +96,80 @@ class Registry:
         return f"Registry({self._kind}s={self.names()})"
 
 
+# Hyper-parameters that mean the same in every method, by conventional name: the range a value
+# must lie in for the method to make sense. Checked by `create` and `si.find`, so a bad value
+# fails before training instead of silently (lr = 0) or deep inside torch (lr < 0).
+_RANGES: dict[str, tuple[str, typing.Callable[[float], bool]]] = {
+    "lr": ("> 0", lambda v: v > 0),
+    "weight_lr": ("> 0", lambda v: v > 0),
+    "lagrangian_lr": ("> 0", lambda v: v > 0),
+    "temperature": ("> 0", lambda v: v > 0),
+    "final_temperature": ("> 0", lambda v: v > 0),
+    "beta": ("> 0", lambda v: v > 0),
+    "clip_grad_norm": ("> 0", lambda v: v > 0),
+    "alpha": (">= 0", lambda v: v >= 0),
+    "l0_lambda": (">= 0", lambda v: v >= 0),
+    "l1_lambda": (">= 0", lambda v: v >= 0),
+    "weight_decay": (">= 0", lambda v: v >= 0),
+    "target_density": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "mask_samples": (">= 1", lambda v: v >= 1),
+    "num_rounds": (">= 1", lambda v: v >= 1),
+    "rounds": (">= 1", lambda v: v >= 1),
+    "dataset_size": (">= 1", lambda v: v >= 1),
+}
+
+
+def _numeric_kind(hint: Any) -> type | None:
+    """The numeric type a field annotation allows (``float`` admits ints); None if not numeric."""
+    options = typing.get_args(hint) or (hint,)
+    if float in options:
+        return numbers.Real
+    if int in options:
+        return numbers.Integral
+    return None
+
+
+def check_hparams(method: Any, *, kind: str = "method") -> None:
+    """Raise if a numeric hyper-parameter of ``method`` has the wrong type or a meaningless value.
+
+    Types come from the dataclass annotations; ranges from the conventional names in
+    ``_RANGES`` (learning rates and temperatures positive, penalties non-negative, target
+    densities in (0, 1], counts at least 1). ``None`` passes where the field allows it.
+    """
+    cls = type(method)
+    if not dataclasses.is_dataclass(cls):
+        return
+    name = getattr(cls, "name", cls.__name__)
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a plugin's annotations we cannot resolve: check ranges only
+        hints = {}
+    for field in dataclasses.fields(cls):
+        value = getattr(method, field.name)
+        if value is None:
+            continue
+        default = "" if field.default is dataclasses.MISSING else f" (default {field.default!r})"
+        numeric = _numeric_kind(hints.get(field.name))
+        if numeric is not None and (isinstance(value, bool) or not isinstance(value, numeric)):
+            expected = "a number" if numeric is numbers.Real else "an int"
+            raise TypeError(
+                f"{kind} {name!r}: hyper-parameter `{field.name}` must be {expected}, got "
+                f"{type(value).__name__} {value!r}. Pass {expected}{default}."
+            )
+        if isinstance(value, numbers.Real) and not math.isfinite(value):
+            raise ValueError(
+                f"{kind} {name!r}: hyper-parameter `{field.name}` must be finite, got {value!r}."
+                f" Pass a finite value{default}."
+            )
+        if field.name in _RANGES and isinstance(value, numbers.Real):
+            wanted, ok = _RANGES[field.name]
+            if not ok(value):
+                raise ValueError(
+                    f"{kind} {name!r}: hyper-parameter `{field.name}` must be {wanted}, got "
+                    f"{value!r}. Pass a value {wanted}{default}."
+                )
+
+
 methods = Registry("method")
 
-__all__ = ["Registry", "methods"]
+__all__ = ["Registry", "check_hparams", "methods"]

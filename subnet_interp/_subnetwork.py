@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._types import NotFoundError
+from ._types import NotFoundError, describe_tensor
 
 FORMAT_VERSION = 1
 _METADATA_KEY = "subnet_interp"
@@ -253,22 +254,31 @@ class Subnetwork:
         return header + ",\n" + "\n".join(lines) + "\n)"
 
     # --------------------------------------------------------------- storage
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the masks as a safetensors file with JSON metadata (no pickle)."""
+    def save(self, path: str | os.PathLike, *, packed: bool = False) -> None:
+        """Write the masks as a safetensors file with JSON metadata (no pickle).
+
+        Args:
+            packed: store each mask bit-packed (``uint8``, eight weights per byte, first
+                weight in the high bit as ``numpy.packbits`` does), 8x smaller than
+                ``torch.bool``; its shape goes into the JSON metadata. :meth:`load` reads both.
+        """
         from safetensors.torch import save_file
 
         header = {
             "format_version": FORMAT_VERSION,
+            "encoding": _PACKED if packed else _BOOL,
             "names": list(self._masks),
+            "shapes": {n: list(m.shape) for n, m in self._masks.items()},
             "meta": dict(self._meta),
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        tensors = {n: m.detach().cpu().contiguous() for n, m in self._masks.items()}
+        encode = _pack_bits if packed else (lambda m: m.detach().cpu().contiguous())
+        tensors = {n: encode(m) for n, m in self._masks.items()}
         save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(header)})
 
     @classmethod
     def load(cls, path: str | os.PathLike, *, device: torch.device | str = "cpu") -> Subnetwork:
-        """Read a subnetwork written by :meth:`save`. Never unpickles."""
+        """Read a subnetwork written by :meth:`save` (packed or not). Never unpickles."""
         from safetensors import safe_open
 
         path = os.fspath(path)
@@ -278,40 +288,157 @@ class Subnetwork:
             handle = safe_open(path, framework="pt", device="cpu")
         except Exception as error:  # safetensors raises its own error types
             raise ValueError(
-                f"{path!r} is not a readable safetensors file ({error}). Subnetworks are saved "
-                "with `Subnetwork.save`."
+                f"{path!r} is not a readable safetensors file ({error}): it is truncated, "
+                "damaged, or another format (pickles and torch.save files are never opened). "
+                "Subnetworks are saved with `Subnetwork.save`; save it again."
             ) from error
         with handle as f:
-            metadata = f.metadata() or {}
-            if _METADATA_KEY not in metadata:
-                raise ValueError(
-                    f"{path!r} is a safetensors file but has no {_METADATA_KEY!r} metadata; it was "
-                    "not written by `Subnetwork.save` (found metadata keys: "
-                    f"{sorted(metadata)})."
-                )
-            header = json.loads(metadata[_METADATA_KEY])
-            version = header.get("format_version")
-            if not isinstance(version, int) or version > FORMAT_VERSION:
-                raise ValueError(
-                    f"{path!r} uses subnetwork format version {version!r}; this subnet_interp "
-                    f"reads versions up to {FORMAT_VERSION}. Upgrade subnet_interp to load it."
-                )
+            header = _read_header(path, f.metadata() or {})
             stored = set(f.keys())
             names = header.get("names", sorted(stored))
-            if set(names) != stored:
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise ValueError(
+                    f"{path!r}: header field 'names' must be a list of target names, got "
+                    f"{names!r}. {_DAMAGED}"
+                )
+            if set(names) != stored or len(set(names)) != len(names):
                 raise ValueError(
                     f"{path!r} is inconsistent: its header lists targets {sorted(names)} but "
-                    f"the file holds tensors {sorted(stored)}."
+                    f"the file holds tensors {sorted(stored)}. {_DAMAGED}"
                 )
+            encoding = header.get("encoding", _BOOL)
+            shapes = _read_shapes(path, header, names, required=encoding == _PACKED)
             masks = {}
             for name in names:
                 tensor = f.get_tensor(name)
-                if tensor.dtype != torch.bool:
-                    raise ValueError(
-                        f"{path!r}: mask {name!r} has dtype {tensor.dtype}, expected torch.bool."
-                    )
-                masks[name] = tensor.to(device)
-        return cls(masks, header.get("meta", {}))
+                if encoding == _PACKED:
+                    mask = _unpack_bits(path, name, tensor, shapes[name])
+                else:
+                    mask = _check_bool(path, name, tensor, shapes.get(name))
+                masks[name] = mask.to(device)
+        meta = header.get("meta", {})
+        if not isinstance(meta, dict):
+            raise ValueError(
+                f"{path!r}: header field 'meta' must be a JSON object, got "
+                f"{type(meta).__name__}. {_DAMAGED}"
+            )
+        return cls(masks, meta)
+
+
+_BOOL, _PACKED = "bool", "bitpacked"
+_BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order: first weight in the high bit
+_DAMAGED = "The file was damaged or edited; save the subnetwork again with `Subnetwork.save`."
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """A bool mask as a 1-D uint8 tensor of ``ceil(numel / 8)`` bytes, zero-padded."""
+    flat = mask.detach().cpu().flatten()
+    padded = torch.zeros(-(-flat.numel() // 8) * 8, dtype=torch.uint8)
+    padded[: flat.numel()] = flat
+    values = torch.tensor(_BIT_VALUES, dtype=torch.uint8)
+    return (padded.view(-1, 8) * values).sum(dim=1, dtype=torch.uint8)
+
+
+def _unpack_bits(path: str, name: str, packed: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Invert :func:`_pack_bits`, refusing anything it could not have written."""
+    numel = math.prod(shape)
+    expected = -(-numel // 8)
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != expected:
+        raise ValueError(
+            f"{path!r}: bit-packed mask {name!r} is {describe_tensor(packed)}, but shape "
+            f"{shape} packs into a 1-D torch.uint8 tensor of {expected} bytes. {_DAMAGED}"
+        )
+    bits = (packed.unsqueeze(1) & torch.tensor(_BIT_VALUES, dtype=torch.uint8)) != 0
+    bits = bits.flatten()
+    if bits[numel:].any():
+        raise ValueError(
+            f"{path!r}: bit-packed mask {name!r} has padding bits set beyond its "
+            f"{numel} weights (shape {shape}); `Subnetwork.save` writes them as 0. {_DAMAGED}"
+        )
+    return bits[:numel].view(shape)
+
+
+def _check_bool(path: str, name: str, tensor: Tensor, shape: tuple[int, ...] | None) -> Tensor:
+    if tensor.dtype != torch.bool:
+        raise ValueError(
+            f"{path!r}: mask {name!r} has dtype {tensor.dtype}, expected torch.bool. {_DAMAGED}"
+        )
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(
+            f"{path!r}: mask {name!r} has shape {tuple(tensor.shape)} but the header records "
+            f"{shape}. {_DAMAGED}"
+        )
+    return tensor
+
+
+def _read_header(path: str, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The JSON header of a subnetwork file, with its format version and encoding checked."""
+    if _METADATA_KEY not in metadata:
+        raise ValueError(
+            f"{path!r} is a safetensors file but has no {_METADATA_KEY!r} metadata; it was "
+            f"not written by `Subnetwork.save` (found metadata keys: {sorted(metadata)}). "
+            "Build a Subnetwork from its tensors with `si.Subnetwork({name: mask > 0.5})`."
+        )
+    try:
+        header = json.loads(metadata[_METADATA_KEY])
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path!r}: the {_METADATA_KEY!r} header is not valid JSON ({error}). {_DAMAGED}"
+        ) from None
+    if not isinstance(header, dict):
+        raise ValueError(
+            f"{path!r}: the {_METADATA_KEY!r} header must be a JSON object, got "
+            f"{type(header).__name__}. {_DAMAGED}"
+        )
+    if "format_version" not in header:
+        raise ValueError(
+            f"{path!r}: the header has no 'format_version' (found keys {sorted(header)}). "
+            f"{_DAMAGED}"
+        )
+    version = header["format_version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(
+            f"{path!r}: 'format_version' must be an integer from 1 to {FORMAT_VERSION}, got "
+            f"{version!r}. {_DAMAGED}"
+        )
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path!r} uses subnetwork format version {version!r}; this subnet_interp "
+            f"reads versions up to {FORMAT_VERSION}. Upgrade subnet_interp to load it."
+        )
+    encoding = header.get("encoding", _BOOL)
+    if encoding not in (_BOOL, _PACKED):
+        raise ValueError(
+            f"{path!r} stores masks with encoding {encoding!r}; this subnet_interp reads "
+            f"{[_BOOL, _PACKED]}. Upgrade subnet_interp to load it."
+        )
+    return header
+
+
+def _read_shapes(
+    path: str, header: Mapping[str, Any], names: list[str], *, required: bool
+) -> dict[str, tuple[int, ...]]:
+    """The per-target shapes recorded in the header (files before bit-packing have none)."""
+    shapes = header.get("shapes")
+    if shapes is None and not required:
+        return {}
+    if not isinstance(shapes, dict) or set(shapes) != set(names):
+        recorded = sorted(shapes) if isinstance(shapes, dict) else shapes
+        raise ValueError(
+            f"{path!r}: header field 'shapes' must give the shape of every target "
+            f"{sorted(names)}, got {recorded!r}. {_DAMAGED}"
+        )
+    checked = {}
+    for name, shape in shapes.items():
+        if not isinstance(shape, list) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape
+        ):
+            raise ValueError(
+                f"{path!r}: the recorded shape of {name!r} must be a list of non-negative "
+                f"integers, got {shape!r}. {_DAMAGED}"
+            )
+        checked[name] = tuple(shape)
+    return checked
 
 
 __all__ = ["FORMAT_VERSION", "Subnetwork"]

@@ -199,11 +199,18 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     weight_optimizer = method.weight_optimizer(weight_params) if method.trains_weights else None
     rewind_at = method.rewind_step(steps_per_round) if method.trains_weights else None
     rewound: dict[str, Tensor] | None = None
+    optimizer = _mask_optimizer(method, param_list, context)
+    # per-step, per-target seeds: a mask is re-sampled identically when its weight is read again
+    # (e.g. recomputed in backward), and drawing them on the CPU costs no device sync
+    seed_source = torch.Generator().manual_seed(
+        int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    )
+    clip = method.grad_clip()
+    # everything that can fail before training is above: from here on the model is modified
+    # and the `finally` below restores it
     attachment = Attachment(
         context.root, targets, ZERO, adapter=context.adapter, model=context.model
     )
-    optimizer = _mask_optimizer(method, param_list, context)
-    clip = method.grad_clip()
     bar = tqdm(total=context.steps, disable=not context.progress, desc=method.name, leave=False)
     try:
         for step in range(context.steps):
@@ -221,13 +228,25 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
             chunks = split_batch(batch, samples)
             loss_sum = torch.zeros((), device=device)
             for chunk in chunks:
-                masks = {
-                    n: method.sample(params[n], state, generator).expand(targets[n].shape)
-                    for n in names
+                seeds = torch.randint(2**62, (len(names),), generator=seed_source).tolist()
+                samplers = {
+                    n: _sampler(method, params[n], state, seed, targets[n].shape, device)
+                    for n, seed in zip(names, seeds, strict=True)
                 }
-                attachment.set_masks(masks)
+                if context.recompute_masks:
+                    attachment.set_mask_functions(samplers)
+                else:
+                    attachment.set_masks({n: f() for n, f in samplers.items()})
                 loss = context.loss_fn(context.model, chunk)
                 _check_loss(loss, step)
+                if not bool(torch.isfinite(loss.detach())):
+                    attachment.set_masks({})
+                    with torch.no_grad():
+                        last = {
+                            n: method.final_mask(params[n]).expand(targets[n].shape).clone()
+                            for n in names
+                        }
+                    raise NonFiniteLossError(step, float(loss.detach()), Subnetwork(last))
                 (loss / len(chunks)).backward()
                 loss_sum = loss_sum + loss.detach() / len(chunks)
             attachment.set_masks({})
@@ -273,6 +292,24 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     return FindResult(Subnetwork(masks), floats, weights)
 
 
+def _sampler(
+    method: MaskMethod,
+    params: Tensor,
+    state: TrainState,
+    seed: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+):
+    """A function returning the same mask sample each call (its noise comes from ``seed``)."""
+    snapshot = TrainState(**{**state.__dict__, "aux": state.aux})
+
+    def sample() -> Tensor:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return method.sample(params, snapshot, generator).expand(shape)
+
+    return sample
+
+
 def _mask_optimizer(
     method: MaskMethod, params: Sequence[Tensor], context: FindContext
 ) -> torch.optim.Optimizer:
@@ -282,6 +319,25 @@ def _mask_optimizer(
     if lr is None:
         raise ValueError(f"{method.name} has no `lr`; mask_optimizer='adafactor' needs one.")
     return torch.optim.Adafactor(params, lr=lr, foreach=True)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The task loss became NaN or infinite; training stopped before using it.
+
+    ``step`` is where it happened and ``subnetwork`` the mask the parameters stood for then
+    (the last state no non-finite gradient has touched), so the run's work is not lost.
+    """
+
+    def __init__(self, step: int, value: float, subnetwork: Subnetwork):
+        super().__init__(
+            f"The loss was {value} at step {step}; training stopped before the update. The "
+            "mask as of the last good step is in this error's `.subnetwork`. Common causes: a "
+            "learning rate too high, log(0) or division by zero in loss_fn, or half-precision "
+            "overflow (try a float32 model, or a lower lr)."
+        )
+        self.step = step
+        self.value = value
+        self.subnetwork = subnetwork
 
 
 def _check_loss(loss: Any, step: int) -> None:
@@ -320,4 +376,11 @@ def endless(data: Any) -> Iterator[Any]:
         epoch += 1
 
 
-__all__ = ["MaskMethod", "TrainState", "endless", "split_batch", "train_masks"]
+__all__ = [
+    "MaskMethod",
+    "NonFiniteLossError",
+    "TrainState",
+    "endless",
+    "split_batch",
+    "train_masks",
+]

@@ -52,7 +52,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     # Csordás et al. 2021; they train 10-20k mask steps with the penalty divided by the batch
     # size, we leave the division out to sparsify within a few hundred steps
-    method = si.methods.create("gumbel_sigmoid", per_example_penalty=False)
+    # (fast mode, a smoke test of 60 steps, also raises the learning rate so that logits
+    # starting at 2 can cross 0 at all)
+    method = si.methods.create(
+        "gumbel_sigmoid", per_example_penalty=False, **({"lr": 5e-2} if fast else {})
+    )
     result = si.find(
         model,
         method,

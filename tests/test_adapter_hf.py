@@ -152,16 +152,18 @@ def test_mask_found_on_hf_model_trains_and_restores():
 
 
 def test_unknown_hf_architecture_falls_back_to_parameter_names():
-    cfg = transformers.BertConfig(
+    cfg = transformers.OPTConfig(
         num_hidden_layers=1,
         num_attention_heads=2,
         hidden_size=8,
-        intermediate_size=16,
+        ffn_dim=16,
+        word_embed_proj_dim=8,
         vocab_size=20,
+        max_position_embeddings=16,
     )
-    model = transformers.BertModel(cfg)
+    model = transformers.OPTModel(cfg)
     names = list(si.targets(model))
-    assert "encoder.layer.0.attention.self.query.weight" in names
+    assert "decoder.layers.0.self_attn.q_proj.weight" in names
     with pytest.raises(KeyError, match="plain nn.Module"):
         si.targets(model, include="blocks.*.attn.W_Q")
 

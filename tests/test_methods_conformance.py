@@ -180,6 +180,7 @@ def test_low_memory_options_still_recover_the_planted_subnetwork(name, dtype, op
         progress=False,
         mask_dtype=dtype,
         mask_optimizer=optimizer,
+        recompute_masks=True,
     )
     assert iou(result.subnetwork, task.planted) >= setting["iou"] - 0.05
     assert result.subnetwork.meta["mask_dtype"] == str(dtype)[6:]
@@ -204,3 +205,23 @@ def test_mask_parameters_take_the_requested_dtype():
     with pytest.raises(ValueError, match="`mask_optimizer` must be 'paper' or 'adafactor'"):
         si.find(task.model, "gumbel_sigmoid", task.loss_fn, task.batches(8), steps=2,
                 mask_optimizer="sgd")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["gumbel_sigmoid", "hard_concrete", "continuous_sparsification"])
+def test_recomputed_masks_train_exactly_as_stored_ones(name):
+    outcomes = []
+    for recompute in (False, True):
+        task = make_task(name)
+        result = si.find(
+            task.model,
+            si.methods.create(name, **SETTINGS[name]["hparams"]),
+            task.loss_fn,
+            task.batches(64),
+            steps=40,
+            generator=torch.Generator().manual_seed(3),
+            progress=False,
+            recompute_masks=recompute,
+        )
+        outcomes.append(result)
+    assert outcomes[0].subnetwork == outcomes[1].subnetwork
+    assert outcomes[0].history == outcomes[1].history

@@ -136,19 +136,38 @@ def select(
         for pattern in include_patterns:
             hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
             if not hits:
-                _raise_no_match(pattern, "include", names, family)
+                _raise_no_match(pattern, "include", available, family)
             chosen.extend(h for h in hits if h not in chosen)
         chosen.sort(key=names.index)
     for pattern in exclude_patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            _raise_no_match(pattern, "exclude", names, family)
+            _raise_no_match(pattern, "exclude", available, family)
         chosen = [n for n in chosen if not fnmatch.fnmatchcase(n, pattern)]
     return {n: available[n] for n in chosen}
 
 
-def _raise_no_match(pattern: str, arg: str, names: list[str], family: str) -> None:
+def real_name_hint(name: str, available: Mapping[str, Target]) -> str:
+    """A hint for a name (or glob) that matches the real parameters behind canonical targets
+    rather than the canonical names; ``""`` if it does not."""
+    holders: dict[str, list[str]] = {}
+    for target in available.values():
+        real = f"{target.module}.{target.attribute}" if target.module else target.attribute
+        if fnmatch.fnmatchcase(real, name) or fnmatch.fnmatchcase(target.module, name):
+            holders.setdefault(real, []).append(target.name)
+    if not holders or all(real in holders[real] for real in holders):
+        return ""
+    shown = "; ".join(f"{real} holds {names}" for real, names in list(holders.items())[:4])
+    more = f"; ... ({len(holders) - 4} more)" if len(holders) > 4 else ""
+    return (
+        f" {name!r} names the model's real parameter(s), not canonical targets ({shown}{more}); "
+        "use the canonical names."
+    )
+
+
+def _raise_no_match(pattern: str, arg: str, available: Mapping[str, Target], family: str) -> None:
+    names = list(available)
     close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
-    hint = f" Closest: {close}." if close else ""
+    hint = real_name_hint(pattern, available) or (f" Closest: {close}." if close else "")
     canonical_hint = ""
     if family == "torch" and ("blocks." in pattern or "W_" in pattern):
         canonical_hint = (
@@ -178,4 +197,4 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["Adapter", "real_tensor", "register_adapter", "resolve", "select"]
+__all__ = ["Adapter", "real_name_hint", "real_tensor", "register_adapter", "resolve", "select"]

@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` causal LMs: GPT-2, GPT-NeoX / Pythia, Llama-family.
+"""Hugging Face ``transformers`` causal LMs: GPT-2, GPT-NeoX / Pythia, Llama-family (encoders:
+BERT, RoBERTa and ViT are in :mod:`.hf_encoders`, registered in :data:`FAMILIES` below).
 
 Canonical names and layouts are TransformerLens's (``blocks.{L}.attn.W_Q`` is
 ``[head, d_model, d_head]``, ...). Each canonical target is a view into the real tensor:
@@ -239,10 +240,15 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
     return found
 
 
+from .hf_encoders import bert_targets, vit_targets  # noqa: E402  (it reuses the helpers above)
+
 FAMILIES = {
     "gpt2": gpt2_targets,
     "gpt_neox": neox_targets,
     "llama": llama_targets,
+    "bert": bert_targets,
+    "roberta": bert_targets,
+    "vit": vit_targets,
 }
 
 

@@ -372,6 +372,14 @@ def ablation_effect(
         raise ValueError(f"control_kind must be 'random' or 'complement', got {control_kind!r}.")
     if not isinstance(controls, int) or controls < 0:
         raise ValueError(f"controls must be a non-negative int, got {controls!r}.")
+    kept = sum(int(m.sum()) for m in subnetwork.masks.values())
+    total = sum(m.numel() for m in subnetwork.masks.values())
+    if controls and kept in (0, total):
+        raise ValueError(
+            f"The subnetwork keeps {'no' if kept == 0 else 'every'} weight ({kept} of {total}): "
+            "density-matched random controls would equal it, so comparing with them means "
+            "nothing. Pass controls=0 to measure it alone, or check how it was found."
+        )
     batches = list(data)
     if not batches:
         raise ValueError("`data` yielded no batches.")

@@ -190,6 +190,14 @@ def overlap_test(
     _check_pair(a, b)
     counts = _counts(a, b)
     sizes = torch.tensor([m.numel() for m in a.masks.values()], dtype=torch.long)
+    for label, column in (("a", 0), ("b", 1)):
+        kept, total = int(counts[:, column].sum()), int(sizes.sum())
+        if kept in (0, total):
+            raise ValueError(
+                f"Subnetwork {label} keeps {'no' if kept == 0 else 'every'} weight ({kept} of "
+                f"{total}): its overlap with any mask is fixed, so there is no chance "
+                "distribution to test it against."
+            )
     mean, var = hypergeometric_moments(sizes, counts[:, 0], counts[:, 1])
     observed = int(counts[:, 2].sum())
     expected, variance = float(mean.sum()), float(var.sum())

@@ -36,6 +36,7 @@ class FindContext:
     log_every: int = 10
     mask_dtype: torch.dtype = torch.float32  # learnable methods' gate parameters
     mask_optimizer: str = "paper"  # or "adafactor"
+    recompute_masks: bool = False  # sample masks when weights are read, recompute in backward
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -11,6 +11,8 @@ from tqdm.auto import tqdm
 
 from .._attach import ZERO, Attachment
 from .._fingerprint import canonical_copy
+from .._subnetwork import Subnetwork
+from .._train import NonFiniteLossError, _check_loss
 from ..adapters import real_tensor
 from ._base import FindContext
 
@@ -104,6 +106,14 @@ def train_weights(
         for step in range(steps):
             batch = next(context.batches)
             loss = context.loss_fn(context.model, batch)
+            _check_loss(loss, step)
+            if not bool(torch.isfinite(loss.detach())):
+                current = keep if keep is not None else trainable
+                if current is None:
+                    current = {
+                        n: torch.ones(t.shape, dtype=torch.bool) for n, t in context.targets.items()
+                    }
+                raise NonFiniteLossError(step, float(loss.detach()), Subnetwork(dict(current)))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

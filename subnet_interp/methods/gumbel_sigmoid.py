@@ -18,7 +18,7 @@ def logistic_noise(
 ) -> Tensor:
     """``log u - log(1 - u)`` for ``u ~ U(0, 1)``: the difference of two Gumbel(0, 1) draws."""
     u = torch.rand(tuple(shape), generator=generator, device=device)
-    return torch.log(u + eps) - torch.log1p(-u + eps)
+    return u.logit_(eps)  # log(u / (1 - u)), u clamped to [eps, 1 - eps]; one pass, in place
 
 
 def gumbel_sigmoid(logits: Tensor, noise: Tensor, temperature: float, hard: bool) -> Tensor:
