@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -12,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import adapters
+from . import _checkpoint, adapters
 from ._fingerprint import fingerprint, read_canonical
 from ._registry import check_hparams
-from ._train import endless
-from ._types import NotFoundError, Target
+from ._train import MaskMethod, endless
+from ._types import NotFoundError, Target, describe_tensor
 from .methods import registry
 from .methods._base import Callback, FindContext, FindResult, Method
 
@@ -100,6 +101,10 @@ def find(
     mask_dtype: torch.dtype = torch.float32,
     mask_optimizer: str = "paper",
     recompute_masks: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 100,
+    extra_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
+    extra_lr: float = 1e-3,
 ) -> FindResult:
     """Find a subnetwork of ``model`` with a registered method.
 
@@ -137,6 +142,17 @@ def find(
             step then holds no mask-sized temporaries besides the masked weight the layer
             saves. Same masks and history as without it; costs a second elementwise pass
             (about 1-10% per step on a GPT-2-style model on CPU, more on tiny models).
+        checkpoint: a file path for learnable-mask methods: every ``checkpoint_every`` steps
+            (and at the end) the run's whole state is written there atomically (mask
+            parameters, optimiser state, schedule position, seed generator, history, and the
+            weights for methods that train them); if the file exists, the run resumes from it
+            and ends with exactly the mask an uninterrupted run gives. ``data`` must yield the
+            same batches in the same order again (a list or a seeded loader): the run skips the
+            batches of the steps already done. A checkpoint of a different run is refused.
+        extra_parameters: tensors (or a module's parameters) trained alongside the mask by
+            their own Adam (``extra_lr``), from the same loss: e.g. a probe that ``loss_fn``
+            applies to the model's activations (``subnet_interp.probing``). They are trained in
+            place and must not belong to the model (its weights stay frozen).
 
     Returns:
         ``FindResult(subnetwork, history)``; ``subnetwork.meta`` records the method, its
@@ -167,9 +183,40 @@ def find(
         )
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be a positive int, got {log_every!r}.")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 1:
+        raise ValueError(f"`checkpoint_every` must be a positive int, got {checkpoint_every!r}.")
+    if isinstance(extra_parameters, torch.nn.Module):
+        extra_parameters = list(extra_parameters.parameters())
+    extras = list(extra_parameters or ())
+    if (checkpoint is not None or extras) and not isinstance(resolved, MaskMethod):
+        learnable = [n for n in registry.names() if issubclass(registry.get(n), MaskMethod)]
+        raise ValueError(
+            f"`checkpoint=` and `extra_parameters=` work with the learnable-mask methods "
+            f"{learnable}; {resolved.name!r} is not one (lottery_ticket checkpoints its rounds "
+            "with its own `checkpoint_dir` hyper-parameter)."
+        )
+    for tensor in extras:
+        if (
+            not isinstance(tensor, Tensor)
+            or not tensor.is_floating_point()
+            or not tensor.requires_grad
+        ):
+            raise ValueError(
+                "`extra_parameters` must be floating tensors that require grad (e.g. "
+                f"probe.parameters()); got {describe_tensor(tensor) if isinstance(tensor, Tensor) else type(tensor).__name__}."
+            )
+    if not (isinstance(extra_lr, (int, float)) and extra_lr > 0):
+        raise ValueError(f"`extra_lr` must be a positive number, got {extra_lr!r}.")
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
     chosen = _resolve_targets(adapter, model, targets)
+    owned = {id(p) for p in adapter.root(model).parameters()}
+    if any(id(t) in owned for t in extras):
+        raise ValueError(
+            "`extra_parameters` include parameters of the model itself; the model's weights "
+            "stay frozen while masks train. Keep the probe outside the model and apply it in "
+            "loss_fn."
+        )
     print_before = fingerprint(model)
     user_model = model
     if resolved.trains_weights and not inplace:
@@ -204,6 +251,22 @@ def find(
             mask_dtype=mask_dtype,
             mask_optimizer=mask_optimizer,
             recompute_masks=recompute_masks,
+            extra_parameters=extras,
+            extra_lr=float(extra_lr),
+            checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every,
+            extras={
+                "run_identity": {
+                    "method": resolved.name,
+                    "hparams": _checkpoint.jsonable(dataclasses.asdict(resolved)),
+                    "steps": steps,
+                    "targets": list(chosen),
+                    "fingerprint": print_before,
+                    "mask_dtype": str(mask_dtype),
+                    "mask_optimizer": mask_optimizer,
+                    "extra_parameters": [list(t.shape) for t in extras],
+                }
+            },
         )
         result = resolved.run(context)
     finally:

@@ -11,12 +11,14 @@ import abc
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from . import _checkpoint
 from ._attach import ZERO, Attachment
 from ._fingerprint import canonical_copy, read_canonical
 from ._subnetwork import Subnetwork
@@ -206,14 +208,44 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
     )
     clip = method.grad_clip()
+    extras = list(context.extra_parameters)
+    extra_optimizer = torch.optim.Adam(extras, lr=context.extra_lr) if extras else None
+    checkpoint_path = Path(context.checkpoint) if context.checkpoint is not None else None
+    identity = dict(context.extras.get("run_identity", {}))
     # everything that can fail before training is above: from here on the model is modified
     # and the `finally` below restores it
     attachment = Attachment(
         context.root, targets, ZERO, adapter=context.adapter, model=context.model
     )
-    bar = tqdm(total=context.steps, disable=not context.progress, desc=method.name, leave=False)
+    world = _world()
+    rank = 0 if world is None else world[0]
+    bar = tqdm(
+        total=context.steps,
+        disable=not context.progress or rank != 0,
+        desc=method.name,
+        leave=False,
+    )
+    synced = param_list + extras + (weight_params if weight_optimizer is not None else [])
+    start = 0
+    run = {
+        "params": params,
+        "optimizer": optimizer,
+        "weight_optimizer": weight_optimizer,
+        "extras": extras,
+        "extra_optimizer": extra_optimizer,
+        "seed_source": seed_source,
+        "state": state,
+        "history": history,
+        "root": context.root,
+    }
     try:
-        for step in range(context.steps):
+        if checkpoint_path is not None and checkpoint_path.exists():
+            start, rewound = _restore(checkpoint_path, identity, run, method, context)
+            optimizer = run["optimizer"]
+            for _ in range(start):  # the data position: one batch per step
+                next(context.batches)
+            bar.update(start)
+        for step in range(start, context.steps):
             round_index = min(step // steps_per_round, rounds - 1)
             if round_index != state.round:
                 method.on_round_end(param_list, state)
@@ -253,6 +285,8 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
             penalty = method.penalty(param_list, per_gate, state)
             if penalty.requires_grad:
                 penalty.backward()
+            if world is not None:
+                _average_gradients(synced, world[1])
             if clip is not None:
                 torch.nn.utils.clip_grad_norm_(param_list, clip, foreach=True)
             optimizer.step()
@@ -260,6 +294,9 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
             if weight_optimizer is not None:
                 weight_optimizer.step()
                 weight_optimizer.zero_grad(set_to_none=True)
+            if extra_optimizer is not None:
+                extra_optimizer.step()
+                extra_optimizer.zero_grad(set_to_none=True)
             method.after_step(state)
             last = step == context.steps - 1
             if step % context.log_every == 0 or last:
@@ -271,7 +308,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                         ]
                     ).sum()
                 history["step"].append(torch.tensor(float(step)))
-                history["loss"].append(loss_sum.detach())
+                history["loss"].append(_average(loss_sum.detach(), world))
                 history["penalty"].append(penalty.detach().float())
                 history["density"].append(kept / max(1, total_weights))
                 history["temperature"].append(torch.tensor(float(state.temperature)))
@@ -279,6 +316,10 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                 bar.set_postfix(loss=f"{record['loss']:.4g}", density=f"{record['density']:.4f}")
                 for callback in context.callbacks:
                     callback(step, record)
+            if checkpoint_path is not None and ((step + 1) % context.checkpoint_every == 0 or last):
+                run["optimizer"] = optimizer
+                if rank == 0:  # one writer; every rank can read it to resume
+                    _save(checkpoint_path, identity, run, step, rewound)
             bar.update(1)
     finally:
         bar.close()
@@ -290,6 +331,147 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     if method.trains_weights:
         weights = rewound if rewound is not None else canonical_copy(context.root, targets)
     return FindResult(Subnetwork(masks), floats, weights)
+
+
+def _world() -> tuple[int, int] | None:
+    """``(rank, world_size)`` inside an initialised ``torch.distributed`` group of 2 or more."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.get_rank(), dist.get_world_size()
+    return None
+
+
+def _average_gradients(tensors: Sequence[Tensor], world_size: int) -> None:
+    """Data parallelism as DDP does it: every rank's gradients replaced by their mean, in one
+    all-reduce over a flat buffer per dtype. Each rank's loss is the mean over its own shard, so
+    with equal shards this is the gradient of the mean over the global batch."""
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for tensor in tensors:
+        if tensor.grad is None:
+            tensor.grad = torch.zeros_like(tensor)
+        by_dtype.setdefault(tensor.grad.dtype, []).append(tensor.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat /= world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _average(value: Tensor, world: tuple[int, int] | None) -> Tensor:
+    if world is None:
+        return value
+    import torch.distributed as dist
+
+    value = value.clone()
+    dist.all_reduce(value)
+    return value / world[1]
+
+
+def _save(path: Path, identity, run, step: int, rewound) -> None:
+    """Everything needed to continue after ``step`` (see ``_checkpoint``)."""
+    tensors: dict[str, Tensor] = {}
+    header: dict[str, Any] = {"identity": identity, "step": step}
+    for name, value in run["params"].items():
+        tensors[f"params/{name}"] = value.detach()
+    header["optimizer"] = _checkpoint.flatten_optimizer("optimizer", run["optimizer"], tensors)
+    if run["weight_optimizer"] is not None:
+        for name, value in run["root"].named_parameters():
+            tensors[f"model/{name}"] = value.detach()
+        header["weight_optimizer"] = _checkpoint.flatten_optimizer(
+            "weight_optimizer", run["weight_optimizer"], tensors
+        )
+    for index, value in enumerate(run["extras"]):
+        tensors[f"extras/{index}"] = value.detach()
+    if run["extra_optimizer"] is not None:
+        header["extra_optimizer"] = _checkpoint.flatten_optimizer(
+            "extra_optimizer", run["extra_optimizer"], tensors
+        )
+    if rewound is not None:
+        for name, value in rewound.items():
+            tensors[f"rewound/{name}"] = value
+    tensors["seed_source"] = run["seed_source"].get_state()
+    state = run["state"]
+    plain = {k: v for k, v in state.__dict__.items() if k != "aux"}
+    aux: dict[str, Any] = {}
+    for key, value in state.aux.items():
+        if isinstance(value, Tensor):
+            tensors[f"aux/{key}"] = value.detach()
+            aux[key] = {"tensor": True}
+        elif isinstance(value, torch.optim.Optimizer):
+            members = [
+                next(k for k, v in state.aux.items() if v is p)
+                for group in value.param_groups
+                for p in group["params"]
+            ]
+            aux[key] = {
+                "optimizer": type(value).__name__,
+                "params": members,
+                "state": _checkpoint.flatten_optimizer(f"aux_optimizer/{key}", value, tensors),
+            }
+        else:
+            aux[key] = {"value": value}
+    header["state"] = plain
+    header["aux"] = aux
+    header["history"] = {k: [float(x) for x in v] for k, v in run["history"].items()}
+    _checkpoint.write(path, tensors, _checkpoint.jsonable(header))
+
+
+def _restore(path: Path, identity, run, method: MaskMethod, context: FindContext):
+    """Load a checkpoint into the run's objects; returns (first step to run, rewound)."""
+    tensors, header = _checkpoint.read(path, identity)
+    with torch.no_grad():
+        for name, value in run["params"].items():
+            value.copy_(tensors[f"params/{name}"])
+        if run["weight_optimizer"] is not None:
+            for name, value in run["root"].named_parameters():
+                if f"model/{name}" in tensors:
+                    value.copy_(tensors[f"model/{name}"])
+        for index, value in enumerate(run["extras"]):
+            value.copy_(tensors[f"extras/{index}"])
+    state = run["state"]
+    for key, value in header["state"].items():
+        setattr(state, key, value)
+    for key, entry in header["aux"].items():
+        if "tensor" in entry:
+            state.aux[key] = tensors[f"aux/{key}"].to(context.device).requires_grad_(True)
+        elif "value" in entry:
+            state.aux[key] = entry["value"]
+    for key, entry in header["aux"].items():
+        if "optimizer" in entry:
+            optimizer = getattr(torch.optim, entry["optimizer"])(
+                [state.aux[p] for p in entry["params"]]
+            )
+            saved = _checkpoint.unflatten_optimizer(f"aux_optimizer/{key}", entry["state"], tensors)
+            optimizer.load_state_dict(saved)
+            state.aux[key] = optimizer
+    if state.round != 0:  # the optimiser of a later round was made over the same parameters
+        run["optimizer"] = _mask_optimizer(method, list(run["params"].values()), context)
+    run["optimizer"].load_state_dict(
+        _checkpoint.unflatten_optimizer("optimizer", header["optimizer"], tensors)
+    )
+    if run["weight_optimizer"] is not None:
+        run["weight_optimizer"].load_state_dict(
+            _checkpoint.unflatten_optimizer("weight_optimizer", header["weight_optimizer"], tensors)
+        )
+    if run["extra_optimizer"] is not None:
+        run["extra_optimizer"].load_state_dict(
+            _checkpoint.unflatten_optimizer("extra_optimizer", header["extra_optimizer"], tensors)
+        )
+    run["seed_source"].set_state(tensors["seed_source"])
+    for key, values in header["history"].items():
+        run["history"][key] = [torch.tensor(v, device=context.device) for v in values]
+    rewound = {
+        name[len("rewound/") :]: value.to(context.device)
+        for name, value in tensors.items()
+        if name.startswith("rewound/")
+    }
+    return int(header["step"]) + 1, rewound or None
 
 
 def _sampler(

@@ -1,4 +1,4 @@
-"""The ``subnet-interp`` command: ``demo``, ``methods``, ``show``."""
+"""The ``subnet-interp`` command: ``demo``, ``methods``, ``show``, ``find``."""
 
 from __future__ import annotations
 
@@ -139,6 +139,105 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
+CONFIG_KEYS = {
+    "model": "import path 'package.module:function' returning the model (called with no args)",
+    "data": "import path of a function (rank, world_size) -> iterable of batches (this rank's shard)",
+    "loss": "import path of loss_fn(model, batch) -> scalar tensor",
+    "method": "registered method name",
+    "steps": "number of steps",
+    "out": "path of the .safetensors file to write (rank 0 only)",
+}
+CONFIG_OPTIONAL = {
+    "hparams": {},
+    "targets": None,
+    "seed": 0,
+    "device": None,
+    "checkpoint": None,
+    "checkpoint_every": 100,
+    "log_every": 10,
+    "recompute_masks": False,
+    "mask_dtype": "float32",
+}
+
+
+def _load_object(path: str, key: str):
+    import importlib
+
+    module_name, _, attribute = path.partition(":")
+    if not module_name or not attribute:
+        raise ValueError(f"config {key!r} must look like 'package.module:function', got {path!r}.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"config {key!r}: cannot import {module_name!r} ({error}).") from error
+    if not hasattr(module, attribute):
+        raise ValueError(f"config {key!r}: {module_name!r} has no {attribute!r}.")
+    return getattr(module, attribute)
+
+
+def _find(args: argparse.Namespace) -> int:
+    """Run si.find from a JSON config; under torchrun, one process per rank (gloo on CPU, nccl on
+    GPUs): the masks train data-parallel and rank 0 writes the result."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    import subnet_interp as si
+
+    with open(args.config) as f:
+        config = json.load(f)
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    unknown = [k for k in config if k not in CONFIG_KEYS and k not in CONFIG_OPTIONAL]
+    if missing or unknown:
+        described = "; ".join(f"{k}: {v}" for k, v in CONFIG_KEYS.items())
+        raise ValueError(
+            f"config {args.config!r}: missing keys {missing}, unknown keys {unknown}. Required: "
+            f"{described}. Optional: {sorted(CONFIG_OPTIONAL)}."
+        )
+    config = {**CONFIG_OPTIONAL, **config}
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    started = False
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        started = True
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        device = config["device"]
+        if device is None and torch.cuda.is_available() and world_size > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        model = _load_object(config["model"], "model")()
+        data = _load_object(config["data"], "data")(rank, world_size)
+        loss_fn = _load_object(config["loss"], "loss")
+        result = si.find(
+            model,
+            si.methods.create(config["method"], **config["hparams"]),
+            loss_fn,
+            data,
+            steps=config["steps"],
+            targets=config["targets"],
+            device=device,
+            generator=torch.Generator().manual_seed(int(config["seed"])),
+            progress=rank == 0,
+            log_every=config["log_every"],
+            checkpoint=config["checkpoint"],
+            checkpoint_every=config["checkpoint_every"],
+            recompute_masks=config["recompute_masks"],
+            mask_dtype=getattr(torch, config["mask_dtype"]),
+        )
+        if rank == 0:
+            result.subnetwork.save(config["out"])
+            print(
+                f"wrote {config['out']}: density {result.subnetwork.density():.4f} after "
+                f"{config['steps']} steps on {world_size} process(es)"
+            )
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subnet-interp", description="Find, attach and analyse weight-level subnetworks."
@@ -161,6 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     show = commands.add_parser("show", help="summarise a saved subnetwork file")
     show.add_argument("file")
     show.set_defaults(run=_show)
+    find = commands.add_parser(
+        "find",
+        help="run si.find from a JSON config (start it with torchrun for data-parallel training)",
+    )
+    find.add_argument("config", help="JSON file; keys: " + ", ".join(CONFIG_KEYS))
+    find.set_defaults(run=_find)
     return parser
 
 

@@ -37,6 +37,10 @@ class FindContext:
     mask_dtype: torch.dtype = torch.float32  # learnable methods' gate parameters
     mask_optimizer: str = "paper"  # or "adafactor"
     recompute_masks: bool = False  # sample masks when weights are read, recompute in backward
+    extra_parameters: Sequence[Tensor] = ()  # trained alongside the masks (e.g. a probe)
+    extra_lr: float = 1e-3
+    checkpoint: Any = None  # path of the run's checkpoint (resumed if it exists)
+    checkpoint_every: int = 100
     extras: dict[str, Any] = field(default_factory=dict)
 
 

@@ -1,0 +1,56 @@
+"""The task of tests/test_distributed.py, importable by the processes torchrun starts."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from subnet_interp.tasks import planted_mlp
+
+METHOD = os.environ.get("SI_TEST_METHOD", "continuous_sparsification_lepori")
+
+
+def task():
+    return planted_mlp(generator=torch.Generator().manual_seed(0))
+
+
+def model():
+    return task().model
+
+
+def data(rank: int, world_size: int):
+    """Each global batch of 64 split into ``world_size`` equal shards; this rank's shard."""
+    return [(x.chunk(world_size)[rank], y.chunk(world_size)[rank]) for x, y in task().batches(64)]
+
+
+def loss(net, batch):
+    return task_loss(net, batch)
+
+
+_TASK = task()
+task_loss = _TASK.loss_fn
+
+
+def main(out: str, steps: int) -> None:
+    """Run si.find on this rank's shard and save this rank's mask (to compare ranks)."""
+    import torch.distributed as dist
+
+    import subnet_interp as si
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if world > 1 else 0
+    result = si.find(
+        model(), METHOD, loss, data(rank, world), steps=steps, progress=False,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    result.subnetwork.save(f"{out}.rank{rank}.safetensors")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
