@@ -4,7 +4,7 @@
 nnsight; adapters load their library when a model of that family is first seen.
 """
 
-from . import analysis, methods
+from . import analysis, methods, probing
 from ._attach import Ablation, delta_applied, masked
 from ._find import find
 from ._fingerprint import fingerprint
@@ -33,6 +33,7 @@ __all__ = [
     "fingerprint",
     "masked",
     "methods",
+    "probing",
     "random_like",
     "targets",
 ]

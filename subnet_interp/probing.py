@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from . import adapters
 from ._attach import masked
 from ._find import _resolve_targets, find, to_device
+from ._fingerprint import fingerprint
 from ._subnetwork import Subnetwork
 from ._train import MaskMethod, endless
 from ._types import NotFoundError, Target
@@ -545,9 +546,9 @@ def subnetwork_probe(
     """
     _check_level(level, position)
     source = generator if generator is not None else torch.Generator().manual_seed(0)
+    probe = _make_probe(model, layer, data, n_classes, hidden, _seed(source))  # checks layer
     chosen = targets if targets is not None else _default_targets(layer)
     resolved = _method(method, model, chosen, method_hparams)
-    probe = _make_probe(model, layer, data, n_classes, hidden, _seed(source))
 
     def loss_fn(probed: Any, batch: Any) -> Tensor:
         return probe_loss(probed, probe, layer, batch, level=level, position=position)
@@ -639,16 +640,18 @@ def _is_hf_pretrained(module: nn.Module) -> bool:
     )
 
 
-def _reinitialize(root: nn.Module) -> str:
-    hf = [m for m in root.modules() if _is_hf_pretrained(m)]
+def _reinitialize(root: nn.Module) -> None:
+    wrapped = root.__dict__.get("original_model")  # a TransformerBridge's transformers model
+    candidates = [*([wrapped] if isinstance(wrapped, nn.Module) else []), *root.modules()]
+    hf = [m for m in candidates if _is_hf_pretrained(m)]
     if hf:
         top = hf[0]  # the outermost: it re-initialises (and re-ties) its sub-models too
         _clear_hf_init_flags(top)
         top.init_weights()
-        return "transformers"
-    if callable(getattr(root, "init_weights", None)):  # legacy HookedTransformer
+        return
+    if callable(getattr(root, "init_weights", None)):  # HookedTransformer, TL-native bridges
         root.init_weights()
-        return "init_weights"
+        return
     resettable = [m for m in root.modules() if callable(getattr(m, "reset_parameters", None))]
     if not resettable:
         raise TypeError(
@@ -658,7 +661,6 @@ def _reinitialize(root: nn.Module) -> str:
         )
     for module in resettable:
         module.reset_parameters()
-    return "reset_parameters"
 
 
 def reinitialized(model: Any, generator: torch.Generator | None = None) -> Any:
@@ -668,8 +670,8 @@ def reinitialized(model: Any, generator: torch.Generator | None = None) -> Any:
     Uses the model's own initialisation: for a Hugging Face model (also inside a
     ``TransformerBridge`` or an nnsight wrapper) its ``init_weights()`` (``_init_weights``:
     e.g. ``N(0, initializer_range)`` and GPT-2's scaled residual projections, norms to 1 and
-    0); for a legacy ``HookedTransformer`` its ``init_weights()``; otherwise PyTorch's
-    ``reset_parameters()`` of every module that has one. The draws come from ``generator``
+    0); for a legacy ``HookedTransformer`` or a TL-native bridge its ``init_weights()``;
+    otherwise PyTorch's ``reset_parameters()`` of every module that has one. The draws come from ``generator``
     (default: seed 0); the global RNG is left as it was.
     """
     source = generator if generator is not None else torch.Generator().manual_seed(0)
@@ -685,6 +687,11 @@ def reinitialized(model: Any, generator: torch.Generator | None = None) -> Any:
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(_seed(source))
         _reinitialize(root)
+    if fingerprint(fresh) == fingerprint(model):
+        raise RuntimeError(
+            f"Re-initialising the {type(root).__qualname__} left the weights it computes with "
+            "unchanged; build a fresh model from its config instead."
+        )
     return fresh
 
 
