@@ -270,6 +270,7 @@ def attach(
     """Parametrize ``targets`` of ``model``; masks are set later with ``set_masks``."""
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
+    adapters.check_not_sharded(model, adapter.root(model))
     return Attachment(
         adapter.root(model), targets, resolve_ablation(ablation), adapter=adapter, model=model
     )
@@ -366,6 +367,7 @@ def masked(
     """
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
+    adapters.check_not_sharded(model, adapter.root(model))
     root = adapter.root(model)
     available = adapter.all_targets(model)
     if isinstance(subnetwork, Subnetwork):
@@ -413,6 +415,7 @@ def delta_applied(
     """
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
+    adapters.check_not_sharded(model, adapter.root(model))
     root = adapter.root(model)
     available = adapter.all_targets(model)
     validate_masks(model, delta, available, root)

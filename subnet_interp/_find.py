@@ -209,6 +209,7 @@ def find(
         raise ValueError(f"`extra_lr` must be a positive number, got {extra_lr!r}.")
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
+    adapters.check_not_sharded(model, adapter.root(model))
     chosen = _resolve_targets(adapter, model, targets)
     owned = {id(p) for p in adapter.root(model).parameters()}
     if any(id(t) in owned for t in extras):

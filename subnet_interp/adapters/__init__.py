@@ -53,6 +53,20 @@ class Adapter(abc.ABC):
         return None
 
 
+def check_not_sharded(model: object, root: nn.Module) -> None:
+    """Refuse models whose weights are DTensors (FSDP2 ``fully_shard``, tensor parallelism):
+    masks attach to whole tensors, and a sharded weight would fail deep inside torch."""
+    for name, param in root.named_parameters():
+        if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+            raise ValueError(
+                f"{type(model).__qualname__}'s parameter {name!r} is a DTensor sharded over "
+                f"{param.device_mesh} ({param.placements}): the model was wrapped with FSDP2's "
+                "fully_shard or tensor parallelism, which subnet_interp does not support yet. "
+                "For data-parallel mask training, call si.find on the unsharded model in every "
+                "process of the torch.distributed group (see the README), before sharding it."
+            )
+
+
 def real_tensor(module: nn.Module, attribute: str):
     """The unmasked tensor ``module.<attribute>``, also while it is parametrized; ``None`` if
     the module has no such parameter."""
