@@ -215,66 +215,67 @@ def graph_edge_scores(
     layer ``L``); keys follow ``si.analysis.circuit_formats.all_edges`` without embed/unembed.
 
     Computed as ``<W_s^T W_s, R_t R_t^T>`` between ``d_model``-square Gram matrices, one matmul
-    per chunk of destinations, so it is vectorised over all pairs.
+    per group of at most ``chunk`` destinations, vectorised over all sources: memory is the
+    sources' Grams (``S x d_model^2`` doubles, about 0.7 GB for GPT-2-small) plus one group.
     """
     wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
     n_layers, n_heads = wq.shape[0], wq.shape[1]
-    grams_src, names_src, grams_dst, names_dst = [], [], [], []
-    dst_layer, src_layer, src_is_head = [], [], []
     from .circuits import head_node, mlp_node
 
+    mlps = {}
     for layer in range(n_layers):
-        q, k, v, o = wq[layer], wk[layer], wv[layer], wo[layer]  # [H, d, dh] x3, [H, dh, d]
-        vv, oo, qq, kk = (
-            v.transpose(1, 2) @ v,
-            o @ o.transpose(1, 2),
-            q.transpose(1, 2) @ q,
-            k.transpose(1, 2) @ k,
-        )
-        grams_src.append(o.transpose(1, 2) @ vv @ o)  # (V O)^T (V O)
-        names_src += [head_node(layer, h) for h in range(n_heads)]
-        src_layer += [layer] * n_heads
-        src_is_head += [True] * n_heads
-        for port, gram in (
-            ("q", q @ kk @ q.transpose(1, 2)),  # W_QK W_QK^T
-            ("k", k @ qq @ k.transpose(1, 2)),  # W_QK^T W_QK
-            ("v", v @ oo @ v.transpose(1, 2)),  # W_OV W_OV^T
-        ):
-            grams_dst.append(gram)
-            names_dst += [head_node(layer, h, port) for h in range(n_heads)]
-            dst_layer += [2 * layer] * n_heads
         w_in = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_in")
         w_out = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_out")
-        if w_in is None or w_out is None:
-            continue
-        gate = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_gate")
-        read = w_in @ w_in.T + (gate @ gate.T if gate is not None else 0)
-        grams_dst.append(read[None])
-        names_dst.append(mlp_node(layer))
-        dst_layer.append(2 * layer + 1)
-        grams_src.append((w_out.T @ w_out)[None])
-        names_src.append(mlp_node(layer))
-        src_layer.append(layer)
-        src_is_head.append(False)
+        if w_in is not None and w_out is not None:
+            mlps[layer] = (w_in, w_out, _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_gate"))
+    # sources, in forward order: heads of layer L at position 2L, its MLP at 2L + 1
+    grams_src, names_src, src_pos = [], [], []
+    for layer in range(n_layers):
+        v, o = wv[layer], wo[layer]  # [H, d, dh], [H, dh, d]
+        grams_src.append(o.transpose(1, 2) @ (v.transpose(1, 2) @ v) @ o)  # (V O)^T (V O)
+        names_src += [head_node(layer, h) for h in range(n_heads)]
+        src_pos += [2 * layer] * n_heads
+        if layer in mlps:
+            w_out = mlps[layer][1]
+            grams_src.append((w_out.T @ w_out)[None])
+            names_src.append(mlp_node(layer))
+            src_pos.append(2 * layer + 1)
     src = torch.cat(grams_src).flatten(1)  # [S, d*d]
-    src_trace = torch.cat([g.diagonal(dim1=1, dim2=2).sum(1) for g in grams_src])
-    # forward order: heads of layer L sit at 2L, the MLP of layer L at 2L + 1
-    src_pos = torch.tensor(
-        [2 * ly + (0 if h else 1) for ly, h in zip(src_layer, src_is_head, strict=True)]
-    )
-    dst = torch.cat(grams_dst)  # [T, d, d]
+    src_trace = src.view(-1, *grams_src[0].shape[1:]).diagonal(dim1=1, dim2=2).sum(1)
+    del grams_src
+    positions = torch.tensor(src_pos)
+
+    def destinations():
+        """(names, forward position, Gram matrices) of each group of destination inputs, made
+        one group at a time so that only one group's ``[n, d, d]`` block is alive."""
+        for layer in range(n_layers):
+            q, k, v, o = wq[layer], wk[layer], wv[layer], wo[layer]
+            for port, left, middle in (
+                ("q", q, k.transpose(1, 2) @ k),  # W_QK W_QK^T
+                ("k", k, q.transpose(1, 2) @ q),  # W_QK^T W_QK
+                ("v", v, o @ o.transpose(1, 2)),  # W_OV W_OV^T
+            ):
+                names = [head_node(layer, h, port) for h in range(n_heads)]
+                for lo in range(0, n_heads, chunk):
+                    part = left[lo : lo + chunk]
+                    gram = part @ middle[lo : lo + chunk] @ part.transpose(1, 2)
+                    yield names[lo : lo + chunk], 2 * layer, gram
+            if layer in mlps:
+                w_in, _, gate = mlps[layer]
+                read = w_in @ w_in.T + (gate @ gate.T if gate is not None else 0)
+                yield [mlp_node(layer)], 2 * layer + 1, read[None]
+
     out: dict[tuple[str, str], float] = {}
-    for lo in range(0, dst.shape[0], chunk):
-        part = dst[lo : lo + chunk]
-        numerator = src @ part.flatten(1).T  # [S, chunk]
-        trace = part.diagonal(dim1=1, dim2=2).sum(1)
+    for names, position, gram in destinations():
+        numerator = src @ gram.flatten(1).T  # [S, n]
+        trace = gram.diagonal(dim1=1, dim2=2).sum(1)
         denominator = (src_trace[:, None] * trace[None, :]).sqrt()
         ratio = numerator.clamp(min=0).sqrt() / denominator.clamp(min=1e-300)
         ratio = torch.where(denominator > 0, ratio, torch.zeros_like(ratio)).tolist()
-        for j in range(part.shape[0]):
-            target = lo + j
-            for i in (src_pos < dst_layer[target]).nonzero().flatten().tolist():
-                out[(names_src[i], names_dst[target])] = ratio[i][j]
+        earlier = (positions < position).nonzero().flatten().tolist()
+        for j, name in enumerate(names):
+            for i in earlier:
+                out[(names_src[i], name)] = ratio[i][j]
     return out
 
 
