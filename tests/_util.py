@@ -11,11 +11,9 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return (
-        a.dtype == b.dtype
-        and a.shape == b.shape
-        and a.cpu().numpy().tobytes() == b.cpu().numpy().tobytes()
-    )
+    """Same dtype, shape and bytes (any dtype, bf16 included; NaNs compare by bit pattern)."""
+    as_bytes = lambda t: t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)  # noqa: E731
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bytes(a), as_bytes(b))
 
 
 def assert_bit_exact(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> None:

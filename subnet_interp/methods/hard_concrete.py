@@ -75,9 +75,15 @@ class HardConcrete(MaskMethod):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.droprate_init < 1.0:
-            raise ValueError(f"droprate_init must be in (0, 1), got {self.droprate_init}.")
-        if self.target_density is not None and not 0.0 <= self.target_density <= 1.0:
-            raise ValueError(f"target_density must be in [0, 1], got {self.target_density}.")
+            raise ValueError(
+                f"hard_concrete: droprate_init must be in (0, 1), got {self.droprate_init}; "
+                "pass e.g. 0.5 (the default, Louizos et al.)."
+            )
+        if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
+            raise ValueError(
+                f"hard_concrete: target_density must be in (0, 1], got {self.target_density}; "
+                "pass the fraction of weights to keep, or None for the plain L0 penalty."
+            )
 
     def init_parameters(self, target: Target, gate_shape, weight, generator) -> Tensor:
         mean = math.log(1.0 - self.droprate_init) - math.log(self.droprate_init)

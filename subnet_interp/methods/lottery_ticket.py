@@ -14,7 +14,6 @@ from .._registry import methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
 from ._weights import canonical_weights, plain_state_dict, train_weights
-from .magnitude import check_density
 
 
 def prune_smallest(
@@ -85,17 +84,31 @@ class LotteryTicket(Method):
 
     def __post_init__(self) -> None:
         if not 0.0 < self.prune_fraction < 1.0:
-            raise ValueError(f"prune_fraction must be in (0, 1), got {self.prune_fraction}.")
+            raise ValueError(
+                f"lottery_ticket: prune_fraction must be in (0, 1), got {self.prune_fraction}; "
+                "pass e.g. 0.2 (the default, Frankle & Carbin)."
+            )
         if self.rounds is None and self.target_density is None:
-            raise ValueError("Give `rounds`, `target_density` or both, so pruning can stop.")
-        if self.target_density is not None:
-            check_density(self.target_density)
+            raise ValueError(
+                "lottery_ticket: both `rounds` and `target_density` are None; give one or both "
+                "so pruning can stop (e.g. target_density=0.2)."
+            )
+        if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
+            raise ValueError(
+                f"lottery_ticket: target_density must be in (0, 1], got {self.target_density}; "
+                "pass the fraction of weights the ticket keeps (e.g. 0.2)."
+            )
         if self.rounds is not None and self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}.")
+            raise ValueError(f"lottery_ticket: rounds must be >= 1 (or None), got {self.rounds}.")
         if self.scope not in ("global", "per_target"):
-            raise ValueError(f"scope must be 'global' or 'per_target', got {self.scope!r}.")
+            raise ValueError(
+                f"lottery_ticket: scope must be 'global' or 'per_target', got {self.scope!r}."
+            )
         if self.rewind_step < 0:
-            raise ValueError(f"rewind_step must be >= 0, got {self.rewind_step}.")
+            raise ValueError(
+                f"lottery_ticket: rewind_step must be >= 0 (0 rewinds to the initial weights), "
+                f"got {self.rewind_step}."
+            )
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr)

@@ -43,7 +43,9 @@ class LotteryTicketSparseFineTuning(Method):
     def __post_init__(self) -> None:
         check_density(self.density)
         if self.num_params is not None and self.num_params < 0:
-            raise ValueError(f"num_params must be >= 0, got {self.num_params}.")
+            raise ValueError(
+                f"lt_sft: num_params must be >= 0 (or None to use `density`), got {self.num_params}."
+            )
 
     def optimizer(self, params) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)

@@ -63,7 +63,9 @@ class Magnitude(Method):
     def __post_init__(self) -> None:
         check_density(self.density)
         if self.scope not in ("global", "per_target"):
-            raise ValueError(f"scope must be 'global' or 'per_target', got {self.scope!r}.")
+            raise ValueError(
+                f"magnitude: scope must be 'global' or 'per_target', got {self.scope!r}."
+            )
 
     def run(self, context: FindContext) -> FindResult:
         with torch.no_grad():
