@@ -114,3 +114,23 @@ def test_extra_parameters_train_alongside_the_mask():
     with pytest.raises(ValueError, match="must be floating tensors that require grad"):
         si.find(model, "gumbel_sigmoid", loss_fn, task.batches(16), steps=2,
                 extra_parameters=[torch.zeros(3)])  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (  # the suite's runtime type checker (conftest.py) may answer first
+            dict(recompute_masks="yes"),
+            TypeError,
+            "`recompute_masks` must be True or False|typechecking parameter 'recompute_masks'",
+        ),
+        (dict(checkpoint_every=0), ValueError, "`checkpoint_every` must be a positive int"),
+        (dict(extra_lr=-1.0), ValueError, "`extra_lr` must be a positive number"),
+    ],
+)
+def test_find_option_errors(kwargs, error, match):
+    task = make_task("gumbel_sigmoid")
+    before = snapshot(task.model)
+    with pytest.raises(error, match=match):
+        si.find(task.model, "gumbel_sigmoid", task.loss_fn, task.batches(16), steps=2, **kwargs)
+    assert_bit_exact(task.model, before)

@@ -268,3 +268,12 @@ def test_compare_circuits_and_edges_with_chance():
     assert result.auc == 1.0 and result.precision_at_k == 1.0
     flipped = compare_edges({e: -v for e, v in perfect.items()}, a)
     assert flipped.auc == 0.0
+
+
+def test_compare_circuits_refuses_circuits_of_different_models():
+    a = Circuit(frozenset({head_node(0, 0)}), n_layers=2, n_heads=3)
+    b = Circuit(frozenset({head_node(0, 0)}), n_layers=4, n_heads=3)
+    with pytest.raises(ValueError, match="The circuits are of different models"):
+        compare_circuits(a, b)
+    with pytest.raises(ValueError, match="needs n_layers and n_heads"):
+        compare_circuits(Circuit(frozenset({head_node(0, 0)})), Circuit(frozenset()))

@@ -133,3 +133,12 @@ def test_lesioning_the_module_a_task_uses_hurts_more_than_random_lesions():
     assert by_module[used].effect > 10 * abs(by_module[1 - used].effect)
     assert by_module[1 - used].percentile > 0.5  # the other module barely matters
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_module_lesions_needs_random_controls():
+    from subnet_interp.analysis import module_lesions
+
+    net = block_diagonal_mlp()
+    result = modules(net, 2, null_samples=2)
+    with pytest.raises(ValueError, match="n_random must be at least 1"):
+        module_lesions(net, result, lambda m: 0.0, n_random=0)
