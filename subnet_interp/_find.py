@@ -219,6 +219,15 @@ def find(
             "loss_fn."
         )
     print_before = fingerprint(model)
+    run = {  # what defines the run: recorded in the result's meta and checked on resume
+        "method": resolved.name,
+        "hparams": dataclasses.asdict(resolved),
+        "steps": steps,
+        "mask_dtype": str(mask_dtype).removeprefix("torch."),
+        "mask_optimizer": mask_optimizer,
+        "fingerprint": print_before,
+        "targets": list(chosen),
+    }
     user_model = model
     if resolved.trains_weights and not inplace:
         model = _copy_model(model)
@@ -257,16 +266,9 @@ def find(
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
             extras={
-                "run_identity": {
-                    "method": resolved.name,
-                    "hparams": _checkpoint.jsonable(dataclasses.asdict(resolved)),
-                    "steps": steps,
-                    "targets": list(chosen),
-                    "fingerprint": print_before,
-                    "mask_dtype": str(mask_dtype),
-                    "mask_optimizer": mask_optimizer,
-                    "extra_parameters": [list(t.shape) for t in extras],
-                }
+                "run_identity": _checkpoint.jsonable(
+                    {**run, "extra_parameters": [list(t.shape) for t in extras]}
+                )
             },
         )
         result = resolved.run(context)
@@ -278,15 +280,9 @@ def find(
             "(weights must only change on a copy). Please report it."
         )
     meta = {
-        "method": resolved.name,
-        "hparams": dataclasses.asdict(resolved),
-        "steps": steps,
-        "mask_dtype": str(mask_dtype).removeprefix("torch."),
-        "mask_optimizer": mask_optimizer,
+        **run,
         "recompute_masks": recompute_masks,
-        "fingerprint": print_before,
         "family": adapter.family,
-        "targets": list(chosen),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "subnet_interp_version": _version(),
     }

@@ -482,12 +482,13 @@ def _sampler(
     shape: tuple[int, ...],
     device: torch.device,
 ):
-    """A function returning the same mask sample each call (its noise comes from ``seed``)."""
-    snapshot = TrainState(**{**state.__dict__, "aux": state.aux})
+    """A function returning the same mask sample each call (its noise comes from ``seed``).
+    Every call falls within one step (forward, and the recomputation in its backward), so it
+    reads the step's ``state`` as it is."""
 
     def sample() -> Tensor:
         generator = torch.Generator(device=device).manual_seed(seed)
-        return method.sample(params, snapshot, generator).expand(shape)
+        return method.sample(params, state, generator).expand(shape)
 
     return sample
 

@@ -9,7 +9,7 @@ import torch
 from _util import assert_bit_exact, snapshot
 
 import subnet_interp as si
-from subnet_interp import probing
+from subnet_interp import probing, tasks
 from subnet_interp.probing import (
     Probe,
     complexity_curve,
@@ -20,6 +20,7 @@ from subnet_interp.probing import (
     subnetwork_probe,
     train_probe,
 )
+from subnet_interp.tasks import previous_token_classes
 
 transformers = pytest.importorskip("transformers")
 
@@ -29,14 +30,10 @@ FIRST_LABEL = 4  # the first positions see too few tokens to be informative eith
 
 def previous_token_batches(n, batch_size, seed):
     """Token-level task: the label of position t is the class (token mod 4) of token t-1."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        tokens = torch.randint(0, VOCAB, (batch_size, SEQ), generator=gen)
-        labels = torch.full((batch_size, SEQ), -100)
-        labels[:, FIRST_LABEL:] = tokens[:, FIRST_LABEL - 1 : -1] % CLASSES
-        batches.append((tokens, labels))
-    return batches
+    return previous_token_classes(
+        n, batch_size, vocab=VOCAB, seq_len=SEQ, classes=CLASSES, first_label=FIRST_LABEL,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
 
 
 TRAIN = previous_token_batches(16, 32, 0)
@@ -44,20 +41,7 @@ TEST = previous_token_batches(4, 64, 1)
 
 
 def tiny_gpt2():
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(
-        vocab_size=VOCAB,
-        n_positions=SEQ,
-        n_embd=D,
-        n_layer=2,
-        n_head=4,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(config).eval()
+    return tasks.tiny_gpt2(VOCAB, n_layer=2, n_head=4, d_model=D, n_positions=SEQ)
 
 
 def previous_token_model():

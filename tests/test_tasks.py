@@ -67,3 +67,15 @@ def test_add_mul_targets_and_learnability():
     data = add_mul_batches(1, 32, ops=("add",), generator=torch.Generator().manual_seed(1))
     train(net, digit_loss, data, steps=300, lr=1e-2)  # memorises one batch: the loss is learnable
     assert float(exact_accuracy(net, data[0])) > 0.9
+
+
+def test_previous_token_classes_labels_the_token_before():
+    from subnet_interp.tasks import previous_token_classes
+
+    ((tokens, labels),) = previous_token_classes(
+        1, 8, vocab=10, seq_len=6, classes=3, first_label=2
+    )
+    assert (labels[:, :2] == -100).all()
+    assert torch.equal(labels[:, 2:], tokens[:, 1:-1] % 3)
+    with pytest.raises(ValueError, match="first_label must be in"):
+        previous_token_classes(1, 8, seq_len=6, first_label=6)

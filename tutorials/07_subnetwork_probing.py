@@ -21,7 +21,7 @@ import torch
 
 from subnet_interp.analysis import head_scores, top_heads
 from subnet_interp.probing import complexity_curve, probe_baselines, subnetwork_probe
-from subnet_interp.tasks import logits_of, tiny_gpt2, train
+from subnet_interp.tasks import logits_of, previous_token_classes, tiny_gpt2, train
 
 FAST = os.environ.get("SUBNET_INTERP_FAST") == "1"
 TRAIN_STEPS, PROBE_STEPS = (200, 100) if FAST else (600, 400)
@@ -32,14 +32,10 @@ VOCAB, SEQ, CLASSES, FIRST_LABEL = 16, 12, 4, 4
 def previous_token_batches(n, batch_size, seed):
     """Token-level labels: position t is labelled with the class of token t-1; the first
     positions, which see too few tokens to tell anything apart, are ignored (-100)."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(n):
-        tokens = torch.randint(0, VOCAB, (batch_size, SEQ), generator=gen)
-        labels = torch.full((batch_size, SEQ), -100)
-        labels[:, FIRST_LABEL:] = tokens[:, FIRST_LABEL - 1 : -1] % CLASSES
-        batches.append((tokens, labels))
-    return batches
+    return previous_token_classes(
+        n, batch_size, vocab=VOCAB, seq_len=SEQ, classes=CLASSES, first_label=FIRST_LABEL,
+        generator=torch.Generator().manual_seed(seed),
+    )  # fmt: skip
 
 
 train_data = previous_token_batches(32, 32, 0)

@@ -10,6 +10,7 @@ from .induction import (
     tiny_gpt2,
 )
 from .planted import PlantedTask, planted_delta, planted_mlp, planted_teacher
+from .previous_token import previous_token_classes
 from .regression import two_outputs
 from .templates import VOCAB, ioi_accuracy, ioi_batches, ioi_logits, ioi_loss
 from .training import logits_of, train
@@ -33,6 +34,7 @@ __all__ = [
     "planted_mlp",
     "planted_teacher",
     "predictable_positions",
+    "previous_token_classes",
     "repeated_tokens",
     "tiny_gpt2",
     "train",
