@@ -73,12 +73,14 @@ class _Slot:
     Not an ``nn.Module`` on purpose: nothing here may appear in the model's ``state_dict``.
     """
 
-    __slots__ = ("mask", "compute", "ablation", "location")
+    __slots__ = ("mask", "compute", "checkpointed", "ablation", "location")
 
     def __init__(self, ablation: Ablation, location: tuple[str, str]):
         self.mask: Tensor | None = None
-        # set instead of ``mask`` by Attachment.set_mask_functions: weight -> masked weight
+        # set instead of ``mask``: weight -> masked weight (Attachment.set_mask_functions, and
+        # set_masks on sharded weights, whose mask is built when the gathered weight is read)
         self.compute: Callable[[Tensor], Tensor] | None = None
+        self.checkpointed = False  # recompute ``compute`` in backward instead of keeping it
         self.ablation = ablation
         self.location = location
 
@@ -93,7 +95,7 @@ class _Masking(nn.Module):
     def forward(self, weight: Tensor) -> Tensor:
         compute = self._slot.compute
         if compute is not None:
-            if not torch.is_grad_enabled():
+            if not (self._slot.checkpointed and torch.is_grad_enabled()):
                 return compute(weight)
             # Nothing the mask computation makes is kept for backward: it is recomputed there
             # (the mask functions are deterministic), so a step holds no mask-sized tensors
@@ -113,10 +115,57 @@ class _Location:
     slot: _Slot
     parametrization: _Masking
     parameter_order: list[str] | None  # set when this attachment made the tensor parametrized
+    # FSDP-sharded weights are not parametrized (FSDP swaps the parameter objects itself): the
+    # module's forward hooks put the masked gathered weight in front of them (see _Shadow)
+    shadow: _Shadow | None = None
 
     @property
     def real(self) -> Tensor:
+        if self.shadow is not None:
+            return self.module._parameters[self.attribute]
         return self.module.parametrizations[self.attribute].original
+
+
+class _Shadow:
+    """Masks a weight FSDP2 manages. FSDP all-gathers the module's parameters before its
+    forward and puts the gathered ``Parameter`` in ``module._parameters``; the pre-hook here
+    (registered after FSDP's, so it runs later) shadows it with the masked weight in the
+    instance ``__dict__``, which attribute lookup reads first, and the post-hook (also on
+    exceptions) removes the shadow. Nested attachments compose: a later pre-hook masks the
+    earlier one's shadow."""
+
+    def __init__(self, module: nn.Module, attribute: str, parametrization: _Masking):
+        self.attribute = attribute
+        self.parametrization = parametrization
+        self.reads = 0
+        self.handles = [
+            module.register_forward_pre_hook(self.before),
+            module.register_forward_hook(self.after, always_call=True),
+        ]
+
+    def before(self, module: nn.Module, args: object) -> None:
+        name = self.attribute
+        weight = module.__dict__.get(name)
+        if weight is None:
+            weight = module._parameters.get(name)
+        if weight is None or adapters.is_dtensor(weight):
+            raise RuntimeError(
+                f"{type(module).__qualname__}.{name} was still sharded when its forward began: "
+                "FSDP did not gather it. Apply fully_shard to this module or one that contains "
+                "it (e.g. every transformer block, then the root), and call the model itself "
+                "rather than one sub-module."
+            )
+        self.reads += 1
+        module.__dict__[name] = self.parametrization(weight)
+
+    def after(self, module: nn.Module, args: object, output: object) -> None:
+        module.__dict__.pop(self.attribute, None)
+
+    def remove(self, module: nn.Module) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        module.__dict__.pop(self.attribute, None)
 
 
 class Attachment:
@@ -147,14 +196,28 @@ class Attachment:
         self._locations: list[_Location] = []
         self._removed = False
         self._handles: list = []
+        if type(ablation) not in (Ablation, _AddDelta) and any(
+            adapters.is_dtensor(root.get_submodule(path)._parameters.get(attribute))
+            for path, attribute in groups
+        ):
+            raise ValueError(
+                f"The {ablation.name!r} ablation does not work on FSDP-sharded weights; use zero "
+                "ablation (the default), or run it on the unsharded model."
+            )
         ablation.prepare(model, root, self.targets)
         try:
             for (module_path, attribute), members in groups.items():
                 module = root.get_submodule(module_path)
-                was_parametrized = parametrize.is_parametrized(module, attribute)
-                order = None if was_parametrized else list(module._parameters)
                 slot = _Slot(ablation, (module_path, attribute))
                 masking = _Masking(slot)
+                if adapters.is_dtensor(module._parameters.get(attribute)):
+                    shadow = _Shadow(module, attribute, masking)
+                    self._locations.append(
+                        _Location(module, attribute, members, slot, masking, None, shadow)
+                    )
+                    continue
+                was_parametrized = parametrize.is_parametrized(module, attribute)
+                order = None if was_parametrized else list(module._parameters)
                 parametrize.register_parametrization(module, attribute, masking, unsafe=True)
                 self._locations.append(_Location(module, attribute, members, slot, masking, order))
             self._handles = ablation.hooks(
@@ -176,8 +239,27 @@ class Attachment:
         """
         for loc in self._locations:
             loc.slot.compute = None
+            loc.slot.checkpointed = False
             present = [t for t in loc.targets if t.name in masks]
+            if loc.shadow is not None:
+                # a sharded weight: build its real-layout mask only when the gathered weight is
+                # read, so no more than one layer's mask exists at a time
+                loc.slot.mask = None
+                if present:
+                    loc.slot.compute = _deferred(loc, dict(masks), present, fill)
+                continue
             loc.slot.mask = _real_mask(loc, loc.real, masks, present, fill) if present else None
+
+    def shadow_reads(self) -> dict[str, int]:
+        """How often each FSDP-sharded target's weight was read since the last call (the
+        forward hooks count); resets the counts."""
+        counts = {}
+        for loc in self._locations:
+            if loc.shadow is not None:
+                for target in loc.targets:
+                    counts[target.name] = loc.shadow.reads
+                loc.shadow.reads = 0
+        return counts
 
     def set_mask_functions(
         self, functions: Mapping[str, Callable[[], Tensor]], *, fill: float = 1.0
@@ -195,6 +277,7 @@ class Attachment:
         for loc in self._locations:
             loc.slot.mask = None
             present = [t for t in loc.targets if t.name in functions]
+            loc.slot.checkpointed = bool(present)
             if not present:
                 loc.slot.compute = None
                 continue
@@ -231,6 +314,14 @@ class Attachment:
             raise errors[0]
 
 
+def _deferred(loc: _Location, masks: Mapping[str, Tensor], present: list[Target], fill: float):
+    def compute(weight: Tensor) -> Tensor:
+        mask = _real_mask(loc, weight, masks, present, fill)
+        return loc.slot.ablation.apply(weight, mask, loc.slot.location)
+
+    return compute
+
+
 def _real_mask(
     loc: _Location, real: Tensor, masks: Mapping[str, Tensor], present: list[Target], fill: float
 ) -> Tensor:
@@ -246,6 +337,11 @@ def _real_mask(
 
 def _remove_one(loc: _Location) -> None:
     module, attribute = loc.module, loc.attribute
+    if loc.shadow is not None:
+        loc.shadow.remove(module)
+        loc.slot.mask = None
+        loc.slot.compute = None
+        return
     plist = module.parametrizations[attribute]
     index = next(i for i, p in enumerate(plist) if p is loc.parametrization)
     if len(plist) == 1:
@@ -270,7 +366,7 @@ def attach(
     """Parametrize ``targets`` of ``model``; masks are set later with ``set_masks``."""
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
-    adapters.check_not_sharded(model, adapter.root(model))
+    adapters.fsdp_mesh(model, adapter.root(model))  # validates a sharded model's layout
     return Attachment(
         adapter.root(model), targets, resolve_ablation(ablation), adapter=adapter, model=model
     )
@@ -367,7 +463,7 @@ def masked(
     """
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
-    adapters.check_not_sharded(model, adapter.root(model))
+    adapters.fsdp_mesh(model, adapter.root(model))  # validates a sharded model's layout
     root = adapter.root(model)
     available = adapter.all_targets(model)
     if isinstance(subnetwork, Subnetwork):
@@ -415,7 +511,7 @@ def delta_applied(
     """
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
-    adapters.check_not_sharded(model, adapter.root(model))
+    adapters.fsdp_mesh(model, adapter.root(model))  # validates a sharded model's layout
     root = adapter.root(model)
     available = adapter.all_targets(model)
     validate_masks(model, delta, available, root)

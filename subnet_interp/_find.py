@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import _checkpoint, adapters
-from ._fingerprint import fingerprint, read_canonical
+from ._fingerprint import fingerprint
 from ._registry import check_hparams
 from ._train import MaskMethod, endless
 from ._types import NotFoundError, Target, describe_tensor
@@ -209,7 +209,9 @@ def find(
         raise ValueError(f"`extra_lr` must be a positive number, got {extra_lr!r}.")
     adapter = adapters.resolve(model)
     adapter.check_attachable(model)
-    adapters.check_not_sharded(model, adapter.root(model))
+    mesh = adapters.fsdp_mesh(model, adapter.root(model))
+    if mesh is not None:
+        _check_sharded_run(resolved, device, checkpoint, mask_optimizer)
     chosen = _resolve_targets(adapter, model, targets)
     owned = {id(p) for p in adapter.root(model).parameters()}
     if any(id(t) in owned for t in extras):
@@ -232,7 +234,8 @@ def find(
     if resolved.trains_weights and not inplace:
         model = _copy_model(model)
     root = adapter.root(model)
-    model_device = read_canonical(root, next(iter(chosen.values()))).device
+    first = next(iter(chosen.values()))
+    model_device = adapters.real_tensor(root.get_submodule(first.module), first.attribute).device
     run_device = torch.device(device) if device is not None else model_device
 
     flags = {name: p.requires_grad for name, p in root.named_parameters()}
@@ -265,6 +268,7 @@ def find(
             extra_lr=float(extra_lr),
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
+            mesh=mesh,
             extras={
                 "run_identity": _checkpoint.jsonable(
                     {**run, "extra_parameters": [list(t.shape) for t in extras]}
@@ -288,6 +292,37 @@ def find(
     }
     subnetwork = result.subnetwork.to(model_device).with_meta(**meta)
     return dataclasses.replace(result, subnetwork=subnetwork)
+
+
+def _check_sharded_run(method: Method, device: Any, checkpoint: Any, mask_optimizer: str) -> None:
+    """What an FSDP2-sharded model supports (see ``_train.train_masks``)."""
+    supported = [
+        n
+        for n in registry.names()
+        if issubclass(registry.get(n), MaskMethod) and not registry.get(n).trains_weights
+    ]
+    if not isinstance(method, MaskMethod) or method.trains_weights:
+        raise ValueError(
+            f"The model is sharded with FSDP2 (fully_shard); on sharded models si.find runs the "
+            f"learnable-mask methods that keep the weights frozen, {supported}, and "
+            f"{method.name!r} is not one. Run it on the unsharded model."
+        )
+    if device is not None:
+        raise ValueError(
+            f"`device={device!r}` cannot move an FSDP2-sharded model: FSDP placed its shards. "
+            "Leave `device` unset."
+        )
+    if checkpoint is not None:
+        raise ValueError(
+            "`checkpoint=` is not supported on FSDP2-sharded models yet (the mask parameters "
+            "are sharded over the ranks). Leave `checkpoint` unset, or train on the unsharded "
+            "model (data-parallel under torchrun)."
+        )
+    if mask_optimizer != "paper":
+        raise ValueError(
+            f"`mask_optimizer={mask_optimizer!r}` is not supported on FSDP2-sharded models; use "
+            "the default 'paper' optimizer."
+        )
 
 
 def _check_loss_fn(loss_fn: Any) -> None:

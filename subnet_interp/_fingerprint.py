@@ -13,8 +13,13 @@ _SAMPLES_PER_TARGET = 257
 
 
 def read_canonical(root: torch.nn.Module, target: Target) -> torch.Tensor:
-    """The target's current (unmasked) tensor in canonical layout."""
+    """The target's current (unmasked) tensor in canonical layout.
+
+    On an FSDP-sharded model the whole tensor is gathered from the ranks (a collective: every
+    rank must call this for the same targets in the same order)."""
     real = adapters.real_tensor(root.get_submodule(target.module), target.attribute)
+    if adapters.is_dtensor(real):
+        real = real.full_tensor()
     return target.layout.to_canonical(real)
 
 

@@ -8,6 +8,7 @@ loop works for every model family an adapter handles.
 from __future__ import annotations
 
 import abc
+import contextlib
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ._attach import ZERO, Attachment
 from ._fingerprint import canonical_copy, read_canonical
 from ._subnetwork import Subnetwork
 from ._types import Target
+from .adapters import is_dtensor
 from .methods._base import FindContext, FindResult, Method
 
 
@@ -166,11 +168,14 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     device = context.device
     generator = context.generator
     gate_shapes = {n: t.gate_shape(method.granularity) for n, t in targets.items()}
+    mesh = context.mesh  # FSDP2: mask parameters are sharded like the weights
     params: dict[str, Tensor] = {}
     for name, target in targets.items():
         weight = read_canonical(context.root, target).detach()
         init = method.init_parameters(target, gate_shapes[name], weight, generator)
-        params[name] = init.to(device=device, dtype=context.mask_dtype).requires_grad_(True)
+        init = init.to(device=device, dtype=context.mask_dtype)
+        del weight
+        params[name] = (init if mesh is None else _shard(init, mesh)).requires_grad_(True)
     names = list(params)
     param_list = [params[n] for n in names]
     per_gate = [targets[n].numel // max(1, math.prod(gate_shapes[n])) for n in names]
@@ -226,6 +231,8 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         leave=False,
     )
     synced = param_list + extras + (weight_params if weight_optimizer is not None else [])
+    synced = [p for p in synced if not is_dtensor(p)]  # sharded ones are averaged in backward
+    check_reads = mesh is not None
     start = 0
     run = {
         "params": params,
@@ -256,7 +263,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                 rewound = canonical_copy(context.root, targets)
             method.on_step(state)
             batch = next(context.batches)
-            state.batch_size = batch_size(batch)
+            state.batch_size = _global_batch_size(batch_size(batch), world, device)
             chunks = split_batch(batch, samples)
             loss_sum = torch.zeros((), device=device)
             for chunk in chunks:
@@ -265,26 +272,32 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                     n: _sampler(method, params[n], state, seed, targets[n].shape, device)
                     for n, seed in zip(names, seeds, strict=True)
                 }
-                if context.recompute_masks:
+                if context.recompute_masks or mesh is not None:
                     attachment.set_mask_functions(samplers)
                 else:
                     attachment.set_masks({n: f() for n, f in samplers.items()})
                 loss = context.loss_fn(context.model, chunk)
+                if check_reads:
+                    _check_sharded_reads(attachment)
+                    check_reads = False
                 _check_loss(loss, step)
-                if not bool(torch.isfinite(loss.detach())):
+                if not _all_finite(loss.detach(), world):
                     attachment.set_masks({})
                     with torch.no_grad():
                         last = {
-                            n: method.final_mask(params[n]).expand(targets[n].shape).clone()
+                            n: _full(method.final_mask(params[n])).expand(targets[n].shape).clone()
                             for n in names
                         }
                     raise NonFiniteLossError(step, float(loss.detach()), Subnetwork(last))
                 (loss / len(chunks)).backward()
                 loss_sum = loss_sum + loss.detach() / len(chunks)
             attachment.set_masks({})
-            penalty = method.penalty(param_list, per_gate, state)
-            if penalty.requires_grad:
-                penalty.backward()
+            with _replicating(mesh):
+                penalty = method.penalty(param_list, per_gate, state)
+                if penalty.requires_grad:
+                    penalty.backward()
+            if mesh is not None:
+                _plain_grads(state.aux.values())
             if world is not None:
                 _average_gradients(synced, world[1])
             if clip is not None:
@@ -303,13 +316,13 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                 with torch.no_grad():
                     kept = _track(
                         [
-                            method.final_mask(p).sum() * g
+                            _full(method.final_mask(p).sum()) * g
                             for p, g in zip(param_list, per_gate, strict=True)
                         ]
                     ).sum()
                 history["step"].append(torch.tensor(float(step)))
                 history["loss"].append(_average(loss_sum.detach(), world))
-                history["penalty"].append(penalty.detach().float())
+                history["penalty"].append(_full(penalty.detach()).float())
                 history["density"].append(kept / max(1, total_weights))
                 history["temperature"].append(torch.tensor(float(state.temperature)))
                 record = {k: float(v[-1]) for k, v in history.items()}
@@ -325,7 +338,9 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         bar.close()
         attachment.remove()
     with torch.no_grad():
-        masks = {n: method.final_mask(params[n]).expand(targets[n].shape).clone() for n in names}
+        masks = {
+            n: _full(method.final_mask(params[n])).expand(targets[n].shape).clone() for n in names
+        }
     floats = {k: torch.stack(v).cpu().tolist() if v else [] for k, v in history.items()}
     weights = None
     if method.trains_weights:
@@ -340,6 +355,91 @@ def _world() -> tuple[int, int] | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.get_rank(), dist.get_world_size()
     return None
+
+
+def _shard(tensor: Tensor, mesh) -> Tensor:
+    """``tensor`` (the same on every rank) as a DTensor whose local part is this rank's slice of
+    its largest dim (the same layout FSDP2 gives weights); a 0-dim tensor is replicated."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    if tensor.dim() == 0:
+        placement = Replicate()
+    else:
+        placement = Shard(max(range(tensor.dim()), key=lambda d: tensor.shape[d]))
+    # src_data_rank=None: every rank slices its own copy, no communication
+    return distribute_tensor(tensor.detach(), mesh, [placement], src_data_rank=None)
+
+
+def _gathered(params: Tensor) -> Tensor:
+    """The whole parameter tensor as a plain tensor; for a sharded one an all-gather whose
+    backward averages the ranks' gradients into each rank's shard (a reduce-scatter), which is
+    data-parallel training's gradient of the mean loss over the global batch."""
+    if not is_dtensor(params):
+        return params
+    from torch.distributed.tensor import Partial, Replicate
+
+    whole = params.redistribute(params.device_mesh, [Replicate()])
+    return whole.to_local(grad_placements=[Partial("avg")])
+
+
+def _full(value: Tensor) -> Tensor:
+    """A DTensor gathered into a plain tensor (bool via uint8: gloo has no bool collectives)."""
+    if not is_dtensor(value):
+        return value
+    if value.dtype == torch.bool:
+        return value.to(torch.uint8).full_tensor().bool()
+    return value.full_tensor()
+
+
+def _replicating(mesh):
+    """Regularisers of sharded parameters may combine them with plain tensors (a Lagrange
+    multiplier, a constant): those count as replicated on every rank."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+
+    return implicit_replication()
+
+
+def _plain_grads(values) -> None:
+    """Plain tensors (e.g. Lagrange multipliers) that met sharded parameters in the regulariser
+    got DTensor gradients; their optimisers need plain ones (the same on every rank)."""
+    for value in values:
+        if isinstance(value, Tensor) and not is_dtensor(value) and is_dtensor(value.grad):
+            value.grad = _full(value.grad)
+
+
+def _check_sharded_reads(attachment: Attachment) -> None:
+    unread = [name for name, count in attachment.shadow_reads().items() if count == 0]
+    if unread:
+        raise RuntimeError(
+            f"The FSDP-sharded weights of {unread[:6]}{' ...' if len(unread) > 6 else ''} were "
+            "not read through their own module's forward during the loss, so their masks "
+            "could not apply (subnet_interp masks a sharded weight while its module's forward "
+            "runs). Exclude these targets, or check that loss_fn calls the model's forward."
+        )
+
+
+def _global_batch_size(size: int, world: tuple[int, int] | None, device: torch.device) -> int:
+    """Examples in the step's global batch: the sum of the ranks' shards (per-example
+    regularisers scale by it, as in one process over the global batch)."""
+    if world is None:
+        return size
+    import torch.distributed as dist
+
+    total = torch.tensor([size], dtype=torch.int64, device=device)  # nccl: on the GPU
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _all_finite(loss: Tensor, world: tuple[int, int] | None) -> bool:
+    """Whether the loss is finite on every rank (all ranks stop together, or none does)."""
+    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
+    if world is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 def _average_gradients(tensors: Sequence[Tensor], world_size: int) -> None:
@@ -488,7 +588,7 @@ def _sampler(
 
     def sample() -> Tensor:
         generator = torch.Generator(device=device).manual_seed(seed)
-        return method.sample(params, state, generator).expand(shape)
+        return method.sample(_gathered(params), state, generator).expand(shape)
 
     return sample
 

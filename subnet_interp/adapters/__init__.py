@@ -53,23 +53,85 @@ class Adapter(abc.ABC):
         return None
 
 
-def check_not_sharded(model: object, root: nn.Module) -> None:
-    """Refuse models whose weights are DTensors (FSDP2 ``fully_shard``, tensor parallelism):
-    masks attach to whole tensors, and a sharded weight would fail deep inside torch."""
+_WRAPPER_MODULES = ("torch.distributed.fsdp", "torch.nn.utils.parametrize")
+
+
+def model_class(obj: object) -> type:
+    """The class of ``obj`` as its library defined it: FSDP2's ``fully_shard`` and
+    ``torch.nn.utils.parametrize`` swap a module's class for a generated subclass
+    (``FSDPGPT2LMHeadModel``, ``ParametrizedLinear``); adapters recognise families by the
+    class underneath."""
+    for cls in type(obj).__mro__:
+        if not cls.__module__.startswith(_WRAPPER_MODULES):
+            return cls
+    return type(obj)
+
+
+def is_dtensor(tensor: object) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (checked without importing
+    torch.distributed where it is unavailable)."""
+    return hasattr(tensor, "device_mesh") and hasattr(tensor, "placements")
+
+
+def fsdp_mesh(model: object, root: nn.Module):
+    """The device mesh of a model sharded with FSDP2's ``fully_shard``; ``None`` if no parameter
+    of ``root`` is a DTensor.
+
+    Every FSDP module is resharded first (``FSDPModule.reshard``), so the parameters are the
+    sharded DTensors FSDP manages (after a forward without backward, FSDP keeps the root's
+    parameters gathered). Only FSDP2's layout is accepted: every DTensor parameter on one 1-D
+    mesh, sharded on dim 0. Tensor parallelism and HSDP get a clear error.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch built without distributed support
+        FSDPModule = ()  # noqa: N806
+    fsdp_modules = [m for m in root.modules() if FSDPModule and isinstance(m, FSDPModule)]
+    for module in fsdp_modules:
+        module.reshard()
+    sharded = [(name, p) for name, p in root.named_parameters() if is_dtensor(p)]
+    if not sharded:
+        return None
+    from torch.distributed.tensor import Shard
+
+    name, first = sharded[0]
+    mesh = first.device_mesh
+    for name, param in sharded:
+        if param.device_mesh != mesh or mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
+            raise ValueError(
+                f"{type(model).__qualname__}'s parameter {name!r} is a DTensor on "
+                f"{param.device_mesh} with placements {param.placements}. subnet_interp supports "
+                "models sharded by FSDP2's fully_shard on one 1-D mesh (every parameter "
+                "Shard(0)); tensor parallelism and HSDP (2-D meshes) are not supported. Shard the "
+                "model with `fully_shard(block, mesh=init_device_mesh(device, (world_size,)))`."
+            )
+    if not fsdp_modules:
+        raise ValueError(
+            f"{type(model).__qualname__}'s parameter {name!r} is a sharded DTensor, but no module "
+            "of the model is an FSDP module: the weights are never gathered for the forward "
+            "pass. Shard the model with FSDP2's fully_shard (or pass the unsharded model)."
+        )
+    return mesh
+
+
+def check_not_sharded(model: object, root: nn.Module, what: str) -> None:
+    """Refuse FSDP-sharded models in operations that need whole tensors (``what`` names the
+    operation for the error)."""
     for name, param in root.named_parameters():
-        if hasattr(param, "device_mesh") and hasattr(param, "placements"):
+        if is_dtensor(param):
             raise ValueError(
                 f"{type(model).__qualname__}'s parameter {name!r} is a DTensor sharded over "
-                f"{param.device_mesh} ({param.placements}): the model was wrapped with FSDP2's "
-                "fully_shard or tensor parallelism, which subnet_interp does not support yet. "
-                "For data-parallel mask training, call si.find on the unsharded model in every "
-                "process of the torch.distributed group (see the README), before sharding it."
+                f"{param.device_mesh} ({param.placements}). {what} does not work on sharded "
+                "models; si.find with the learnable-mask methods (gumbel_sigmoid, "
+                "continuous_sparsification_lepori, hard_concrete) and si.masked do. Run this on "
+                "the unsharded model (e.g. load its state_dict into an unsharded copy)."
             )
 
 
 def real_tensor(module: nn.Module, attribute: str):
     """The unmasked tensor ``module.<attribute>``, also while it is parametrized; ``None`` if
-    the module has no such parameter."""
+    the module has no such parameter. On an FSDP-sharded model this is the local shard's
+    DTensor (see :func:`full_tensor`)."""
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and attribute in parametrizations:
         return parametrizations[attribute].original
@@ -211,4 +273,15 @@ def _register_builtin() -> None:
 
 _register_builtin()
 
-__all__ = ["Adapter", "real_name_hint", "real_tensor", "register_adapter", "resolve", "select"]
+__all__ = [
+    "Adapter",
+    "check_not_sharded",
+    "fsdp_mesh",
+    "is_dtensor",
+    "model_class",
+    "real_name_hint",
+    "real_tensor",
+    "register_adapter",
+    "resolve",
+    "select",
+]

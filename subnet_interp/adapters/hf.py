@@ -16,13 +16,13 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Layout, Target
-from . import Adapter
+from . import Adapter, model_class
 
 _Q, _K, _V = 0, 1, 2
 
 
 def _is_hf(model: object) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+    return model_class(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 def _base_prefix(model: nn.Module) -> str:

@@ -12,14 +12,14 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Target
-from . import Adapter, resolve
+from . import Adapter, model_class, resolve
 
 
 class NNsightAdapter(Adapter):
     family = "nnsight"
 
     def matches(self, model: object) -> bool:
-        return type(model).__module__.startswith("nnsight") and isinstance(
+        return model_class(model).__module__.startswith("nnsight") and isinstance(
             getattr(model, "_module", None), nn.Module
         )
 

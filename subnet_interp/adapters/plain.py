@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Target
-from . import Adapter, real_tensor
+from . import Adapter, model_class, real_tensor
 
 _CONV_AXES = {1: ("kernel",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 style Conv1D stores weight as [in, out]; detect it without importing
-    cls = type(module)
+    cls = model_class(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Layout, Target
-from . import Adapter, real_tensor
+from . import Adapter, model_class, real_tensor
 
 _TRANSPOSE = ("permute", (1, 0))
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D"
+    return model_class(module).__name__ == "Conv1D"
 
 
 def _bridge_attn_layout(module: nn.Module, which: str, heads: int, d_head: int) -> Layout:
@@ -54,7 +54,7 @@ class TransformerBridgeAdapter(Adapter):
     family = "transformer_lens.TransformerBridge"
 
     def matches(self, model: object) -> bool:
-        cls = type(model)
+        cls = model_class(model)
         return cls.__module__.startswith("transformer_lens.model_bridge") and any(
             c.__name__ == "TransformerBridge" for c in cls.__mro__
         )
@@ -195,7 +195,7 @@ class HookedTransformerAdapter(Adapter):
     family = "transformer_lens.HookedTransformer"
 
     def matches(self, model: object) -> bool:
-        cls = type(model)
+        cls = model_class(model)
         return cls.__module__.startswith("transformer_lens") and any(
             c.__name__ == "HookedTransformer" for c in cls.__mro__
         )

@@ -41,6 +41,7 @@ class FindContext:
     extra_lr: float = 1e-3
     checkpoint: Any = None  # path of the run's checkpoint (resumed if it exists)
     checkpoint_every: int = 100
+    mesh: Any = None  # the device mesh of an FSDP2-sharded model; mask parameters shard on it
     extras: dict[str, Any] = field(default_factory=dict)
 
 
