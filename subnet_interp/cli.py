@@ -157,7 +157,13 @@ CONFIG_OPTIONAL = {
     "log_every": 10,
     "recompute_masks": False,
     "mask_dtype": "float32",
+    "shard": None,
 }
+SHARD_HELP = (
+    "glob of module paths (e.g. 'transformer.h.*'): under torchrun, FSDP2's fully_shard is "
+    "applied to each matching module with parameters, then to the whole model, so weights and "
+    "mask parameters are sharded over the ranks"
+)
 
 
 def _load_object(path: str, key: str):
@@ -184,6 +190,7 @@ def _find(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     import subnet_interp as si
+    from subnet_interp import adapters
 
     with open(args.config) as f:
         config = json.load(f)
@@ -208,6 +215,11 @@ def _find(args: argparse.Namespace) -> int:
         if device is None and torch.cuda.is_available() and world_size > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         model = _load_object(config["model"], "model")()
+        if config["shard"] is not None:
+            _shard(model, config["shard"], world_size)
+        root = adapters.resolve(model).root(model)
+        if adapters.fsdp_mesh(model, root) is not None:
+            device = None  # FSDP placed the shards (the model factory may shard it, too)
         data = _load_object(config["data"], "data")(rank, world_size)
         loss_fn = _load_object(config["loss"], "loss")
         result = si.find(
@@ -238,6 +250,44 @@ def _find(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shard(model, pattern: str, world_size: int) -> None:
+    import fnmatch
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from subnet_interp import adapters
+
+    if not isinstance(pattern, str):
+        raise ValueError(f"config 'shard' must be a glob string ({SHARD_HELP}); got {pattern!r}.")
+    if world_size < 2:
+        raise ValueError(
+            "config 'shard' needs several processes: start the command with torchrun "
+            "--nproc_per_node N (N >= 2)."
+        )
+    root = adapters.resolve(model).root(model)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        mesh = init_device_mesh("cuda", (world_size,))
+    else:
+        mesh = init_device_mesh("cpu", (world_size,))
+    blocks = [
+        module
+        for path, module in root.named_modules()
+        if path and fnmatch.fnmatchcase(path, pattern) and any(True for _ in module.parameters())
+    ]
+    if not blocks:
+        paths = [path for path, _ in root.named_modules() if path][:12]
+        raise ValueError(
+            f"config 'shard' {pattern!r} matches no module with parameters; module paths look "
+            f"like {paths}."
+        )
+    for module in blocks:
+        fully_shard(module, mesh=mesh)
+    fully_shard(root, mesh=mesh)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subnet-interp", description="Find, attach and analyse weight-level subnetworks."
@@ -262,7 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(run=_show)
     find = commands.add_parser(
         "find",
-        help="run si.find from a JSON config (start it with torchrun for data-parallel training)",
+        help="run si.find from a JSON config (start it with torchrun for data-parallel or FSDP2 "
+        "training)",
     )
     find.add_argument("config", help="JSON file; keys: " + ", ".join(CONFIG_KEYS))
     find.set_defaults(run=_find)

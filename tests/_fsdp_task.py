@@ -2,7 +2,8 @@
 
 ``python -m torch.distributed.run --nproc_per_node=2 _fsdp_task.py OUT MODEL METHOD STEPS``
 shards MODEL (``mlp``: the planted MLP, every Linear and the root; ``gpt2``: a tiny GPT-2,
-every block and the root) with ``fully_shard`` over a 1-D gloo mesh, runs si.find on this
+every block and the root; ``gpt2+checkpointing``: the same with activation checkpointing of
+the blocks) with ``fully_shard`` over a 1-D gloo mesh, runs si.find on this
 rank's shard of each global batch, and saves the mask of each rank, the masked model's logits
 on a fixed batch, and whether the weights came back unchanged.
 """
@@ -23,6 +24,7 @@ def build(kind: str):
         batches = list(task.batches(64))
         blocks = [m for m in task.model if isinstance(m, torch.nn.Linear)]
         return task.model, task.loss_fn, batches, blocks, batches[0][0]
+    assert kind in ("gpt2", "gpt2+checkpointing"), kind
     model = tiny_gpt2(seed=0)
     batches = list(repeated_tokens(8, 16, generator=torch.Generator().manual_seed(1)))
     return model, induction_loss, batches, list(model.transformer.h), batches[0]
@@ -51,6 +53,13 @@ def main(out: str, kind: str, method: str, steps: int) -> None:
     model, loss, batches, blocks, probe = build(kind)
     before = {n: p.detach().clone() for n, p in model.state_dict().items()}
     mesh = init_device_mesh("cpu", (world,))
+    if kind.endswith("+checkpointing"):
+        # activation checkpointing of the blocks, as large FSDP runs use it: the blocks' forward
+        # (mask gathering and sampling included) runs again in backward
+        from torch.distributed._composable import checkpoint
+
+        for block in blocks:
+            checkpoint(block)
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)

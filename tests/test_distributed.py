@@ -82,6 +82,31 @@ def test_cli_find_under_torchrun_writes_once(tmp_path):
     ]  # fmt: skip
 
 
+def test_cli_find_shards_the_model_with_fsdp(tmp_path):
+    config = {
+        "model": "_distributed_task:model",
+        "data": "_distributed_task:data",
+        "loss": "_distributed_task:loss",
+        "method": "hard_concrete",
+        "steps": 20,
+        "shard": "[0-9]*",  # the planted MLP's Linear layers (the ReLU has no parameters)
+        "out": str(tmp_path / "found.safetensors"),
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    done = torchrun("-m", "subnet_interp.cli", "find", str(path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote ") == 1
+    sys.path.insert(0, str(HERE))
+    import _distributed_task as task_module
+
+    single = si.find(
+        task_module.model(), "hard_concrete", task_module.loss, task_module.data(0, 1), steps=20,
+        progress=False, generator=torch.Generator().manual_seed(0),
+    ).subnetwork  # fmt: skip
+    assert iou(si.Subnetwork.load(tmp_path / "found.safetensors"), single) >= 0.99
+
+
 def test_cli_find_explains_a_bad_config(tmp_path, capsys):
     from subnet_interp.cli import main
 
@@ -96,7 +121,7 @@ def test_cli_find_explains_a_bad_config(tmp_path, capsys):
 @pytest.mark.parametrize(
     "kind,method",
     [("mlp", "continuous_sparsification_lepori"), ("gpt2", "hard_concrete"),
-     ("gpt2", "gumbel_sigmoid")],
+     ("gpt2+checkpointing", "gumbel_sigmoid")],
 )  # fmt: skip
 def test_fsdp_two_processes_find_the_single_process_mask(kind, method, tmp_path):
     # FSDP2 on CPU with gloo (torch 2.13 supports it): weights and mask parameters sharded
