@@ -32,6 +32,8 @@ def flatten_optimizer(prefix: str, optimizer: torch.optim.Optimizer, tensors: di
     for index, entry in state_dict["state"].items():
         for key, value in entry.items():
             if isinstance(value, Tensor):
+                if hasattr(value, "to_local"):  # a sharded parameter's state: this rank's part
+                    value = value.to_local()
                 tensors[f"{prefix}/{index}/{key}"] = value.detach().cpu().contiguous()
             else:
                 plain.setdefault(str(index), {})[key] = value

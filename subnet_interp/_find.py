@@ -149,6 +149,8 @@ def find(
             and ends with exactly the mask an uninterrupted run gives. ``data`` must yield the
             same batches in the same order again (a list or a seeded loader): the run skips the
             batches of the steps already done. A checkpoint of a different run is refused.
+            Under ``torch.distributed`` rank 0 writes it; on an FSDP2-sharded model every rank
+            writes its shard of the mask state to ``<checkpoint>.rank<r>-of-<n>``.
         extra_parameters: tensors (or a module's parameters) trained alongside the mask by
             their own Adam (``extra_lr``), from the same loss: e.g. a probe that ``loss_fn``
             applies to the model's activations (``subnet_interp.probing``). They are trained in
@@ -157,6 +159,12 @@ def find(
     Returns:
         ``FindResult(subnetwork, history)``; ``subnetwork.meta`` records the method, its
         hyper-parameters, the steps and the model fingerprint.
+
+    Several processes: call it in every process of an initialised ``torch.distributed`` group
+    with that process's shard of the data. Mask gradients are averaged as DDP averages
+    gradients; every rank returns the same subnetwork. A model sharded with FSDP2's
+    ``fully_shard`` is supported by ``gumbel_sigmoid``, ``continuous_sparsification_lepori`` and
+    ``hard_concrete``: their mask parameters are sharded like the weights.
 
     The model's weights are left bit-exactly as they were (methods that train weights work on
     a copy unless ``inplace=True``), and so are its ``requires_grad`` flags, train/eval modes
@@ -211,7 +219,7 @@ def find(
     adapter.check_attachable(model)
     mesh = adapters.fsdp_mesh(model, adapter.root(model))
     if mesh is not None:
-        _check_sharded_run(resolved, device, checkpoint, mask_optimizer)
+        _check_sharded_run(resolved, device, mask_optimizer)
     chosen = _resolve_targets(adapter, model, targets)
     owned = {id(p) for p in adapter.root(model).parameters()}
     if any(id(t) in owned for t in extras):
@@ -294,7 +302,7 @@ def find(
     return dataclasses.replace(result, subnetwork=subnetwork)
 
 
-def _check_sharded_run(method: Method, device: Any, checkpoint: Any, mask_optimizer: str) -> None:
+def _check_sharded_run(method: Method, device: Any, mask_optimizer: str) -> None:
     """What an FSDP2-sharded model supports (see ``_train.train_masks``)."""
     supported = [
         n
@@ -311,12 +319,6 @@ def _check_sharded_run(method: Method, device: Any, checkpoint: Any, mask_optimi
         raise ValueError(
             f"`device={device!r}` cannot move an FSDP2-sharded model: FSDP placed its shards. "
             "Leave `device` unset."
-        )
-    if checkpoint is not None:
-        raise ValueError(
-            "`checkpoint=` is not supported on FSDP2-sharded models yet (the mask parameters "
-            "are sharded over the ranks). Leave `checkpoint` unset, or train on the unsharded "
-            "model (data-parallel under torchrun)."
         )
     if mask_optimizer != "paper":
         raise ValueError(

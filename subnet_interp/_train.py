@@ -232,6 +232,12 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     )
     synced = param_list + extras + (weight_params if weight_optimizer is not None else [])
     synced = [p for p in synced if not is_dtensor(p)]  # sharded ones are averaged in backward
+    if mesh is not None and checkpoint_path is not None:
+        # sharded mask state: every rank writes its own shard, ``<checkpoint>.rank<r>-of-<n>``
+        checkpoint_path = checkpoint_path.with_name(
+            f"{checkpoint_path.name}.rank{rank}-of-{world[1]}"
+        )
+        identity = {**identity, "shard": [rank, world[1]]}
     check_reads = mesh is not None
     start = 0
     run = {
@@ -246,8 +252,10 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         "root": context.root,
     }
     try:
-        if checkpoint_path is not None and checkpoint_path.exists():
+        if checkpoint_path is not None and _resuming(checkpoint_path, mesh, world, device):
             start, rewound = _restore(checkpoint_path, identity, run, method, context)
+            if mesh is not None:
+                _check_same_step(start, checkpoint_path, world, device)
             optimizer = run["optimizer"]
             for _ in range(start):  # the data position: one batch per step
                 next(context.batches)
@@ -331,7 +339,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                     callback(step, record)
             if checkpoint_path is not None and ((step + 1) % context.checkpoint_every == 0 or last):
                 run["optimizer"] = optimizer
-                if rank == 0:  # one writer; every rank can read it to resume
+                if rank == 0 or mesh is not None:  # one writer, or each rank its shard
                     _save(checkpoint_path, identity, run, step, rewound)
             bar.update(1)
     finally:
@@ -355,6 +363,60 @@ def _world() -> tuple[int, int] | None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return dist.get_rank(), dist.get_world_size()
     return None
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """This rank's part of a sharded tensor (shares its memory); a plain tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` from a shard's checkpoint: the state of sharded parameters
+    back as DTensors laid out like them (the checkpoint holds their local parts)."""
+    from torch.distributed.tensor import DTensor
+
+    for param, entry in optimizer.state.items():
+        if not is_dtensor(param):
+            continue
+        local = param.to_local()
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and not is_dtensor(value) and value.shape == local.shape:
+                entry[key] = DTensor.from_local(
+                    value.to(local.device), param.device_mesh, param.placements,
+                    run_check=False, shape=param.shape, stride=param.stride(),
+                )  # fmt: skip
+
+
+def _resuming(path: Path, mesh, world, device) -> bool:
+    """Whether to resume from ``path``; with sharded checkpoints every rank must have its shard."""
+    exists = path.exists()
+    if mesh is None:
+        return exists
+    import torch.distributed as dist
+
+    count = torch.tensor([int(exists)], device=device)
+    dist.all_reduce(count)
+    if 0 < int(count.item()) < world[1]:
+        raise ValueError(
+            f"Only {int(count.item())} of the {world[1]} shards of the checkpoint "
+            f"{str(path.with_name(path.name.rsplit('.rank', 1)[0]))!r} exist (this rank's: "
+            f"{'found' if exists else 'missing'}). Resume with the same number of processes "
+            "and all shard files, or delete them to start over."
+        )
+    return bool(exists)
+
+
+def _check_same_step(start: int, path: Path, world, device) -> None:
+    import torch.distributed as dist
+
+    steps = torch.tensor([start, -start], device=device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if int(steps[0]) != -int(steps[1]):
+        raise ValueError(
+            f"The shards of the checkpoint {str(path.with_name(path.name.rsplit('.rank', 1)[0]))!r} "
+            f"are from different steps ({-int(steps[1])} to {int(steps[0])}): a save was "
+            "interrupted. Delete the shard files to start over."
+        )
 
 
 def _shard(tensor: Tensor, mesh) -> Tensor:
@@ -478,7 +540,7 @@ def _save(path: Path, identity, run, step: int, rewound) -> None:
     tensors: dict[str, Tensor] = {}
     header: dict[str, Any] = {"identity": identity, "step": step}
     for name, value in run["params"].items():
-        tensors[f"params/{name}"] = value.detach()
+        tensors[f"params/{name}"] = _local(value.detach())
     header["optimizer"] = _checkpoint.flatten_optimizer("optimizer", run["optimizer"], tensors)
     if run["weight_optimizer"] is not None:
         for name, value in run["root"].named_parameters():
@@ -527,7 +589,7 @@ def _restore(path: Path, identity, run, method: MaskMethod, context: FindContext
     tensors, header = _checkpoint.read(path, identity)
     with torch.no_grad():
         for name, value in run["params"].items():
-            value.copy_(tensors[f"params/{name}"])
+            _local(value).copy_(tensors[f"params/{name}"])
         if run["weight_optimizer"] is not None:
             for name, value in run["root"].named_parameters():
                 if f"model/{name}" in tensors:
@@ -555,6 +617,7 @@ def _restore(path: Path, identity, run, method: MaskMethod, context: FindContext
     run["optimizer"].load_state_dict(
         _checkpoint.unflatten_optimizer("optimizer", header["optimizer"], tensors)
     )
+    _shard_optimizer_state(run["optimizer"])
     if run["weight_optimizer"] is not None:
         run["weight_optimizer"].load_state_dict(
             _checkpoint.unflatten_optimizer("weight_optimizer", header["weight_optimizer"], tensors)
