@@ -12,13 +12,14 @@ model computes a property. Cao et al.'s recipe, the defaults here:
   ``gamma = -0.1``, ``zeta = 1.1``; the registered ``hard_concrete`` method) over the weight
   matrices of the blocks up to and including ``layer``, each gate starting at ``0.9``
   (``droprate_init = 1/6``), with Cao et al.'s penalty ``lambda * sum over matrices of the
-  fraction of gates expected open`` (``l0_lambda = 1``, their final value) and the mask's Adam
-  at their learning rate ``0.2``; the model's weights stay frozen;
+  fraction of gates expected open``, ``lambda`` 0 for the first quarter of the steps and then
+  linear to ``l0_lambda = 1`` over the next half (their schedule, ``lambda_ramp = (0.25, 0.5)``),
+  and the mask's Adam at their learning rate ``0.2``; the model's weights stay frozen;
 - the probe has its own Adam (``probe_lr``), trained from the same loss (``si.find``'s
   ``extra_parameters``).
 
-Differences from their code: ``lambda`` is constant (they ramp it from 0 to 1 over the middle
-half of training), there is no learning-rate warm-up and no dropout on the representation, and
+Differences from their code: there is no learning-rate warm-up (theirs: linear over the first
+10% of the steps) and no dropout on the representation, and
 the probe's default learning rate is ``1e-3`` (theirs, ``5e-5``, is tuned for BERT-base and
 thousands of steps). Any other learnable method can be named instead of ``hard_concrete``.
 
@@ -63,8 +64,14 @@ IGNORE_INDEX = -100
 
 # Cao et al. 2021 (stevenxcao/subnetwork-probing): gates start at 0.9, i.e.
 # log_alpha = logit((0.9 - gamma) / (zeta - gamma)) = log 5, which is hard_concrete's init for
-# droprate_init = 1/6; mask Adam at lr 0.2; lambda's final value 1.
-CAO_HARD_CONCRETE = {"droprate_init": 1.0 / 6.0, "lr": 0.2, "l0_lambda": 1.0}
+# droprate_init = 1/6; mask Adam at lr 0.2; lambda 0 for the first quarter of training, then
+# linear to its final value 1 over the next half
+CAO_HARD_CONCRETE = {
+    "droprate_init": 1.0 / 6.0,
+    "lr": 0.2,
+    "l0_lambda": 1.0,
+    "lambda_ramp": (0.25, 0.5),
+}
 
 # Where the blocks of Hugging Face models live, relative to the base model: GPT-2 (``h``),
 # GPT-NeoX / Llama / ViT in transformers 5 (``layers``), BERT / RoBERTa / earlier ViT

@@ -188,11 +188,31 @@ def test_hard_concrete_lagrangian_reaches_target_density():
     assert unconstrained.subnetwork.density() > 0.6
 
 
+def test_hard_concrete_lambda_ramp_is_cao_et_al_schedule():
+    # lambda 0 for the first quarter of the steps, linear to l0_lambda over the next half
+    ramped = si.methods.create("hard_concrete", lambda_ramp=(0.25, 0.5))
+    constant = si.methods.create("hard_concrete")
+    la = torch.tensor([0.3, -1.0, 2.0])
+    full = float(constant.penalty([la], [1], state(step=0, total_steps=100)))
+    for step, factor in [(0, 0.0), (25, 0.0), (50, 0.5), (60, 0.7), (75, 1.0), (99, 1.0)]:
+        value = float(ramped.penalty([la], [1], state(step=step, total_steps=100)))
+        assert value == pytest.approx(factor * full, abs=1e-12), step
+    as_list = si.methods.create("hard_concrete", lambda_ramp=[0.25, 0.5])  # e.g. from JSON
+    assert as_list.lambda_ramp == (0.25, 0.5)
+    probing_default = si.probing.CAO_HARD_CONCRETE
+    assert probing_default["lambda_ramp"] == (0.25, 0.5) and probing_default["l0_lambda"] == 1.0
+
+
 def test_hard_concrete_rejects_bad_hparams():
     with pytest.raises(ValueError, match="droprate_init must be in"):
         si.methods.create("hard_concrete", droprate_init=1.0)
     with pytest.raises(ValueError, match="target_density must be in"):
         si.methods.create("hard_concrete", target_density=1.5)
+    for ramp in [(0.5, 0.6), (0.25, 0.0), (-0.1, 0.5), (0.25,), (0.1, 0.2, 0.3)]:
+        with pytest.raises(ValueError, match=r"lambda_ramp must be \(start, length\)"):
+            si.methods.create("hard_concrete", lambda_ramp=ramp)
+    with pytest.raises(ValueError, match="set one of them"):
+        si.methods.create("hard_concrete", lambda_ramp=(0.25, 0.5), target_density=0.3)
 
 
 # --------------------------------------------------------------- granularity

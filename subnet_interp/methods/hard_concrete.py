@@ -47,6 +47,11 @@ class HardConcrete(MaskMethod):
     ``l0_lambda / dataset_size * sum_g P(z_g != 0)`` (Louizos et al. Eq. 12 and their MNIST
     setting ``lambda = 0.1``, ``N = 60000``; set ``dataset_size`` to the size of your data).
 
+    ``lambda_ramp = (start, length)`` (fractions of the steps) scales the L0 penalty from 0 to
+    ``l0_lambda``: 0 until ``start``, linear over ``length``, then constant, as Cao, Sanh & Rush
+    2021 do for subnetwork probing (``(0.25, 0.5)``, stevenxcao/subnetwork-probing; the default
+    ``None`` keeps Louizos et al.'s constant ``lambda``).
+
     With ``target_density`` set, the L0 penalty is replaced by Edge Pruning's Lagrangian
     ``lambda1 * (d - t) + lambda2 * (d - t)**2`` on the expected density ``d``, where the
     multipliers are trained by gradient ascent (``lagrangian_lr = 1e-2``) and the target ``t`` falls
@@ -66,6 +71,7 @@ class HardConcrete(MaskMethod):
     zeta: float = 1.1
     l0_lambda: float = 0.1
     dataset_size: int = 60000
+    lambda_ramp: Sequence[float] | None = None
     target_density: float | None = None
     warmup_fraction: float = 0.8
     lagrangian_lr: float = 1e-2
@@ -79,6 +85,26 @@ class HardConcrete(MaskMethod):
                 f"hard_concrete: droprate_init must be in (0, 1), got {self.droprate_init}; "
                 "pass e.g. 0.5 (the default, Louizos et al.)."
             )
+        if self.lambda_ramp is not None:
+            ramp = self.lambda_ramp
+            if (
+                not isinstance(ramp, (tuple, list))
+                or len(ramp) != 2
+                or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ramp)
+                or not (0.0 <= ramp[0] < 1.0 and 0.0 < ramp[1] <= 1.0 - ramp[0])
+            ):
+                raise ValueError(
+                    f"hard_concrete: lambda_ramp must be (start, length), fractions of the steps "
+                    f"with 0 <= start < 1 and 0 < length <= 1 - start; got {ramp!r}. Pass e.g. "
+                    "(0.25, 0.5) (Cao et al. 2021) or None for a constant lambda."
+                )
+            object.__setattr__(self, "lambda_ramp", (float(ramp[0]), float(ramp[1])))
+            if self.target_density is not None:
+                raise ValueError(
+                    "hard_concrete: lambda_ramp schedules the L0 penalty, which target_density "
+                    "replaces by a Lagrangian with its own warm-up (warmup_fraction); set one of "
+                    "them."
+                )
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             raise ValueError(
                 f"hard_concrete: target_density must be in (0, 1], got {self.target_density}; "
@@ -106,7 +132,7 @@ class HardConcrete(MaskMethod):
             ]
         ).sum()
         if self.target_density is None:
-            return self.l0_lambda / self.dataset_size * expected
+            return self.l0_lambda * self.lambda_scale(state) / self.dataset_size * expected
         multipliers = state.aux.get("lagrange")
         if multipliers is None:
             device = params[0].device
@@ -124,6 +150,14 @@ class HardConcrete(MaskMethod):
         target = 1.0 - progress * (1.0 - self.target_density)
         gap = density - target
         return multipliers[0] * gap + multipliers[1] * gap * gap
+
+    def lambda_scale(self, state: TrainState) -> float:
+        """The factor ``lambda_ramp`` puts on ``l0_lambda`` at ``state.step`` (1 without it)."""
+        if self.lambda_ramp is None:
+            return 1.0
+        start, length = self.lambda_ramp
+        progress = state.step / max(1, state.total_steps)
+        return min(1.0, max(0.0, (progress - start) / length))
 
     def after_step(self, state: TrainState) -> None:
         if "lagrange_optimizer" in state.aux:  # dual ascent on the multipliers
