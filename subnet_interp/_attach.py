@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -486,8 +487,18 @@ def masked(
     try:
         attachment.set_masks(masks)
         yield model
+        reads = attachment.shadow_reads()
     finally:
         attachment.remove()
+    unread = [name for name, count in reads.items() if count == 0]
+    if unread and len(unread) < len(reads):
+        warnings.warn(
+            f"The FSDP-sharded weights of {unread[:6]}{' ...' if len(unread) > 6 else ''} were not "
+            "read through their own module's forward while masked (others were), so their masks "
+            "had no effect: a parent module reads them directly. Results differ from the "
+            "unsharded model's; exclude those targets or run this on the unsharded model.",
+            stacklevel=3,
+        )
 
 
 class _AddDelta(Ablation):

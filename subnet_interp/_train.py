@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import glob
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -232,12 +233,12 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     )
     synced = param_list + extras + (weight_params if weight_optimizer is not None else [])
     synced = [p for p in synced if not is_dtensor(p)]  # sharded ones are averaged in backward
+    processes = 1 if world is None else world[1]
+    base_path = checkpoint_path
     if mesh is not None and checkpoint_path is not None:
         # sharded mask state: every rank writes its own shard, ``<checkpoint>.rank<r>-of-<n>``
-        checkpoint_path = checkpoint_path.with_name(
-            f"{checkpoint_path.name}.rank{rank}-of-{world[1]}"
-        )
-        identity = {**identity, "shard": [rank, world[1]]}
+        checkpoint_path = _shard_file(checkpoint_path, rank, processes)
+        identity = {**identity, "shard": [rank, processes]}
     check_reads = mesh is not None
     start = 0
     run = {
@@ -252,10 +253,14 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         "root": context.root,
     }
     try:
-        if checkpoint_path is not None and _resuming(checkpoint_path, mesh, world, device):
-            start, rewound = _restore(checkpoint_path, identity, run, method, context)
-            if mesh is not None:
-                _check_same_step(start, checkpoint_path, world, device)
+        if checkpoint_path is not None and _resuming(
+            base_path, checkpoint_path, mesh, processes, world, device
+        ):
+            start, rewound = _together(world, device, "restoring the checkpoint",
+                                       _restore, checkpoint_path, identity, run, method,
+                                       context)  # fmt: skip
+            if mesh is not None and world is not None:
+                _check_same_step(start, base_path, world, device)
             optimizer = run["optimizer"]
             for _ in range(start):  # the data position: one batch per step
                 next(context.batches)
@@ -286,7 +291,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                     attachment.set_masks({n: f() for n, f in samplers.items()})
                 loss = context.loss_fn(context.model, chunk)
                 if check_reads:
-                    _check_sharded_reads(attachment)
+                    _check_sharded_reads(attachment, world, device)
                     check_reads = False
                 _check_loss(loss, step)
                 if not _all_finite(loss.detach(), world):
@@ -339,8 +344,10 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                     callback(step, record)
             if checkpoint_path is not None and ((step + 1) % context.checkpoint_every == 0 or last):
                 run["optimizer"] = optimizer
-                if rank == 0 or mesh is not None:  # one writer, or each rank its shard
-                    _save(checkpoint_path, identity, run, step, rewound)
+                writes = rank == 0 or mesh is not None  # one writer, or each rank its shard
+                _together(world, device, "saving the checkpoint",
+                          _save if writes else _nothing,
+                          checkpoint_path, identity, run, step, rewound)  # fmt: skip
             bar.update(1)
     finally:
         bar.close()
@@ -380,6 +387,8 @@ def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             continue
         local = param.to_local()
         for key, value in entry.items():
+            if key == "step":  # a plain scalar even for sharded parameters
+                continue
             if isinstance(value, Tensor) and not is_dtensor(value) and value.shape == local.shape:
                 entry[key] = DTensor.from_local(
                     value.to(local.device), param.device_mesh, param.placements,
@@ -387,36 +396,85 @@ def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 )  # fmt: skip
 
 
-def _resuming(path: Path, mesh, world, device) -> bool:
-    """Whether to resume from ``path``; with sharded checkpoints every rank must have its shard."""
-    exists = path.exists()
-    if mesh is None:
-        return exists
-    import torch.distributed as dist
+def _shard_file(base: Path, rank: int, processes: int) -> Path:
+    return base.with_name(f"{base.name}.rank{rank}-of-{processes}")
 
-    count = torch.tensor([int(exists)], device=device)
-    dist.all_reduce(count)
-    if 0 < int(count.item()) < world[1]:
+
+def _resuming(base: Path, path: Path, mesh, processes: int, world, device) -> bool:
+    """Whether to resume from ``path`` (``base`` itself, or this rank's shard of it). Refuses,
+    on every rank alike, shard files missing on some ranks and checkpoint files written by
+    another number of processes or without sharding, rather than silently starting over."""
+    exists = path.exists()
+    expected = {path.name} | (
+        {_shard_file(base, r, processes).name for r in range(processes)}
+        if mesh is not None
+        else set()
+    )
+    found = [base.name] if base.exists() else []
+    found += [p.name for p in base.parent.glob(glob.escape(base.name) + ".rank*-of-*")]
+    foreign = sorted(set(found) - expected)
+    flags = [int(exists), int(bool(foreign))]
+    if world is not None:
+        import torch.distributed as dist
+
+        counts = torch.tensor(flags, device=device)
+        dist.all_reduce(counts)
+        flags = [int(c) for c in counts.tolist()]
+    if flags[1] and not flags[0]:
+        layout = f"{processes} FSDP shards" if mesh is not None else "one file"
         raise ValueError(
-            f"Only {int(count.item())} of the {world[1]} shards of the checkpoint "
-            f"{str(path.with_name(path.name.rsplit('.rank', 1)[0]))!r} exist (this rank's: "
-            f"{'found' if exists else 'missing'}). Resume with the same number of processes "
-            "and all shard files, or delete them to start over."
+            f"The checkpoint {str(base)!r} was written in another layout than this run's "
+            f"({layout}): found {foreign[:4] or 'them on another rank'}. Resume with the number "
+            "of processes and the sharding it was written with, or delete those files (or pass "
+            "another `checkpoint=` path) to start over."
+        )
+    if mesh is not None and 0 < flags[0] < processes:
+        raise ValueError(
+            f"Only {flags[0]} of the {processes} shards of the checkpoint {str(base)!r} exist "
+            f"(this rank's: {'found' if exists else 'missing'}). Resume with the same number of "
+            "processes and all shard files, or delete them to start over."
         )
     return bool(exists)
 
 
-def _check_same_step(start: int, path: Path, world, device) -> None:
+def _check_same_step(start: int, base: Path, world, device) -> None:
     import torch.distributed as dist
 
     steps = torch.tensor([start, -start], device=device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     if int(steps[0]) != -int(steps[1]):
         raise ValueError(
-            f"The shards of the checkpoint {str(path.with_name(path.name.rsplit('.rank', 1)[0]))!r} "
-            f"are from different steps ({-int(steps[1])} to {int(steps[0])}): a save was "
-            "interrupted. Delete the shard files to start over."
+            f"The shards of the checkpoint {str(base)!r} are from different steps "
+            f"({-int(steps[1])} to {int(steps[0])}): a save was interrupted. Delete the shard "
+            "files to start over."
         )
+
+
+def _nothing(*args) -> None:
+    return None
+
+
+def _together(world, device, what: str, action, *args):
+    """Run ``action`` on this rank; under torch.distributed every rank then learns whether all
+    succeeded, so one rank's failure (a full disk, an unreadable file) stops every rank instead
+    of leaving the others waiting in the next collective."""
+    if world is None:
+        return action(*args)
+    import torch.distributed as dist
+
+    error: BaseException | None = None
+    result = None
+    try:
+        result = action(*args)
+    except Exception as caught:  # re-raised below, after the others know
+        error = caught
+    ok = torch.tensor([0 if error is not None else 1], device=device)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    if error is not None:
+        raise error
+    if not int(ok.item()):
+        raise RuntimeError(f"Another process failed while {what}; its error says why.")
+    return result
 
 
 def _shard(tensor: Tensor, mesh) -> Tensor:
@@ -471,8 +529,15 @@ def _plain_grads(values) -> None:
             value.grad = _full(value.grad)
 
 
-def _check_sharded_reads(attachment: Attachment) -> None:
-    unread = [name for name, count in attachment.shadow_reads().items() if count == 0]
+def _check_sharded_reads(attachment: Attachment, world, device) -> None:
+    reads = attachment.shadow_reads()
+    if world is not None:  # every rank decides alike
+        import torch.distributed as dist
+
+        counts = torch.tensor(list(reads.values()), dtype=torch.int64, device=device)
+        dist.all_reduce(counts)
+        reads = dict(zip(reads, counts.tolist(), strict=True))
+    unread = [name for name, count in reads.items() if count == 0]
     if unread:
         raise RuntimeError(
             f"The FSDP-sharded weights of {unread[:6]}{' ...' if len(unread) > 6 else ''} were "

@@ -216,7 +216,9 @@ def _find(args: argparse.Namespace) -> int:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
         model = _load_object(config["model"], "model")()
         if config["shard"] is not None:
-            _shard(model, config["shard"], world_size)
+            sharded = _shard(model, config["shard"], world_size)
+            if rank == 0:
+                print(f"sharded {sharded} over {world_size} processes with FSDP2", flush=True)
         root = adapters.resolve(model).root(model)
         if adapters.fsdp_mesh(model, root) is not None:
             device = None  # FSDP placed the shards (the model factory may shard it, too)
@@ -250,7 +252,7 @@ def _find(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shard(model, pattern: str, world_size: int) -> None:
+def _shard(model, pattern: str, world_size: int) -> str:
     import fnmatch
 
     import torch
@@ -272,11 +274,15 @@ def _shard(model, pattern: str, world_size: int) -> None:
         mesh = init_device_mesh("cuda", (world_size,))
     else:
         mesh = init_device_mesh("cpu", (world_size,))
-    blocks = [
-        module
-        for path, module in root.named_modules()
-        if path and fnmatch.fnmatchcase(path, pattern) and any(True for _ in module.parameters())
-    ]
+    blocks, chosen = [], []
+    for path, module in root.named_modules():  # parents come before their children
+        if not path or not fnmatch.fnmatchcase(path, pattern):
+            continue
+        if any(path.startswith(parent + ".") for parent in chosen):
+            continue  # `*` also matches dots: inside a block already chosen
+        if any(True for _ in module.parameters()):
+            chosen.append(path)
+            blocks.append(module)
     if not blocks:
         paths = [path for path, _ in root.named_modules() if path][:12]
         raise ValueError(
@@ -286,6 +292,7 @@ def _shard(model, pattern: str, world_size: int) -> None:
     for module in blocks:
         fully_shard(module, mesh=mesh)
     fully_shard(root, mesh=mesh)
+    return f"{len(chosen)} module(s) matching {pattern!r} ({', '.join(chosen[:3])}{', ...' if len(chosen) > 3 else ''}) and the model"
 
 
 def build_parser() -> argparse.ArgumentParser:

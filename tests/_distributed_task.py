@@ -20,6 +20,13 @@ def model():
     return task().model
 
 
+def wrapped_model():
+    """The planted MLP inside a container: module paths ``body``, ``body.0``, ``body.2``."""
+    from collections import OrderedDict
+
+    return torch.nn.Sequential(OrderedDict(body=model()))
+
+
 def data(rank: int, world_size: int):
     """Each global batch of 64 split into ``world_size`` equal shards; this rank's shard."""
     return [(x.chunk(world_size)[rank], y.chunk(world_size)[rank]) for x, y in task().batches(64)]

@@ -84,12 +84,12 @@ def test_cli_find_under_torchrun_writes_once(tmp_path):
 
 def test_cli_find_shards_the_model_with_fsdp(tmp_path):
     config = {
-        "model": "_distributed_task:model",
+        "model": "_distributed_task:wrapped_model",
         "data": "_distributed_task:data",
         "loss": "_distributed_task:loss",
         "method": "hard_concrete",
         "steps": 20,
-        "shard": "[0-9]*",  # the planted MLP's Linear layers (the ReLU has no parameters)
+        "shard": "*",  # `*` matches dots too: `body` is sharded, not also its layers inside
         "out": str(tmp_path / "found.safetensors"),
     }
     path = tmp_path / "config.json"
@@ -97,12 +97,13 @@ def test_cli_find_shards_the_model_with_fsdp(tmp_path):
     done = torchrun("-m", "subnet_interp.cli", "find", str(path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1
+    assert "sharded 1 module(s) matching '*' (body) and the model over 2 processes" in done.stdout
     sys.path.insert(0, str(HERE))
     import _distributed_task as task_module
 
     single = si.find(
-        task_module.model(), "hard_concrete", task_module.loss, task_module.data(0, 1), steps=20,
-        progress=False, generator=torch.Generator().manual_seed(0),
+        task_module.wrapped_model(), "hard_concrete", task_module.loss, task_module.data(0, 1),
+        steps=20, progress=False, generator=torch.Generator().manual_seed(0),
     ).subnetwork  # fmt: skip
     assert iou(si.Subnetwork.load(tmp_path / "found.safetensors"), single) >= 0.99
 
@@ -171,16 +172,18 @@ dist.init_process_group("gloo")
 mesh = init_device_mesh("cpu", (2,))
 task = planted_mlp()
 model = task.model
-for layer in model:
-    if isinstance(layer, nn.Linear):
-        fully_shard(layer, mesh=mesh)
-fully_shard(model, mesh=mesh)
+fully_shard(model[0], mesh=mesh)
+fully_shard(model, mesh=mesh)  # the root unit owns model[2]: FSDP keeps it gathered after forward
 before = {n: p.full_tensor() for n, p in model.state_dict().items()}
 hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+flags = [p.requires_grad for p in model.parameters()]
+assert all(flags)
 batches = task.batches(64)
 
 def untouched():
     assert hooks == [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    model.reshard()  # FSDP keeps the root's gathered parameters after a forward
+    assert flags == [p.requires_grad for p in model.parameters()]
     assert all("weight" not in m.__dict__ for m in model.modules())
     after = {n: p.full_tensor() for n, p in model.state_dict().items()}
     assert all(torch.equal(before[n], after[n]) for n in before)
@@ -199,6 +202,11 @@ refused(ValueError, "cannot move an FSDP2-sharded model", lambda: find(device="c
 refused(ValueError, "mask_optimizer='adafactor'", lambda: find(mask_optimizer="adafactor"))
 found = si.find(model, "hard_concrete", task.loss_fn, batches, steps=2, progress=False).subnetwork
 untouched()
+def fails_after_forward(net, batch):  # FSDP keeps the root's parameters gathered then
+    net(batch[0])
+    raise ZeroDivisionError("in loss_fn")
+refused(ZeroDivisionError, "in loss_fn", lambda: si.find(
+    model, "hard_concrete", fails_after_forward, batches, steps=2, progress=False))
 refused(ValueError, "'mean' ablation does not work on FSDP-sharded",
         lambda: si.masked(model, found, ablation=si.MeanAblation(batches[:1])).__enter__())
 with si.masked(model, found):  # an exception inside the forward leaves no shadow behind
@@ -210,10 +218,15 @@ class ReadsChildWeight(nn.Module):  # the parent reads lin.weight: lin's forward
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(4, 4)
+        self.other = nn.Linear(4, 4)
     def forward(self, x):
-        return x @ self.lin.weight.T
+        return self.other(x @ self.lin.weight.T)
 odd = ReadsChildWeight()
 fully_shard(odd, mesh=mesh)
+masks = {n: torch.ones(4, 4, dtype=torch.bool) for n in ("lin.weight", "other.weight")}
+with pytest.warns(UserWarning, match=r"\['lin.weight'\] were not read through their own"):
+    with si.masked(odd, masks):
+        odd(torch.randn(2, 4))
 with pytest.raises(RuntimeError, match=r"\['lin.weight'\] were not read through their own module"):
     si.find(odd, "hard_concrete", lambda m, b: m(b).square().mean(), [torch.randn(8, 4)],
             steps=2, progress=False)
@@ -235,7 +248,7 @@ def test_fsdp_unsupported_uses_are_refused_clearly(tmp_path):
     script.write_text(FSDP_ERRORS)
     done = torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 2 * 9
+    assert done.stdout.count("ok") == 2 * 10
 
 
 FSDP_RESUME = r"""
@@ -284,6 +297,26 @@ assert seen == [10, 20, 29], seen  # it resumed after step 9
 assert resumed.subnetwork == whole.subnetwork
 assert resumed.history == whole.history, (resumed.history, whole.history)
 print("same")
+task = planted_mlp(generator=torch.Generator().manual_seed(0))  # not sharded: another layout
+try:
+    si.find(task.model, method, task.loss_fn, task.batches(64), steps=30, progress=False,
+            checkpoint=path)
+except ValueError as error:
+    assert "was written in another layout than this run's (one file)" in str(error), error
+    print("layout refused")
+import subnet_interp._train as training
+def disk_full(*args):
+    raise OSError("No space left on device")
+saving = training._save
+if rank == 1:
+    training._save = disk_full
+try:
+    go(os.path.join(folder, "other.ckpt"), checkpoint_every=5)
+except (OSError, RuntimeError) as error:
+    expected = "No space left" if rank == 1 else "Another process failed while saving"
+    assert expected in str(error), error
+    print("stopped together")
+training._save = saving
 if rank == 1:
     os.remove(path + ".rank1-of-2")
 try:
@@ -304,4 +337,6 @@ def test_fsdp_checkpoints_resume_exactly(tmp_path):
     folder.mkdir()
     done = torchrun(str(script), str(folder))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("same") == 2 and done.stdout.count("refused") == 2
+    for line in ("same", "layout refused", "stopped together"):
+        assert done.stdout.count(line) == 2, (line, done.stdout)
+    assert done.stdout.count("refused") == 4

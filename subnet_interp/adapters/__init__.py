@@ -105,6 +105,15 @@ def fsdp_mesh(model: object, root: nn.Module):
                 "Shard(0)); tensor parallelism and HSDP (2-D meshes) are not supported. Shard the "
                 "model with `fully_shard(block, mesh=init_device_mesh(device, (world_size,)))`."
             )
+    import torch.distributed as dist
+
+    if mesh.size() != dist.get_world_size():
+        raise ValueError(
+            f"{type(model).__qualname__} is sharded over {mesh.size()} of the "
+            f"{dist.get_world_size()} processes of the default group; subnet_interp averages "
+            "mask gradients over the whole group, so shard over all of them (one mesh of "
+            "world_size devices), or run one process group per model."
+        )
     if not fsdp_modules:
         raise ValueError(
             f"{type(model).__qualname__}'s parameter {name!r} is a sharded DTensor, but no module "
