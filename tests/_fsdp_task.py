@@ -16,6 +16,14 @@ import torch
 
 from subnet_interp.tasks import induction_loss, planted_mlp, repeated_tokens, tiny_gpt2
 
+HPARAMS = {
+    # one mask sample per batch (Gumbel's default is 4): then the samples see the same examples
+    # as in one process over the global batch
+    "gumbel_sigmoid": {"mask_samples": 1},
+    # the Lagrangian: multipliers that meet the sharded mask parameters in the penalty
+    "hard_concrete": {"target_density": 0.5},
+}
+
 
 def build(kind: str):
     """(model, loss, global batches, blocks to shard, probe input)"""
@@ -63,9 +71,7 @@ def main(out: str, kind: str, method: str, steps: int) -> None:
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    # one mask sample per batch (Gumbel's default is 4): then the samples see the same
-    # examples as in one process over the global batch
-    hparams = {"mask_samples": 1} if method == "gumbel_sigmoid" else {}
+    hparams = HPARAMS.get(method, {})
     result = si.find(
         model, si.methods.create(method, **hparams), loss, [shard_of(b, rank, world) for b in batches], steps=steps,
         progress=False, generator=torch.Generator().manual_seed(0),

@@ -136,7 +136,7 @@ def test_fsdp_two_processes_find_the_single_process_mask(kind, method, tmp_path)
     import _fsdp_task
 
     model, loss, batches, _, probe = _fsdp_task.build(kind)
-    hparams = {"mask_samples": 1} if method == "gumbel_sigmoid" else {}
+    hparams = _fsdp_task.HPARAMS.get(method, {})
     single = si.find(
         model, si.methods.create(method, **hparams), loss, batches, steps=40, progress=False,
         generator=torch.Generator().manual_seed(0),

@@ -123,20 +123,6 @@ def fsdp_mesh(model: object, root: nn.Module):
     return mesh
 
 
-def check_not_sharded(model: object, root: nn.Module, what: str) -> None:
-    """Refuse FSDP-sharded models in operations that need whole tensors (``what`` names the
-    operation for the error)."""
-    for name, param in root.named_parameters():
-        if is_dtensor(param):
-            raise ValueError(
-                f"{type(model).__qualname__}'s parameter {name!r} is a DTensor sharded over "
-                f"{param.device_mesh} ({param.placements}). {what} does not work on sharded "
-                "models; si.find with the learnable-mask methods (gumbel_sigmoid, "
-                "continuous_sparsification_lepori, hard_concrete) and si.masked do. Run this on "
-                "the unsharded model (e.g. load its state_dict into an unsharded copy)."
-            )
-
-
 def real_tensor(module: nn.Module, attribute: str):
     """The unmasked tensor ``module.<attribute>``, also while it is parametrized; ``None`` if
     the module has no such parameter. On an FSDP-sharded model this is the local shard's
@@ -284,7 +270,6 @@ _register_builtin()
 
 __all__ = [
     "Adapter",
-    "check_not_sharded",
     "fsdp_mesh",
     "is_dtensor",
     "model_class",
