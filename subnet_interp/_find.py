@@ -313,11 +313,14 @@ def _check_sharded_run(method: Method, device: Any, mask_optimizer: str) -> None
         for n in registry.names()
         if issubclass(registry.get(n), MaskMethod) and not registry.get(n).trains_weights
     ]
+    if method.name == "random":  # reads no weight: the same masks on every rank, by the seed
+        return
     if not isinstance(method, MaskMethod) or method.trains_weights:
         raise ValueError(
             f"The model is sharded with FSDP2 (fully_shard); on sharded models si.find runs the "
-            f"learnable-mask methods that keep the weights frozen, {supported}, and "
-            f"{method.name!r} is not one. Run it on the unsharded model."
+            f"learnable-mask methods that keep the weights frozen, {supported}, and the "
+            f"'random' baseline; {method.name!r} is not one of them. Run it on the unsharded "
+            "model."
         )
     if device is not None:
         raise ValueError(

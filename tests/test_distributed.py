@@ -198,6 +198,12 @@ find = lambda method="hard_concrete", **kw: si.find(
     model, method, task.loss_fn, batches, steps=2, progress=False, **kw)
 refused(ValueError, r"FSDP2.*'continuous_sparsification' is not one", lambda: find("continuous_sparsification"))
 refused(ValueError, r"FSDP2.*'magnitude' is not one", lambda: find(si.methods.create("magnitude", density=0.5)))
+control = si.find(model, si.methods.create("random", density=0.3), task.loss_fn, batches,
+                  progress=False).subnetwork  # reads no weight: works sharded, same on all ranks
+unsharded = planted_mlp().model
+assert control == si.find(unsharded, si.methods.create("random", density=0.3), task.loss_fn,
+                          batches, progress=False).subnetwork
+untouched()
 refused(ValueError, "cannot move an FSDP2-sharded model", lambda: find(device="cpu"))
 refused(ValueError, "mask_optimizer='adafactor'", lambda: find(mask_optimizer="adafactor"))
 found = si.find(model, "hard_concrete", task.loss_fn, batches, steps=2, progress=False).subnetwork
@@ -248,7 +254,7 @@ def test_fsdp_unsupported_uses_are_refused_clearly(tmp_path):
     script.write_text(FSDP_ERRORS)
     done = torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 2 * 10
+    assert done.stdout.count("ok") == 2 * 11
 
 
 FSDP_RESUME = r"""
