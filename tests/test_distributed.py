@@ -213,6 +213,15 @@ def fails_after_forward(net, batch):  # FSDP keeps the root's parameters gathere
     raise ZeroDivisionError("in loss_fn")
 refused(ZeroDivisionError, "in loss_fn", lambda: si.find(
     model, "hard_concrete", fails_after_forward, batches, steps=2, progress=False))
+# analysis on the sharded model (every rank, its own data): as on the unsharded model
+from subnet_interp.analysis import ablation_effect, loss as loss_metric
+effect = ablation_effect(model, found, loss_metric(task.loss_fn), batches[:2], controls=3,
+                         generator=torch.Generator().manual_seed(0))
+reference = ablation_effect(unsharded, found, loss_metric(task.loss_fn), batches[:2], controls=3,
+                            generator=torch.Generator().manual_seed(0))
+assert abs(effect.kept - reference.kept) < 1e-5 and abs(effect.removed - reference.removed) < 1e-5
+assert torch.allclose(effect.controls, reference.controls, atol=1e-5)
+untouched()
 refused(ValueError, "'mean' ablation does not work on FSDP-sharded",
         lambda: si.masked(model, found, ablation=si.MeanAblation(batches[:1])).__enter__())
 with si.masked(model, found):  # an exception inside the forward leaves no shadow behind
@@ -254,7 +263,7 @@ def test_fsdp_unsupported_uses_are_refused_clearly(tmp_path):
     script.write_text(FSDP_ERRORS)
     done = torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 2 * 11
+    assert done.stdout.count("ok") == 2 * 12
 
 
 FSDP_RESUME = r"""
