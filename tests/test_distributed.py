@@ -248,6 +248,18 @@ with pytest.raises(RuntimeError, match=r"\['lin.weight'\] were not read through 
 assert len(odd.lin._forward_pre_hooks) == 0 and "weight" not in odd.lin.__dict__
 print("ok")
 
+import transformers  # a mixture of experts: experts run on some ranks only
+moe = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+    vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+    num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1))
+for layer in moe.model.layers:
+    fully_shard(layer, mesh=mesh)
+fully_shard(moe, mesh=mesh)
+with pytest.raises(ValueError, match=r"^MixtralForCausalLM is a mixture-of-experts model"):
+    si.find(moe, "hard_concrete", lambda m, b: m(b).logits.mean(), [torch.zeros(2, 4).long()],
+            steps=1, progress=False)
+print("ok")
+
 replicated = nn.Linear(4, 4)  # tensor-parallel style placement: not FSDP2's layout
 replicated.weight = nn.Parameter(distribute_tensor(replicated.weight.detach(), mesh, [Replicate()]))
 with pytest.raises(ValueError, match="tensor parallelism and HSDP"):
@@ -263,7 +275,7 @@ def test_fsdp_unsupported_uses_are_refused_clearly(tmp_path):
     script.write_text(FSDP_ERRORS)
     done = torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 2 * 12
+    assert done.stdout.count("ok") == 2 * 13
 
 
 FSDP_RESUME = r"""

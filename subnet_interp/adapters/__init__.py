@@ -114,6 +114,20 @@ def fsdp_mesh(model: object, root: nn.Module):
             "mask gradients over the whole group, so shard over all of them (one mesh of "
             "world_size devices), or run one process group per model."
         )
+    config = getattr(root, "config", None)
+    experts = {
+        key: getattr(config, key, None)
+        for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+    }
+    experts = {k: v for k, v in experts.items() if isinstance(v, int) and v > 1}
+    if experts:
+        raise ValueError(
+            f"{model_class(model).__qualname__} is a mixture-of-experts model ({experts}) sharded "
+            "with "
+            "FSDP2. subnet_interp gathers a sharded mask while its module runs, and experts run "
+            "on some ranks and not others, so the ranks' collectives would not match. Run it "
+            "unsharded (data-parallel under torchrun)."
+        )
     if not fsdp_modules:
         raise ValueError(
             f"{type(model).__qualname__}'s parameter {name!r} is a sharded DTensor, but no module "
