@@ -136,6 +136,13 @@ class _Shadow:
     earlier one's shadow."""
 
     def __init__(self, module: nn.Module, attribute: str, parametrization: _Masking):
+        if isinstance(getattr(type(module), attribute, None), property):
+            raise ValueError(
+                f"{type(module).__qualname__}.{attribute} is a property (e.g. a parametrization "
+                "registered before sharding), which an instance attribute cannot stand in front "
+                "of: masks cannot attach to it on an FSDP-sharded model. Remove the "
+                "parametrization before sharding, or use the unsharded model."
+            )
         self.attribute = attribute
         self.parametrization = parametrization
         self.reads = 0
@@ -198,7 +205,7 @@ class Attachment:
         self._removed = False
         self._handles: list = []
         if type(ablation) not in (Ablation, _AddDelta) and any(
-            adapters.is_dtensor(root.get_submodule(path)._parameters.get(attribute))
+            adapters.is_dtensor(adapters.real_tensor(root.get_submodule(path), attribute))
             for path, attribute in groups
         ):
             raise ValueError(
@@ -211,7 +218,7 @@ class Attachment:
                 module = root.get_submodule(module_path)
                 slot = _Slot(ablation, (module_path, attribute))
                 masking = _Masking(slot)
-                if adapters.is_dtensor(module._parameters.get(attribute)):
+                if adapters.is_dtensor(adapters.real_tensor(module, attribute)):
                     shadow = _Shadow(module, attribute, masking)
                     self._locations.append(
                         _Location(module, attribute, members, slot, masking, None, shadow)

@@ -428,6 +428,12 @@ def _resuming(base: Path, path: Path, mesh, processes: int, world, device) -> bo
             "of processes and the sharding it was written with, or delete those files (or pass "
             "another `checkpoint=` path) to start over."
         )
+    if mesh is None and 0 < flags[0] < processes:
+        raise ValueError(
+            f"The checkpoint {str(base)!r} exists for {flags[0]} of the {processes} processes: "
+            "rank 0 writes it and every rank reads it, so put it on a file system all of them "
+            "share (or copy it to each machine) before resuming."
+        )
     if mesh is not None and 0 < flags[0] < processes:
         raise ValueError(
             f"Only {flags[0]} of the {processes} shards of the checkpoint {str(base)!r} exist "

@@ -260,6 +260,17 @@ with pytest.raises(ValueError, match=r"^MixtralForCausalLM is a mixture-of-exper
             steps=1, progress=False)
 print("ok")
 
+class Doubled(nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+twice = nn.Sequential(nn.Linear(4, 4))  # parametrized before sharding: `weight` is a property
+torch.nn.utils.parametrize.register_parametrization(twice[0], "weight", Doubled())
+fully_shard(twice, mesh=mesh)
+with pytest.raises(ValueError, match="is a property"):
+    si.masked(twice, {"0.weight": torch.ones(4, 4, dtype=torch.bool)}).__enter__()
+assert len(twice[0]._forward_pre_hooks) == 0
+print("ok")
+
 replicated = nn.Linear(4, 4)  # tensor-parallel style placement: not FSDP2's layout
 replicated.weight = nn.Parameter(distribute_tensor(replicated.weight.detach(), mesh, [Replicate()]))
 with pytest.raises(ValueError, match="tensor parallelism and HSDP"):
@@ -275,7 +286,7 @@ def test_fsdp_unsupported_uses_are_refused_clearly(tmp_path):
     script.write_text(FSDP_ERRORS)
     done = torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 2 * 13
+    assert done.stdout.count("ok") == 2 * 14
 
 
 FSDP_RESUME = r"""
@@ -344,6 +355,16 @@ except (OSError, RuntimeError) as error:
     assert expected in str(error), error
     print("stopped together")
 training._save = saving
+plain = planted_mlp(generator=torch.Generator().manual_seed(0))  # DDP, unsharded
+shard = [(x.chunk(2)[rank], y.chunk(2)[rank]) for x, y in plain.batches(64)]
+shared = os.path.join(folder, "ddp", "r0", "run.ckpt")
+si.find(plain.model, method, plain.loss_fn, shard, steps=5, progress=False, checkpoint=shared)
+try:  # as if rank 1 were on another machine, without the file rank 0 wrote
+    si.find(plain.model, method, plain.loss_fn, shard, steps=5, progress=False,
+            checkpoint=os.path.join(folder, "ddp", f"r{rank}", "run.ckpt"))
+except ValueError as error:
+    assert "exists for 1 of the 2 processes" in str(error), error
+    print("unshared refused")
 if rank == 1:
     os.remove(path + ".rank1-of-2")
 try:
@@ -364,6 +385,6 @@ def test_fsdp_checkpoints_resume_exactly(tmp_path):
     folder.mkdir()
     done = torchrun(str(script), str(folder))
     assert done.returncode == 0, done.stderr[-3000:]
-    for line in ("same", "layout refused", "stopped together"):
+    for line in ("same", "layout refused", "stopped together", "unshared refused"):
         assert done.stdout.count(line) == 2, (line, done.stdout)
-    assert done.stdout.count("refused") == 4
+    assert done.stdout.count("refused") == 6
