@@ -40,6 +40,43 @@ def _mlp_target(name, module, shape, axes, ops=()):
     )
 
 
+_TRANSPOSE = ("permute", (1, 0))
+
+
+def _linear_qkv(
+    layer: int, letter: str, path: str, count: int, d_model: int, d_head: int, head_axis: str
+) -> dict[str, Target]:
+    """``W_Q|K|V`` of an ``nn.Linear`` stored ``[count * d_head, d_model]``."""
+    name = f"blocks.{layer}.attn.W_{letter}"
+    ops = (("unflatten", 0, (count, d_head)), ("permute", (0, 2, 1)))
+    shape, axes = (count, d_model, d_head), (head_axis, "d_model", "d_head")
+    return {name: _attn_target(name, path, shape, axes, ops, (head_axis, "d_head"))}
+
+
+def _linear_o(layer: int, path: str, heads: int, d_head: int, d_model: int) -> dict[str, Target]:
+    """``W_O`` of an ``nn.Linear`` stored ``[d_model, heads * d_head]``."""
+    name = f"blocks.{layer}.attn.W_O"
+    ops = (("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0)))
+    shape, axes = (heads, d_head, d_model), ("head", "d_head", "d_model")
+    return {name: _attn_target(name, path, shape, axes, ops, ("d_model",))}
+
+
+def _linear_mlp(
+    layer: int, inputs: dict[str, str], output: str, d_model: int, d_mlp: int
+) -> dict[str, Target]:
+    """An MLP of ``nn.Linear`` layers: ``inputs`` maps ``W_in`` (and ``W_gate``) to paths of
+    weights stored ``[d_mlp, d_model]``; ``output`` is the path of ``W_out``."""
+    found = {}
+    for canonical, path in inputs.items():
+        name = f"blocks.{layer}.mlp.{canonical}"
+        found[name] = _mlp_target(
+            name, path, (d_model, d_mlp), ("d_model", "neuron"), (_TRANSPOSE,)
+        )
+    name = f"blocks.{layer}.mlp.W_out"
+    found[name] = _mlp_target(name, output, (d_mlp, d_model), ("neuron", "d_model"), (_TRANSPOSE,))
+    return found
+
+
 def _embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str, Target]:
     found = {}
     table = model.get_submodule(embed).weight
@@ -142,7 +179,6 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
     d_mlp = cfg.intermediate_size
     base = _base_prefix(model)
     found = _embedding_targets(model, f"{base}embed_in", None)
-    transpose = ("permute", (1, 0))
     for layer in range(cfg.num_hidden_layers):
         block = f"{base}layers.{layer}"
         for letter, index in (("Q", _Q), ("K", _K), ("V", _V)):
@@ -160,28 +196,15 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
                 ops,
                 ("head", "d_head"),
             )
-        name = f"blocks.{layer}.attn.W_O"
-        found[name] = _attn_target(
-            name,
-            f"{block}.attention.dense",
-            (heads, d_head, d_model),
-            ("head", "d_head", "d_model"),
-            (("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0))),
-            ("d_model",),
-        )
-        found[f"blocks.{layer}.mlp.W_in"] = _mlp_target(
-            f"blocks.{layer}.mlp.W_in",
-            f"{block}.mlp.dense_h_to_4h",
-            (d_model, d_mlp),
-            ("d_model", "neuron"),
-            (transpose,),
-        )
-        found[f"blocks.{layer}.mlp.W_out"] = _mlp_target(
-            f"blocks.{layer}.mlp.W_out",
-            f"{block}.mlp.dense_4h_to_h",
-            (d_mlp, d_model),
-            ("neuron", "d_model"),
-            (transpose,),
+        found.update(_linear_o(layer, f"{block}.attention.dense", heads, d_head, d_model))
+        found.update(
+            _linear_mlp(
+                layer,
+                {"W_in": f"{block}.mlp.dense_h_to_4h"},
+                f"{block}.mlp.dense_4h_to_h",
+                d_model,
+                d_mlp,
+            )
         )
     found.update(_unembed_target(model, "lm_head" if hasattr(model, "lm_head") else "embed_out"))
     return found
@@ -195,7 +218,6 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
     d_mlp = cfg.intermediate_size
     base = _base_prefix(model)
     found = _embedding_targets(model, f"{base}embed_tokens", None)
-    transpose = ("permute", (1, 0))
     for layer in range(cfg.num_hidden_layers):
         block = f"{base}layers.{layer}"
         for letter, proj, count, head_axis in (
@@ -203,39 +225,11 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
             ("K", "k_proj", kv_heads, "kv_head"),
             ("V", "v_proj", kv_heads, "kv_head"),
         ):
-            name = f"blocks.{layer}.attn.W_{letter}"
-            found[name] = _attn_target(
-                name,
-                f"{block}.self_attn.{proj}",
-                (count, d_model, d_head),
-                (head_axis, "d_model", "d_head"),
-                (("unflatten", 0, (count, d_head)), ("permute", (0, 2, 1))),
-                (head_axis, "d_head"),
-            )
-        name = f"blocks.{layer}.attn.W_O"
-        found[name] = _attn_target(
-            name,
-            f"{block}.self_attn.o_proj",
-            (heads, d_head, d_model),
-            ("head", "d_head", "d_model"),
-            (("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0))),
-            ("d_model",),
-        )
-        for canonical, proj in (("W_gate", "gate_proj"), ("W_in", "up_proj")):
-            found[f"blocks.{layer}.mlp.{canonical}"] = _mlp_target(
-                f"blocks.{layer}.mlp.{canonical}",
-                f"{block}.mlp.{proj}",
-                (d_model, d_mlp),
-                ("d_model", "neuron"),
-                (transpose,),
-            )
-        found[f"blocks.{layer}.mlp.W_out"] = _mlp_target(
-            f"blocks.{layer}.mlp.W_out",
-            f"{block}.mlp.down_proj",
-            (d_mlp, d_model),
-            ("neuron", "d_model"),
-            (transpose,),
-        )
+            path = f"{block}.self_attn.{proj}"
+            found.update(_linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
+        found.update(_linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
+        inputs = {"W_gate": f"{block}.mlp.gate_proj", "W_in": f"{block}.mlp.up_proj"}
+        found.update(_linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, d_mlp))
     found.update(_unembed_target(model))
     return found
 

@@ -29,9 +29,7 @@ from torch import nn
 
 from .._types import Layout, Target
 from . import real_tensor
-from .hf import _attn_target, _base_prefix, _embedding_targets, _mlp_target
-
-_TRANSPOSE = ("permute", (1, 0))
+from .hf import _TRANSPOSE, _base_prefix, _embedding_targets, _linear_mlp, _linear_o, _linear_qkv
 
 # Paths of one block's Q, K, V, O, MLP-in and MLP-out linears, relative to the base model.
 _BERT_BLOCKS = (
@@ -102,39 +100,13 @@ def _blocks(
         prefix = f"{base}{block.format(layer=layer)}"
         d_model = real_tensor(model.get_submodule(f"{prefix}.{q}"), "weight").shape[1]
         for letter, path in (("Q", q), ("K", k), ("V", v)):
-            name = f"blocks.{layer}.attn.W_{letter}"
-            found[name] = _attn_target(
-                name,
-                f"{prefix}.{path}",
-                (heads, d_model, d_head),
-                ("head", "d_model", "d_head"),
-                (("unflatten", 0, (heads, d_head)), ("permute", (0, 2, 1))),
-                ("head", "d_head"),
+            found.update(
+                _linear_qkv(layer, letter, f"{prefix}.{path}", heads, d_model, d_head, "head")
             )
-        name = f"blocks.{layer}.attn.W_O"
-        found[name] = _attn_target(
-            name,
-            f"{prefix}.{o}",
-            (heads, d_head, d_model),
-            ("head", "d_head", "d_model"),
-            (("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0))),
-            ("d_model",),
-        )
+        found.update(_linear_o(layer, f"{prefix}.{o}", heads, d_head, d_model))
         d_mlp = real_tensor(model.get_submodule(f"{prefix}.{mlp_in}"), "weight").shape[0]
-        found[f"blocks.{layer}.mlp.W_in"] = _mlp_target(
-            f"blocks.{layer}.mlp.W_in",
-            f"{prefix}.{mlp_in}",
-            (d_model, d_mlp),
-            ("d_model", "neuron"),
-            (_TRANSPOSE,),
-        )
-        found[f"blocks.{layer}.mlp.W_out"] = _mlp_target(
-            f"blocks.{layer}.mlp.W_out",
-            f"{prefix}.{mlp_out}",
-            (d_mlp, d_model),
-            ("neuron", "d_model"),
-            (_TRANSPOSE,),
-        )
+        inputs = {"W_in": f"{prefix}.{mlp_in}"}
+        found.update(_linear_mlp(layer, inputs, f"{prefix}.{mlp_out}", d_model, d_mlp))
     return found
 
 
