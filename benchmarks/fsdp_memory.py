@@ -11,7 +11,8 @@ Each configuration runs in fresh processes with glibc's mmap threshold fixed at 
 of the whole model, per process; ``state`` = the persistent mask state each process holds
 (parameters + gradients + Adam moments of its shard).
 
-Per process, ``peak - state/2 = a + b * unit / total``: fitted on the two shapes, ``a`` are
+Per process, ``peak - state = a + b * unit / total`` (``state`` per process): fitted on the two
+shapes, ``a`` are
 temporaries the size of the shard (the optimiser's), ``b`` bytes per weight of the unit being
 computed. The plan assumes ``a`` shrinks as 1/N, like the shard, and adds the frozen bf16
 weights' shard (2 bytes per parameter / N); activations come on top.
@@ -198,7 +199,7 @@ def main() -> None:
                   f"peak per process {peak:6.2f} B/w", flush=True)  # fmt: skip
     fits = fit(rows, shapes, configs)
     table = plan(fits)
-    print("\nFit per process at N=2: peak = state/2 + a + b * unit/total")
+    print("\nFit per process at N=2: peak = state (per process) + a + b * unit/total")
     for label, (a, b) in fits.items():
         print(f"  {label:58s} a {a:5.2f} B/w   b {b:5.1f} B per unit weight")
     print("\nPer-GPU plan (GiB; weights bf16, activations not included):")

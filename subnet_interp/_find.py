@@ -313,6 +313,11 @@ def _check_sharded_run(method: Method, device: Any, mask_optimizer: str) -> None
         for n in registry.names()
         if issubclass(registry.get(n), MaskMethod) and not registry.get(n).trains_weights
     ]
+    if device is not None:
+        raise ValueError(
+            f"`device={device!r}` cannot move an FSDP2-sharded model: FSDP placed its shards. "
+            "Leave `device` unset."
+        )
     if method.name == "random":  # reads no weight: the same masks on every rank, by the seed
         return
     if not isinstance(method, MaskMethod) or method.trains_weights:
@@ -321,11 +326,6 @@ def _check_sharded_run(method: Method, device: Any, mask_optimizer: str) -> None
             f"learnable-mask methods that keep the weights frozen, {supported}, and the "
             f"'random' baseline; {method.name!r} is not one of them. Run it on the unsharded "
             "model."
-        )
-    if device is not None:
-        raise ValueError(
-            f"`device={device!r}` cannot move an FSDP2-sharded model: FSDP placed its shards. "
-            "Leave `device` unset."
         )
     if mask_optimizer != "paper":
         raise ValueError(

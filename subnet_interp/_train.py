@@ -40,7 +40,9 @@ class TrainState:
     round_step: int = 0
     steps_per_round: int = 0
     temperature: float = 1.0
-    batch_size: int = 1  # examples in the current batch (before splitting among mask samples)
+    # examples in the current batch (before splitting among mask samples); under
+    # torch.distributed, in the global batch if the method's reads_batch_size() says it reads it
+    batch_size: int = 1
     aux: dict[str, Any] = field(default_factory=dict)
 
 
@@ -60,6 +62,11 @@ class MaskMethod(Method):
     def samples_per_batch(self) -> int:
         """Independent mask samples per batch; the batch is split evenly among them."""
         return 1
+
+    def reads_batch_size(self) -> bool:
+        """Whether the method reads ``TrainState.batch_size`` (under torch.distributed it is
+        then summed over the ranks every step, one small all-reduce)."""
+        return False
 
     @abc.abstractmethod
     def init_parameters(
@@ -276,7 +283,9 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
                 rewound = canonical_copy(context.root, targets)
             method.on_step(state)
             batch = next(context.batches)
-            state.batch_size = _global_batch_size(batch_size(batch), world, device)
+            state.batch_size = batch_size(batch)
+            if method.reads_batch_size():
+                state.batch_size = _global_batch_size(state.batch_size, world, device)
             chunks = split_batch(batch, samples)
             loss_sum = torch.zeros((), device=device)
             for chunk in chunks:
@@ -474,12 +483,13 @@ def _together(world, device, what: str, action, *args):
         result = action(*args)
     except Exception as caught:  # re-raised below, after the others know
         error = caught
-    ok = torch.tensor([0 if error is not None else 1], device=device)
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    rank, size = world
+    failed = torch.tensor([rank if error is not None else size], device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MIN)  # the first rank that failed, if any
     if error is not None:
         raise error
-    if not int(ok.item()):
-        raise RuntimeError(f"Another process failed while {what}; its error says why.")
+    if int(failed.item()) < size:
+        raise RuntimeError(f"Process {int(failed.item())} failed while {what}; its error says why.")
     return result
 
 

@@ -488,6 +488,8 @@ def _method(
                 "dataset_size": max(1, round(mean_size)),
                 **settings,
             }
+            if settings.get("target_density") is not None and "lambda_ramp" not in hparams:
+                del settings["lambda_ramp"]  # the Lagrangian replaces the L0 penalty it ramps
         resolved = registry.create(method, **settings)
     else:
         raise TypeError(

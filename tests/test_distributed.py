@@ -335,6 +335,17 @@ assert seen == [10, 20, 29], seen  # it resumed after step 9
 assert resumed.subnetwork == whole.subnetwork
 assert resumed.history == whole.history, (resumed.history, whole.history)
 print("same")
+if rank == 0:  # each rank's shard holds a strict part of the mask parameters and Adam moments
+    from safetensors import safe_open
+    total = sum(t.numel for t in si.targets(planted_mlp().model).values())
+    for prefix, suffix in (("params/", ""), ("optimizer/", "/exp_avg_sq")):
+        sizes = []
+        for r in range(2):
+            with safe_open(path + f".rank{r}-of-2", framework="pt") as handle:
+                sizes.append(sum(handle.get_tensor(k).numel() for k in handle.keys()
+                                 if k.startswith(prefix) and k.endswith(suffix)))
+        assert 0 < min(sizes) and max(sizes) < total and sum(sizes) == total, (prefix, sizes)
+    print("sharded state")
 task = planted_mlp(generator=torch.Generator().manual_seed(0))  # not sharded: another layout
 try:
     si.find(task.model, method, task.loss_fn, task.batches(64), steps=30, progress=False,
@@ -351,7 +362,7 @@ if rank == 1:
 try:
     go(os.path.join(folder, "other.ckpt"), checkpoint_every=5)
 except (OSError, RuntimeError) as error:
-    expected = "No space left" if rank == 1 else "Another process failed while saving"
+    expected = "No space left" if rank == 1 else "Process 1 failed while saving the checkpoint"
     assert expected in str(error), error
     print("stopped together")
 training._save = saving
@@ -387,4 +398,5 @@ def test_fsdp_checkpoints_resume_exactly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     for line in ("same", "layout refused", "stopped together", "unshared refused"):
         assert done.stdout.count(line) == 2, (line, done.stdout)
+    assert done.stdout.count("sharded state") == 1
     assert done.stdout.count("refused") == 6

@@ -199,8 +199,15 @@ def test_hard_concrete_lambda_ramp_is_cao_et_al_schedule():
         assert value == pytest.approx(factor * full, abs=1e-12), step
     as_list = si.methods.create("hard_concrete", lambda_ramp=[0.25, 0.5])  # e.g. from JSON
     assert as_list.lambda_ramp == (0.25, 0.5)
-    probing_default = si.probing.CAO_HARD_CONCRETE
-    assert probing_default["lambda_ramp"] == (0.25, 0.5) and probing_default["l0_lambda"] == 1.0
+    assert si.methods.create("hard_concrete", lambda_ramp=(0.9, 0.1)).lambda_ramp == (0.9, 0.1)
+    # subnetwork probing ramps lambda (Cao et al.), unless target_density replaces the L0 penalty
+    from subnet_interp.probing import _method
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    assert _method("hard_concrete", net, None, {}).lambda_ramp == (0.25, 0.5)
+    assert _method("hard_concrete", net, None, {}).l0_lambda == 1.0
+    constrained = _method("hard_concrete", net, None, {"target_density": 0.1})
+    assert constrained.lambda_ramp is None and constrained.target_density == 0.1
 
 
 def test_hard_concrete_rejects_bad_hparams():

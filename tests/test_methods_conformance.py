@@ -7,6 +7,7 @@ import torch
 from _util import assert_bit_exact, snapshot
 
 import subnet_interp as si
+from subnet_interp._checkpoint import jsonable
 from subnet_interp.tasks import planted_delta, planted_mlp, planted_teacher
 
 # Per method: which planted task suits it, hyper-parameters that make it converge in a few
@@ -118,7 +119,8 @@ def test_meta_records_the_run(outcome):
     assert meta["method"] == name
     assert meta["steps"] == SETTINGS[name]["steps"]
     assert meta["fingerprint"] == si.fingerprint(outcome["task"].model)
-    assert meta["hparams"] == {**si.methods.get(name)().hparams(), **SETTINGS[name]["hparams"]}
+    expected = {**si.methods.get(name)().hparams(), **SETTINGS[name]["hparams"]}
+    assert meta["hparams"] == jsonable(expected)  # tuples are stored as lists
     if si.methods.get(name).needs_steps:
         assert set(result.history) >= {"loss", "density"}
         assert len(result.history["loss"]) == len(result.history["density"]) > 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import difflib
 import fnmatch
+import sys
 from collections.abc import Iterable, Mapping
 
 from torch import nn
@@ -80,13 +81,15 @@ def fsdp_mesh(model: object, root: nn.Module):
     Every FSDP module is resharded first (``FSDPModule.reshard``), so the parameters are the
     sharded DTensors FSDP manages (after a forward without backward, FSDP keeps the root's
     parameters gathered). Only FSDP2's layout is accepted: every DTensor parameter on one 1-D
-    mesh, sharded on dim 0. Tensor parallelism and HSDP get a clear error.
+    mesh, sharded on dim 0. Tensor parallelism, HSDP and mixture-of-experts models get a clear
+    error.
     """
-    try:
+    name_of_model = model_class(model).__qualname__
+    fsdp_modules = []
+    if "torch.distributed.fsdp" in sys.modules:  # never imported: nothing can be FSDP-sharded
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch built without distributed support
-        FSDPModule = ()  # noqa: N806
-    fsdp_modules = [m for m in root.modules() if FSDPModule and isinstance(m, FSDPModule)]
+
+        fsdp_modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
     for module in fsdp_modules:
         module.reshard()
     sharded = [(name, p) for name, p in root.named_parameters() if is_dtensor(p)]
@@ -99,42 +102,55 @@ def fsdp_mesh(model: object, root: nn.Module):
     for name, param in sharded:
         if param.device_mesh != mesh or mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
             raise ValueError(
-                f"{type(model).__qualname__}'s parameter {name!r} is a DTensor on "
-                f"{param.device_mesh} with placements {param.placements}. subnet_interp supports "
-                "models sharded by FSDP2's fully_shard on one 1-D mesh (every parameter "
-                "Shard(0)); tensor parallelism and HSDP (2-D meshes) are not supported. Shard the "
-                "model with `fully_shard(block, mesh=init_device_mesh(device, (world_size,)))`."
+                f"{name_of_model}'s parameter {name!r} is a DTensor on {param.device_mesh} with "
+                f"placements {param.placements}. subnet_interp supports models sharded by "
+                "FSDP2's fully_shard on one 1-D mesh (every parameter Shard(0)); tensor "
+                "parallelism and HSDP (2-D meshes) are not supported. Shard the model with "
+                "`fully_shard(block, mesh=init_device_mesh(device, (world_size,)))`."
             )
     import torch.distributed as dist
 
     if mesh.size() != dist.get_world_size():
         raise ValueError(
-            f"{type(model).__qualname__} is sharded over {mesh.size()} of the "
-            f"{dist.get_world_size()} processes of the default group; subnet_interp averages "
-            "mask gradients over the whole group, so shard over all of them (one mesh of "
-            "world_size devices), or run one process group per model."
+            f"{name_of_model} is sharded over {mesh.size()} of the {dist.get_world_size()} "
+            "processes of the default group; subnet_interp averages mask gradients over the "
+            "whole group, so shard over all of them (one mesh of world_size devices), or run "
+            "one process group per model."
         )
-    config = getattr(root, "config", None)
-    experts = {
-        key: getattr(config, key, None)
-        for key in ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-    }
-    experts = {k: v for k, v in experts.items() if isinstance(v, int) and v > 1}
+    experts = _expert_counts(getattr(root, "config", None))
     if experts:
         raise ValueError(
-            f"{model_class(model).__qualname__} is a mixture-of-experts model ({experts}) sharded "
-            "with "
-            "FSDP2. subnet_interp gathers a sharded mask while its module runs, and experts run "
-            "on some ranks and not others, so the ranks' collectives would not match. Run it "
+            f"{name_of_model} is a mixture-of-experts model ({experts}) sharded with FSDP2. "
+            "subnet_interp gathers a sharded mask while its module runs, and experts run on "
+            "some ranks and not others, so the ranks' collectives would not match. Run it "
             "unsharded (data-parallel under torchrun)."
         )
     if not fsdp_modules:
         raise ValueError(
-            f"{type(model).__qualname__}'s parameter {name!r} is a sharded DTensor, but no module "
-            "of the model is an FSDP module: the weights are never gathered for the forward "
-            "pass. Shard the model with FSDP2's fully_shard (or pass the unsharded model)."
+            f"{name_of_model}'s parameter {name!r} is a sharded DTensor, but no module of the "
+            "model is an FSDP module: the weights are never gathered for the forward pass. "
+            "Shard the model with FSDP2's fully_shard (or pass the unsharded model)."
         )
     return mesh
+
+
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _expert_counts(config: object, depth: int = 0) -> dict[str, int]:
+    """Expert counts above 1 in a transformers config or its sub-configs (``text_config`` of
+    multimodal models, ``ffn_config`` of DBRX, ...)."""
+    if config is None or depth > 2:
+        return {}
+    found = {
+        key: value
+        for key in _EXPERT_KEYS
+        if isinstance(value := getattr(config, key, None), int) and value > 1
+    }
+    for key, value in vars(config).items() if hasattr(config, "__dict__") else ():
+        if hasattr(value, "to_dict") and hasattr(value, "__dict__"):  # a nested config
+            found.update({f"{key}.{k}": v for k, v in _expert_counts(value, depth + 1).items()})
+    return found
 
 
 def real_tensor(module: nn.Module, attribute: str):

@@ -61,6 +61,9 @@ class GumbelSigmoid(MaskMethod):
     def samples_per_batch(self) -> int:
         return self.mask_samples
 
+    def reads_batch_size(self) -> bool:
+        return self.per_example_penalty
+
     def init_parameters(self, target: Target, gate_shape, weight, generator) -> Tensor:
         return torch.full(gate_shape, float(self.init_logit), device=weight.device)
 

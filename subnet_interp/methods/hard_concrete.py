@@ -91,7 +91,7 @@ class HardConcrete(MaskMethod):
                 not isinstance(ramp, (tuple, list))
                 or len(ramp) != 2
                 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in ramp)
-                or not (0.0 <= ramp[0] < 1.0 and 0.0 < ramp[1] <= 1.0 - ramp[0])
+                or not (0.0 <= ramp[0] < 1.0 and 0.0 < ramp[1] and ramp[0] + ramp[1] <= 1.0 + 1e-9)
             ):
                 raise ValueError(
                     f"hard_concrete: lambda_ramp must be (start, length), fractions of the steps "
