@@ -141,7 +141,8 @@ def find(
             mask), instead of building every mask up front and keeping the intermediates: the
             step then holds no mask-sized temporaries besides the masked weight the layer
             saves. Same masks and history as without it; costs a second elementwise pass
-            (about 1-10% per step on a GPT-2-style model on CPU, more on tiny models).
+            (about 1-10% per step on a GPT-2-style model on CPU, more on tiny models). Always
+            on for FSDP-sharded models (a layer's mask is gathered only while it computes).
         checkpoint: a file path for learnable-mask methods: every ``checkpoint_every`` steps
             (and at the end) the run's whole state is written there atomically (mask
             parameters, optimiser state, schedule position, seed generator, history, and the
@@ -297,7 +298,7 @@ def find(
         )
     meta = {
         **run,
-        "recompute_masks": recompute_masks,
+        "recompute_masks": recompute_masks or mesh is not None,  # always so when sharded
         "family": adapter.family,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "subnet_interp_version": _version(),

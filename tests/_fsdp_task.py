@@ -89,6 +89,7 @@ def main(out: str, kind: str, method: str, steps: int) -> None:
             "unchanged": unchanged,
             "history": result.history,
             "grads": [n for n, p in model.named_parameters() if p.grad is not None],
+            "recompute_masks": result.subnetwork.meta["recompute_masks"],
         },
         f"{out}.rank{rank}.pt",
     )

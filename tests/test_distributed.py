@@ -156,6 +156,7 @@ def test_fsdp_two_processes_find_the_single_process_mask(kind, method, tmp_path)
         torch.testing.assert_close(run["masked_logits"], expected, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(run["full_logits"], _fsdp_task.logits(model, probe))
         assert run["unchanged"] and run["grads"] == []
+        assert run["recompute_masks"]  # the meta says how the sharded run sampled masks
 
 
 FSDP_ERRORS = r"""
