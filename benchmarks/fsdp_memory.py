@@ -26,17 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from mask_memory import peak_bytes, rss_bytes  # noqa: E402
+from mask_memory import peak_bytes, rss_bytes, write_record  # noqa: E402
 
 SHAPES = [(4, 2048), (16, 1024)]  # (layers, width): the same 16.8M masked weights
 GPUS = (1, 2, 4, 8)
@@ -206,21 +204,14 @@ def main() -> None:
     for row in table:
         cells = "  ".join(f"N={n}: {row[str(n)]:.1f}" for n in GPUS)
         print(f"  {row['model']:30s} {row['option']:14s} {cells}")
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+    name = "fsdp_memory_quick.json" if args.quick else "fsdp_memory.json"
+    write_record(args.out, name, {
         "method": METHOD,
         "shapes": [{"layers": layers, "width": width} for layers, width in shapes],
         "rows": rows,
         "fit": {k: {"a": a, "b": b} for k, (a, b) in fits.items()},
         "plan": table,
-    }
-    name = "fsdp_memory_quick.json" if args.quick else "fsdp_memory.json"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(record, f, indent=1)
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

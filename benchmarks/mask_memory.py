@@ -183,6 +183,20 @@ def plan(peaks: dict[str, float]) -> list[dict]:
     return rows
 
 
+def write_record(folder: str, name: str, fields: dict) -> None:
+    """The results as JSON in ``folder``, with the date, machine and torch version."""
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        **fields,
+    }
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, name), "w") as f:
+        json.dump(record, f, indent=1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
@@ -236,20 +250,13 @@ def main() -> None:
         print(
             f"  {row['model']} ({row['parameters'] / 1e9:.2f}B params, {row['masked'] / 1e9:.2f}B masked): {cells}"
         )
-    record = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
+    name = "mask_memory_quick.json" if args.quick else "mask_memory.json"
+    write_record(args.out, name, {
         "mlp": {"width": width, "layers": layers},
         "rows": rows,
         "fine_tuning_peak": results["fine-tuning (Adam on weights)"],
         "plan": table,
-    }
-    name = "mask_memory_quick.json" if args.quick else "mask_memory.json"
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, name), "w") as f:
-        json.dump(record, f, indent=1)
+    })  # fmt: skip
 
 
 if __name__ == "__main__":

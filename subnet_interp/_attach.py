@@ -292,8 +292,7 @@ class Attachment:
 
             def compute(weight: Tensor, loc=loc, present=present) -> Tensor:
                 masks = {t.name: functions[t.name]() for t in present}
-                mask = _real_mask(loc, weight, masks, present, fill)
-                return loc.slot.ablation.apply(weight, mask, loc.slot.location)
+                return _masked_weight(loc, weight, masks, present, fill)
 
             loc.slot.compute = compute
 
@@ -322,12 +321,16 @@ class Attachment:
             raise errors[0]
 
 
-def _deferred(loc: _Location, masks: Mapping[str, Tensor], present: list[Target], fill: float):
-    def compute(weight: Tensor) -> Tensor:
-        mask = _real_mask(loc, weight, masks, present, fill)
-        return loc.slot.ablation.apply(weight, mask, loc.slot.location)
+def _masked_weight(
+    loc: _Location, weight: Tensor, masks: Mapping[str, Tensor], present: list[Target], fill: float
+) -> Tensor:
+    """What the model computes with at ``loc``: the ablation applied with the real-layout mask."""
+    mask = _real_mask(loc, weight, masks, present, fill)
+    return loc.slot.ablation.apply(weight, mask, loc.slot.location)
 
-    return compute
+
+def _deferred(loc: _Location, masks: Mapping[str, Tensor], present: list[Target], fill: float):
+    return lambda weight: _masked_weight(loc, weight, masks, present, fill)
 
 
 def _real_mask(

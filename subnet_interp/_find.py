@@ -289,7 +289,7 @@ def find(
         if mesh is not None:
             # an error after a forward leaves FSDP's gathered parameters registered; the flags
             # belong to the sharded ones
-            adapters.fsdp_mesh(model, root)
+            adapters.reshard(root)
         _restore(root, flags, modes, model_device if moved else None)
     if not (resolved.trains_weights and inplace) and fingerprint(user_model) != print_before:
         raise RuntimeError(

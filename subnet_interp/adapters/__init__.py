@@ -85,13 +85,7 @@ def fsdp_mesh(model: object, root: nn.Module):
     error.
     """
     name_of_model = model_class(model).__qualname__
-    fsdp_modules = []
-    if "torch.distributed.fsdp" in sys.modules:  # never imported: nothing can be FSDP-sharded
-        from torch.distributed.fsdp import FSDPModule
-
-        fsdp_modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
-    for module in fsdp_modules:
-        module.reshard()
+    fsdp_modules = reshard(root)
     sharded = [(name, p) for name, p in root.named_parameters() if is_dtensor(p)]
     if not sharded:
         return None
@@ -132,6 +126,19 @@ def fsdp_mesh(model: object, root: nn.Module):
             "Shard the model with FSDP2's fully_shard (or pass the unsharded model)."
         )
     return mesh
+
+
+def reshard(root: nn.Module) -> list[nn.Module]:
+    """Reshard every FSDP2 module under ``root`` (FSDP keeps the root's parameters gathered
+    after a forward without backward), so its parameters are the sharded ones; returns them."""
+    if "torch.distributed.fsdp" not in sys.modules:  # never imported: nothing is FSDP-sharded
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
+    for module in modules:
+        module.reshard()
+    return modules
 
 
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
@@ -303,6 +310,7 @@ __all__ = [
     "fsdp_mesh",
     "is_dtensor",
     "model_class",
+    "reshard",
     "real_name_hint",
     "real_tensor",
     "register_adapter",
