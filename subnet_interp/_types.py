@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 from torch import Tensor
@@ -55,6 +56,18 @@ class Layout:
 
 
 IDENTITY = Layout()
+
+_BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+
+
+def block_position(name: str) -> tuple[int, str] | None:
+    """``(layer, component)`` of a canonical ``blocks.{L}.{component}`` name
+    (``blocks.3.attn.W_Q`` -> ``(3, "attn.W_Q")``), ``None`` for any other name.
+
+    The one parser of canonical block names; everything else asks a :class:`Target` or this.
+    """
+    match = _BLOCK_NAME.match(name)
+    return None if match is None else (int(match.group(1)), match.group(2))
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,18 @@ class Target:
         return tuple(s if a in keep else 1 for s, a in zip(self.shape, self.axes, strict=True))
 
     @property
+    def layer(self) -> int | None:
+        """The block index of a canonical ``blocks.{L}....`` target, ``None`` otherwise."""
+        position = block_position(self.name)
+        return None if position is None else position[0]
+
+    @property
+    def component(self) -> str | None:
+        """What the target is within its block (``"attn.W_Q"``, ``"mlp.W_in"``), or ``None``."""
+        position = block_position(self.name)
+        return None if position is None else position[1]
+
+    @property
     def location(self) -> tuple[str, str]:
         """The (module path, attribute) pair of the real tensor."""
         return (self.module, self.attribute)
@@ -139,7 +164,7 @@ def describe_tensor(tensor: Tensor) -> str:
     return f"shape {tuple(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
 
 
-__all__ = ["IDENTITY", "Layout", "NotFoundError", "Target", "describe_tensor"]
+__all__ = ["IDENTITY", "Layout", "NotFoundError", "Target", "block_position", "describe_tensor"]
 
 
 class NotFoundError(KeyError):

@@ -68,6 +68,13 @@ def model_class(obj: object) -> type:
     return type(obj)
 
 
+def is_conv1d(module: object) -> bool:
+    """Whether ``module`` is transformers' GPT-2-style ``Conv1D`` (weight stored ``[in, out]``),
+    also when parametrized or FSDP-wrapped; checked without importing transformers."""
+    cls = model_class(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
 def is_dtensor(tensor: object) -> bool:
     """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (checked without importing
     torch.distributed where it is unavailable)."""

@@ -5,15 +5,9 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Target
-from . import Adapter, model_class, real_tensor
+from . import Adapter, is_conv1d, real_tensor
 
 _CONV_AXES = {1: ("kernel",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
-
-
-def _is_hf_conv1d(module: nn.Module) -> bool:
-    # transformers' GPT-2 style Conv1D stores weight as [in, out]; detect it without importing
-    cls = model_class(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
 
 
 def module_targets(root: nn.Module) -> dict[str, Target]:
@@ -35,7 +29,7 @@ def module_targets(root: nn.Module) -> dict[str, Target]:
             target = Target(
                 name, path, "weight", shape, ("vocab", "d"), default=False, kind="embedding"
             )
-        elif _is_hf_conv1d(module) and weight.dim() == 2:
+        elif is_conv1d(module) and weight.dim() == 2:
             target = Target(
                 name, path, "weight", shape, ("in", "out"), kind="linear", unit_axes=("out",)
             )

@@ -19,23 +19,19 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Layout, Target
-from . import Adapter, model_class, real_tensor
+from . import Adapter, is_conv1d, model_class, real_tensor
 
 _TRANSPOSE = ("permute", (1, 0))
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return model_class(module).__name__ == "Conv1D"
 
 
 def _bridge_attn_layout(module: nn.Module, which: str, heads: int, d_head: int) -> Layout:
     """View ops from a bridge component's weight to the canonical attention layout."""
     if which == "o":  # canonical [head, d_head, d_model]
-        if _is_conv1d(module):  # [heads * d_head, d_model]
+        if is_conv1d(module):  # [heads * d_head, d_model]
             return Layout((("unflatten", 0, (heads, d_head)),))
         return Layout((("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0))))
     # q / k / v, canonical [head, d_model, d_head]
-    if _is_conv1d(module):  # [d_model, heads * d_head]
+    if is_conv1d(module):  # [d_model, heads * d_head]
         return Layout((("unflatten", 1, (heads, d_head)), ("permute", (1, 0, 2))))
     return Layout((("unflatten", 0, (heads, d_head)), ("permute", (0, 2, 1))))
 
@@ -125,7 +121,7 @@ class TransformerBridgeAdapter(Adapter):
                 module = _component(root, path)
                 if module is None or not hasattr(module, "weight"):
                     continue
-                conv = _is_conv1d(module)
+                conv = is_conv1d(module)
                 rows, cols = module.weight.shape
                 if canonical == "W_out":
                     shape = (rows, cols) if conv else (cols, rows)

@@ -27,8 +27,7 @@ def _default_forward(model: Any, batch: Any) -> Any:
 def _module_kind(module: nn.Module) -> str:
     if isinstance(module, nn.Linear):
         return "linear"
-    cls = type(module)
-    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+    if adapters.is_conv1d(module):
         return "conv1d"
     return "other"
 
