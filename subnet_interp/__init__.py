@@ -8,9 +8,9 @@ from . import analysis, methods, probing
 from ._attach import Ablation, delta_applied, masked
 from ._find import find
 from ._fingerprint import fingerprint
+from ._loop import NonFiniteLossError
 from ._subnetwork import Subnetwork
 from ._targets import targets
-from ._train import NonFiniteLossError
 from ._types import NotFoundError, Target
 from .analysis import MeanAblation, ReinitAblation, ResampleAblation
 from .methods import FindResult, random_like

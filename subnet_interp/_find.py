@@ -15,11 +15,11 @@ from torch import Tensor, nn
 
 from . import _checkpoint, adapters
 from ._fingerprint import fingerprint
+from ._loop import endless
 from ._registry import check_hparams
-from ._train import MaskMethod, endless
 from ._types import NotFoundError, Target, describe_tensor
 from .methods import registry
-from .methods._base import Callback, FindContext, FindResult, Method
+from .methods._base import Callback, FindContext, FindResult, MaskMethod, Method
 
 
 def _resolve_method(method: str | Method) -> Method:
@@ -278,11 +278,9 @@ def find(
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
             mesh=mesh,
-            extras={
-                "run_identity": _checkpoint.jsonable(
-                    {**run, "extra_parameters": [list(t.shape) for t in extras]}
-                )
-            },
+            run_identity=_checkpoint.jsonable(
+                {**run, "extra_parameters": [list(t.shape) for t in extras]}
+            ),
         )
         result = resolved.run(context)
     finally:

@@ -1,18 +1,17 @@
-"""The shared training loop of every learnable-mask method.
+"""The shared training loop of every learnable-mask method (``MaskMethod``).
 
-Weights stay frozen (no gradients, no optimizer state); only the methods' mask parameters
-train. Masks reach the model through the same parametrization ``si.masked`` uses, so the
-loop works for every model family an adapter handles.
+Weights stay frozen (no gradients, no optimizer state) unless the method trains them; the
+methods' mask parameters train. Masks reach the model through the same parametrization
+``si.masked`` uses, so the loop works for every model family an adapter handles. The method
+interface is in ``methods/_base.py``, rank and shard helpers in ``_distributed.py``, the run's
+checkpoints in ``_checkpoint.py`` and the pieces the weight-training loop shares in ``_loop.py``.
 """
 
 from __future__ import annotations
 
-import abc
-import contextlib
-import glob
 import math
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,104 +19,383 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import _checkpoint
+from . import _checkpoint, _distributed, _loop
 from ._attach import ZERO, Attachment
+from ._checkpoint import RunState
+from ._checkpoint import save as _save  # a module global, looked up at each save
 from ._fingerprint import canonical_copy, read_canonical
+from ._loop import NonFiniteLossError, endless
 from ._subnetwork import Subnetwork
-from ._types import Target
-from .adapters import is_dtensor
-from .methods._base import FindContext, FindResult, Method
+from .methods._base import FindContext, FindResult, MaskMethod, TrainState
+
+HISTORY = ("step", "loss", "penalty", "density", "temperature")
+
+
+def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
+    """Run a learnable-mask method; returns the final binary subnetwork and its history."""
+    plan, run = _setup(method, context)
+    # everything that can fail before training is above: from here on the model is modified
+    # and the `finally` below restores it
+    attachment = Attachment(
+        context.root, context.targets, ZERO, adapter=context.adapter, model=context.model
+    )
+    bar = _loop.progress_bar(context.steps, method.name, show=context.progress, rank=plan.rank)
+    try:
+        start = _resume(plan, run, bar)
+        for step in range(start, context.steps):
+            loss, penalty = _step(plan, run, attachment, step)
+            if step % context.log_every == 0 or step == context.steps - 1:
+                _log(plan, run, step, loss, penalty, bar)
+            _save_if_due(plan, run, step)
+            bar.update(1)
+    finally:
+        bar.close()
+        attachment.remove()
+    return _finish(plan, run)
 
 
 @dataclass
-class TrainState:
-    """Mutable per-run state of a learnable-mask method (schedules read and write it)."""
+class _Plan:
+    """What a run derives once from its method and context (the changing state is a
+    :class:`RunState`)."""
 
-    step: int
-    total_steps: int
-    round: int = 0
-    rounds: int = 1
-    round_step: int = 0
-    steps_per_round: int = 0
-    temperature: float = 1.0
-    # examples in the current batch (before splitting among mask samples); under
-    # torch.distributed, in the global batch if the method's reads_batch_size() says it reads it
-    batch_size: int = 1
-    aux: dict[str, Any] = field(default_factory=dict)
+    method: MaskMethod
+    context: FindContext
+    names: list[str]  # target names, in the order of the mask parameters
+    per_gate: list[int]  # weights each gate of a target covers
+    total_weights: int
+    samples: int  # mask samples per batch
+    steps_per_round: int
+    rewind_at: int | None  # the step whose weights a ticket keeps
+    clip: float | None
+    synced: list[Tensor]  # plain tensors whose gradients are averaged over the ranks
+    world: _distributed.World | None
+    checkpoint: Path | None  # this rank's checkpoint file
+    base: Path | None  # the checkpoint path the user gave
+    identity: dict[str, Any]  # what a checkpoint must match
+    unchecked_reads: bool  # sharded: whether the first loss is still to be checked
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.world is None else self.world[0]
+
+    @property
+    def processes(self) -> int:
+        return 1 if self.world is None else self.world[1]
 
 
-class MaskMethod(Method):
-    """A method that learns a mask by gradient descent on per-gate parameters.
+def _setup(method: MaskMethod, context: FindContext) -> tuple[_Plan, RunState]:
+    """The run's fixed plan and its initial state (mask parameters, optimisers, seeds)."""
+    params = _initial_parameters(method, context)
+    weight_params = _trained_weights(method, context)
+    weight_optimizer = method.weight_optimizer(weight_params) if method.trains_weights else None
+    rounds = method.rounds()
+    steps_per_round = max(1, context.steps // rounds)
+    optimizer = _mask_optimizer(method, list(params.values()), context)
+    # per-step, per-target seeds: a mask is re-sampled identically when its weight is read again
+    # (e.g. recomputed in backward), and drawing them on the CPU costs no device sync
+    generator = context.generator
+    seed = int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
+    extras = list(context.extra_parameters)
+    run = RunState(
+        params=params,
+        optimizer=optimizer,
+        seed_source=torch.Generator().manual_seed(seed),
+        state=TrainState(
+            step=0, total_steps=context.steps, rounds=rounds, steps_per_round=steps_per_round
+        ),
+        history={key: [] for key in HISTORY},
+        root=context.root,
+        weight_optimizer=weight_optimizer,
+        extras=extras,
+        extra_optimizer=torch.optim.Adam(extras, lr=context.extra_lr) if extras else None,
+    )
+    synced = list(params.values()) + extras
+    synced += weight_params if weight_optimizer is not None else []
+    targets = [context.targets[n] for n in params]
+    world = _distributed.world()
+    plan = _Plan(
+        method=method,
+        context=context,
+        names=list(params),
+        per_gate=[t.numel // max(1, math.prod(t.gate_shape(method.granularity))) for t in targets],
+        total_weights=sum(t.numel for t in targets),
+        samples=method.samples_per_batch(),
+        steps_per_round=steps_per_round,
+        rewind_at=method.rewind_step(steps_per_round) if method.trains_weights else None,
+        clip=method.grad_clip(),
+        synced=[p for p in synced if not _distributed.is_dtensor(p)],  # sharded: in backward
+        world=world,
+        unchecked_reads=context.mesh is not None,
+        **_checkpoint_files(context, world),
+    )
+    return plan, run
 
-    Subclasses (frozen dataclasses) implement the gate maths; :func:`train_masks` runs them.
-    The ``granularity`` field of every subclass chooses one gate per weight (``"weight"``),
-    per unit (``"neuron"``) or per attention head (``"head"``).
-    """
 
-    granularity: str
+def _initial_parameters(method: MaskMethod, context: FindContext) -> dict[str, Tensor]:
+    """Every target's mask parameters, sharded like the weights under FSDP2."""
+    params: dict[str, Tensor] = {}
+    for name, target in context.targets.items():
+        weight = read_canonical(context.root, target).detach()
+        gate_shape = target.gate_shape(method.granularity)
+        init = method.init_parameters(target, gate_shape, weight, context.generator)
+        init = init.to(device=context.device, dtype=context.mask_dtype)
+        del weight  # a gathered copy under FSDP2: freed before the next target's
+        if context.mesh is not None:
+            init = _distributed.shard(init, context.mesh)
+        params[name] = init.requires_grad_(True)
+    return params
 
-    def rounds(self) -> int:
-        return 1
 
-    def samples_per_batch(self) -> int:
-        """Independent mask samples per batch; the batch is split evenly among them."""
-        return 1
+def _trained_weights(method: MaskMethod, context: FindContext) -> list[Tensor]:
+    """The model parameters that require grad (those a method that trains weights trains)."""
+    weight_params = [p for p in context.root.parameters() if p.requires_grad]
+    if method.trains_weights and not weight_params:
+        raise ValueError(
+            f"{method.name} trains weights jointly with the mask, but no parameter of the model "
+            "requires grad."
+        )
+    return weight_params
 
-    def reads_batch_size(self) -> bool:
-        """Whether the method reads ``TrainState.batch_size`` (under torch.distributed it is
-        then summed over the ranks every step, one small all-reduce)."""
-        return False
 
-    @abc.abstractmethod
-    def init_parameters(
-        self,
-        target: Target,
-        gate_shape: tuple[int, ...],
-        weight: Tensor,
-        generator: torch.Generator,
-    ) -> Tensor:
-        """Initial mask parameters for one target (a float tensor of ``gate_shape``)."""
+def _checkpoint_files(context: FindContext, world: _distributed.World | None) -> dict[str, Any]:
+    """The ``checkpoint``, ``base`` and ``identity`` fields of the plan."""
+    identity = dict(context.run_identity)
+    if context.checkpoint is None:
+        return {"checkpoint": None, "base": None, "identity": identity}
+    base = Path(context.checkpoint)
+    if context.mesh is None:
+        return {"checkpoint": base, "base": base, "identity": identity}
+    # sharded mask state: every rank writes its own shard, ``<checkpoint>.rank<r>-of-<n>``
+    rank, processes = world if world is not None else (0, 1)
+    return {
+        "checkpoint": _checkpoint.shard_file(base, rank, processes),
+        "base": base,
+        "identity": {**identity, "shard": [rank, processes]},
+    }
 
-    @abc.abstractmethod
-    def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
-        """The (soft, differentiable) gate values used for one forward pass."""
 
-    @abc.abstractmethod
-    def penalty(
-        self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
-    ) -> Tensor:
-        """The sparsity regulariser; ``weights[i]`` is how many weights gate tensor i covers each."""
+def _resume(plan: _Plan, run: RunState, bar: tqdm) -> int:
+    """Load the run's checkpoint if there is one; returns the first step to run."""
+    context = plan.context
+    if plan.checkpoint is None or not _checkpoint.resuming(
+        plan.base, plan.checkpoint, context.mesh, plan.processes, plan.world, context.device
+    ):
+        return 0
+    _distributed.together(
+        plan.world, context.device, "restoring the checkpoint", _restore, plan, run
+    )
+    start = run.step + 1
+    if context.mesh is not None and plan.world is not None:
+        _checkpoint.check_same_step(start, plan.base, plan.world, context.device)
+    _loop.skip(context.batches, start)  # the data position: one batch per step
+    bar.update(start)
+    return start
 
-    @abc.abstractmethod
-    def final_mask(self, params: Tensor) -> Tensor:
-        """The binary mask (bool, gate shape) the parameters stand for."""
 
-    @abc.abstractmethod
-    def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
-        """The optimiser of the mask parameters (the paper's)."""
+def _restore(plan: _Plan, run: RunState) -> None:
+    """The checkpoint into ``run``, and the method's own state back to the method."""
+    method, context = plan.method, plan.context
+    _checkpoint.restore(
+        plan.checkpoint,
+        plan.identity,
+        run,
+        context.device,
+        lambda: _mask_optimizer(method, list(run.params.values()), context),
+    )
+    if run.extra_state:
+        method.load_extra_state(run.state, run.extra_state, context.device)
 
-    def weight_optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer | None:
-        """For methods that train weights jointly with the mask (``trains_weights``)."""
-        return None
 
-    def rewind_step(self, steps_per_round: int) -> int | None:
-        """Step (of the first round) whose weights the ticket keeps; ``None``: no rewinding."""
-        return None
+def _step(plan: _Plan, run: RunState, attachment: Attachment, step: int) -> tuple[Tensor, Tensor]:
+    """One training step; returns its task loss (mean over mask samples) and regulariser."""
+    _begin_step(plan, run, step)
+    context, state = plan.context, run.state
+    batch = next(context.batches)
+    state.batch_size = batch_size(batch)
+    if plan.method.reads_batch_size():
+        state.batch_size = _distributed.global_batch_size(
+            state.batch_size, plan.world, context.device
+        )
+    loss = _task_loss(plan, run, attachment, batch, step)
+    with _distributed.replicating(context.mesh):
+        penalty = plan.method.penalty(list(run.params.values()), plan.per_gate, state)
+        if penalty.requires_grad:
+            penalty.backward()
+    _update(plan, run)
+    return loss, penalty
 
-    def on_step(self, state: TrainState) -> None:
-        """Update schedules (temperature, ...) before step ``state.step``."""
 
-    def after_step(self, state: TrainState) -> None:
-        """After the mask optimiser's step (e.g. a dual ascent step)."""
+def _begin_step(plan: _Plan, run: RunState, step: int) -> None:
+    """Round and schedule fields for ``step``; the ticket's weights at the rewind step."""
+    state = run.state
+    round_index = min(step // plan.steps_per_round, state.rounds - 1)
+    if round_index != state.round:
+        _end_round(plan, run)
+    state.step, state.round = step, round_index
+    state.round_step = step - round_index * plan.steps_per_round
+    if plan.rewind_at is not None and step == min(plan.rewind_at, plan.context.steps - 1):
+        run.rewound = canonical_copy(plan.context.root, plan.context.targets)
+    plan.method.on_step(state)
 
-    def on_round_end(self, params: Sequence[Tensor], state: TrainState) -> None:
-        """Between rounds (methods with ``rounds() > 1``): e.g. reset parameters."""
 
-    def grad_clip(self) -> float | None:
-        return None
+def _end_round(plan: _Plan, run: RunState) -> None:
+    """Between rounds: the method's reset, then a fresh mask optimiser."""
+    params = list(run.params.values())
+    plan.method.on_round_end(params, run.state)
+    run.optimizer = _mask_optimizer(plan.method, params, plan.context)
 
-    def run(self, context: FindContext) -> FindResult:
-        return train_masks(self, context)
+
+def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, step: int) -> Tensor:
+    """Forward and backward of each mask sample on its share of the batch; the mean loss."""
+    context = plan.context
+    chunks = split_batch(batch, plan.samples)
+    loss_sum = torch.zeros((), device=context.device)
+    for chunk in chunks:
+        _attach_samples(plan, run, attachment)
+        loss = context.loss_fn(context.model, chunk)
+        if plan.unchecked_reads:
+            reads = attachment.shadow_reads()
+            _distributed.check_sharded_reads(reads, plan.world, context.device)
+            plan.unchecked_reads = False
+        _loop.check_loss(loss, step)
+        _loop.stop_unless_finite(loss, step, plan.world, lambda: _stopped(plan, run, attachment))
+        (loss / len(chunks)).backward()
+        loss_sum = loss_sum + loss.detach() / len(chunks)
+    attachment.set_masks({})
+    return loss_sum
+
+
+def _attach_samples(plan: _Plan, run: RunState, attachment: Attachment) -> None:
+    """Attach one fresh mask sample per target (sampled when read, under recomputation)."""
+    context = plan.context
+    seeds = torch.randint(2**62, (len(plan.names),), generator=run.seed_source).tolist()
+    samplers = {
+        name: _sampler(
+            plan.method,
+            run.params[name],
+            run.state,
+            seed,
+            context.targets[name].shape,
+            context.device,
+        )
+        for name, seed in zip(plan.names, seeds, strict=True)
+    }
+    if context.recompute_masks or context.mesh is not None:
+        attachment.set_mask_functions(samplers)
+    else:
+        attachment.set_masks({name: sample() for name, sample in samplers.items()})
+
+
+def _stopped(plan: _Plan, run: RunState, attachment: Attachment) -> Subnetwork:
+    """At a non-finite loss: the masks off the model, and the mask as of the last good step."""
+    attachment.set_masks({})
+    return Subnetwork(_final_masks(plan, run))
+
+
+def _update(plan: _Plan, run: RunState) -> None:
+    """Average the gradients over the ranks, clip them, and step every optimiser."""
+    if plan.context.mesh is not None:
+        _distributed.plain_grads(run.state.aux.values())
+    if plan.world is not None:
+        _distributed.average_gradients(plan.synced, plan.world[1])
+    if plan.clip is not None:
+        torch.nn.utils.clip_grad_norm_(list(run.params.values()), plan.clip, foreach=True)
+    for optimizer in (run.optimizer, run.weight_optimizer, run.extra_optimizer):
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    plan.method.after_step(run.state)
+
+
+def _log(plan: _Plan, run: RunState, step: int, loss: Tensor, penalty: Tensor, bar: tqdm) -> None:
+    """Append the step to the history (on the device) and report it to the callbacks."""
+    method = plan.method
+    with torch.no_grad():
+        kept = _loop.stacked(
+            [
+                _distributed.full(method.final_mask(p).sum()) * g
+                for p, g in zip(run.params.values(), plan.per_gate, strict=True)
+            ]
+        ).sum()
+    history = run.history
+    history["step"].append(torch.tensor(float(step)))
+    history["loss"].append(_distributed.average(loss.detach(), plan.world))
+    history["penalty"].append(_distributed.full(penalty.detach()).float())
+    history["density"].append(kept / max(1, plan.total_weights))
+    history["temperature"].append(torch.tensor(float(run.state.temperature)))
+    record = {k: float(v[-1]) for k, v in history.items()}
+    _loop.report(step, record, plan.context.callbacks, bar)
+
+
+def _save_if_due(plan: _Plan, run: RunState, step: int) -> None:
+    """Checkpoint after every ``checkpoint_every`` steps and after the last one."""
+    context = plan.context
+    last = step == context.steps - 1
+    if plan.checkpoint is None or not ((step + 1) % context.checkpoint_every == 0 or last):
+        return
+    run.step = step
+    run.extra_state = plan.method.extra_state(run.state)
+    writes = plan.rank == 0 or context.mesh is not None  # one writer, or each rank its shard
+    _distributed.together(
+        plan.world, context.device, "saving the checkpoint",
+        _save if writes else _distributed.nothing, plan.checkpoint, plan.identity, run,
+    )  # fmt: skip
+
+
+def _final_masks(plan: _Plan, run: RunState) -> dict[str, Tensor]:
+    """The binary masks the parameters stand for now, in the targets' shapes."""
+    targets = plan.context.targets
+    with torch.no_grad():
+        return {
+            name: _distributed.full(plan.method.final_mask(params))
+            .expand(targets[name].shape)
+            .clone()
+            for name, params in run.params.items()
+        }
+
+
+def _finish(plan: _Plan, run: RunState) -> FindResult:
+    """The run's result: final masks, the history as floats, a ticket's weights."""
+    masks = _final_masks(plan, run)
+    floats = {k: torch.stack(v).cpu().tolist() if v else [] for k, v in run.history.items()}
+    weights = None
+    if plan.method.trains_weights:
+        weights = run.rewound
+        if weights is None:
+            weights = canonical_copy(plan.context.root, plan.context.targets)
+    return FindResult(Subnetwork(masks), floats, weights)
+
+
+def _sampler(
+    method: MaskMethod,
+    params: Tensor,
+    state: TrainState,
+    seed: int,
+    shape: tuple[int, ...],
+    device: torch.device,
+):
+    """A function returning the same mask sample each call (its noise comes from ``seed``).
+    Every call falls within one step (forward, and the recomputation in its backward), so it
+    reads the step's ``state`` as it is."""
+
+    def sample() -> Tensor:
+        generator = torch.Generator(device=device).manual_seed(seed)
+        return method.sample(_distributed.gathered(params), state, generator).expand(shape)
+
+    return sample
+
+
+def _mask_optimizer(
+    method: MaskMethod, params: Sequence[Tensor], context: FindContext
+) -> torch.optim.Optimizer:
+    """The method's optimiser, or Adafactor at the method's ``lr`` (``mask_optimizer``)."""
+    if context.mask_optimizer == "paper":
+        return method.optimizer(params)
+    lr = getattr(method, "lr", None)
+    if lr is None:
+        raise ValueError(f"{method.name} has no `lr`; mask_optimizer='adafactor' needs one.")
+    return torch.optim.Adafactor(params, lr=lr, foreach=True)
 
 
 def split_batch(batch: Any, parts: int) -> list[Any]:
@@ -166,647 +444,11 @@ def _same_mapping(original: Mapping, items: dict) -> Mapping:
         return items
 
 
-def _track(values: Sequence[Tensor]) -> Tensor:
-    return torch.stack([v.detach().float() for v in values])
-
-
-def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
-    """Run a learnable-mask method; returns the final binary subnetwork and its history."""
-    targets = context.targets
-    device = context.device
-    generator = context.generator
-    gate_shapes = {n: t.gate_shape(method.granularity) for n, t in targets.items()}
-    mesh = context.mesh  # FSDP2: mask parameters are sharded like the weights
-    params: dict[str, Tensor] = {}
-    for name, target in targets.items():
-        weight = read_canonical(context.root, target).detach()
-        init = method.init_parameters(target, gate_shapes[name], weight, generator)
-        init = init.to(device=device, dtype=context.mask_dtype)
-        del weight
-        params[name] = (init if mesh is None else _shard(init, mesh)).requires_grad_(True)
-    names = list(params)
-    param_list = [params[n] for n in names]
-    per_gate = [targets[n].numel // max(1, math.prod(gate_shapes[n])) for n in names]
-    total_weights = sum(targets[n].numel for n in names)
-    samples = method.samples_per_batch()
-
-    rounds = method.rounds()
-    steps_per_round = max(1, context.steps // rounds)
-    state = TrainState(
-        step=0,
-        total_steps=context.steps,
-        rounds=rounds,
-        steps_per_round=steps_per_round,
-    )
-    history: dict[str, list[Tensor]] = {
-        "step": [],
-        "loss": [],
-        "penalty": [],
-        "density": [],
-        "temperature": [],
-    }
-    weight_params = [p for p in context.root.parameters() if p.requires_grad]
-    if method.trains_weights and not weight_params:
-        raise ValueError(
-            f"{method.name} trains weights jointly with the mask, but no parameter of the model "
-            "requires grad."
-        )
-    weight_optimizer = method.weight_optimizer(weight_params) if method.trains_weights else None
-    rewind_at = method.rewind_step(steps_per_round) if method.trains_weights else None
-    rewound: dict[str, Tensor] | None = None
-    optimizer = _mask_optimizer(method, param_list, context)
-    # per-step, per-target seeds: a mask is re-sampled identically when its weight is read again
-    # (e.g. recomputed in backward), and drawing them on the CPU costs no device sync
-    seed_source = torch.Generator().manual_seed(
-        int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-    )
-    clip = method.grad_clip()
-    extras = list(context.extra_parameters)
-    extra_optimizer = torch.optim.Adam(extras, lr=context.extra_lr) if extras else None
-    checkpoint_path = Path(context.checkpoint) if context.checkpoint is not None else None
-    identity = dict(context.extras.get("run_identity", {}))
-    # everything that can fail before training is above: from here on the model is modified
-    # and the `finally` below restores it
-    attachment = Attachment(
-        context.root, targets, ZERO, adapter=context.adapter, model=context.model
-    )
-    world = _world()
-    rank = 0 if world is None else world[0]
-    bar = tqdm(
-        total=context.steps,
-        disable=not context.progress or rank != 0,
-        desc=method.name,
-        leave=False,
-    )
-    synced = param_list + extras + (weight_params if weight_optimizer is not None else [])
-    synced = [p for p in synced if not is_dtensor(p)]  # sharded ones are averaged in backward
-    processes = 1 if world is None else world[1]
-    base_path = checkpoint_path
-    if mesh is not None and checkpoint_path is not None:
-        # sharded mask state: every rank writes its own shard, ``<checkpoint>.rank<r>-of-<n>``
-        checkpoint_path = _shard_file(checkpoint_path, rank, processes)
-        identity = {**identity, "shard": [rank, processes]}
-    check_reads = mesh is not None
-    start = 0
-    run = {
-        "params": params,
-        "optimizer": optimizer,
-        "weight_optimizer": weight_optimizer,
-        "extras": extras,
-        "extra_optimizer": extra_optimizer,
-        "seed_source": seed_source,
-        "state": state,
-        "history": history,
-        "root": context.root,
-    }
-    try:
-        if checkpoint_path is not None and _resuming(
-            base_path, checkpoint_path, mesh, processes, world, device
-        ):
-            start, rewound = _together(world, device, "restoring the checkpoint",
-                                       _restore, checkpoint_path, identity, run, method,
-                                       context)  # fmt: skip
-            if mesh is not None and world is not None:
-                _check_same_step(start, base_path, world, device)
-            optimizer = run["optimizer"]
-            for _ in range(start):  # the data position: one batch per step
-                next(context.batches)
-            bar.update(start)
-        for step in range(start, context.steps):
-            round_index = min(step // steps_per_round, rounds - 1)
-            if round_index != state.round:
-                method.on_round_end(param_list, state)
-                optimizer = _mask_optimizer(method, param_list, context)
-            state.step, state.round = step, round_index
-            state.round_step = step - round_index * steps_per_round
-            if rewind_at is not None and step == min(rewind_at, context.steps - 1):
-                rewound = canonical_copy(context.root, targets)
-            method.on_step(state)
-            batch = next(context.batches)
-            state.batch_size = batch_size(batch)
-            if method.reads_batch_size():
-                state.batch_size = _global_batch_size(state.batch_size, world, device)
-            chunks = split_batch(batch, samples)
-            loss_sum = torch.zeros((), device=device)
-            for chunk in chunks:
-                seeds = torch.randint(2**62, (len(names),), generator=seed_source).tolist()
-                samplers = {
-                    n: _sampler(method, params[n], state, seed, targets[n].shape, device)
-                    for n, seed in zip(names, seeds, strict=True)
-                }
-                if context.recompute_masks or mesh is not None:
-                    attachment.set_mask_functions(samplers)
-                else:
-                    attachment.set_masks({n: f() for n, f in samplers.items()})
-                loss = context.loss_fn(context.model, chunk)
-                if check_reads:
-                    _check_sharded_reads(attachment, world, device)
-                    check_reads = False
-                _check_loss(loss, step)
-                if not _all_finite(loss.detach(), world):
-                    attachment.set_masks({})
-                    with torch.no_grad():
-                        last = {
-                            n: _full(method.final_mask(params[n])).expand(targets[n].shape).clone()
-                            for n in names
-                        }
-                    raise NonFiniteLossError(step, float(loss.detach()), Subnetwork(last))
-                (loss / len(chunks)).backward()
-                loss_sum = loss_sum + loss.detach() / len(chunks)
-            attachment.set_masks({})
-            with _replicating(mesh):
-                penalty = method.penalty(param_list, per_gate, state)
-                if penalty.requires_grad:
-                    penalty.backward()
-            if mesh is not None:
-                _plain_grads(state.aux.values())
-            if world is not None:
-                _average_gradients(synced, world[1])
-            if clip is not None:
-                torch.nn.utils.clip_grad_norm_(param_list, clip, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if weight_optimizer is not None:
-                weight_optimizer.step()
-                weight_optimizer.zero_grad(set_to_none=True)
-            if extra_optimizer is not None:
-                extra_optimizer.step()
-                extra_optimizer.zero_grad(set_to_none=True)
-            method.after_step(state)
-            last = step == context.steps - 1
-            if step % context.log_every == 0 or last:
-                with torch.no_grad():
-                    kept = _track(
-                        [
-                            _full(method.final_mask(p).sum()) * g
-                            for p, g in zip(param_list, per_gate, strict=True)
-                        ]
-                    ).sum()
-                history["step"].append(torch.tensor(float(step)))
-                history["loss"].append(_average(loss_sum.detach(), world))
-                history["penalty"].append(_full(penalty.detach()).float())
-                history["density"].append(kept / max(1, total_weights))
-                history["temperature"].append(torch.tensor(float(state.temperature)))
-                record = {k: float(v[-1]) for k, v in history.items()}
-                bar.set_postfix(loss=f"{record['loss']:.4g}", density=f"{record['density']:.4f}")
-                for callback in context.callbacks:
-                    callback(step, record)
-            if checkpoint_path is not None and ((step + 1) % context.checkpoint_every == 0 or last):
-                run["optimizer"] = optimizer
-                writes = rank == 0 or mesh is not None  # one writer, or each rank its shard
-                _together(world, device, "saving the checkpoint",
-                          _save if writes else _nothing,
-                          checkpoint_path, identity, run, step, rewound)  # fmt: skip
-            bar.update(1)
-    finally:
-        bar.close()
-        attachment.remove()
-    with torch.no_grad():
-        masks = {
-            n: _full(method.final_mask(params[n])).expand(targets[n].shape).clone() for n in names
-        }
-    floats = {k: torch.stack(v).cpu().tolist() if v else [] for k, v in history.items()}
-    weights = None
-    if method.trains_weights:
-        weights = rewound if rewound is not None else canonical_copy(context.root, targets)
-    return FindResult(Subnetwork(masks), floats, weights)
-
-
-def _world() -> tuple[int, int] | None:
-    """``(rank, world_size)`` inside an initialised ``torch.distributed`` group of 2 or more."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return None
-
-
-def _local(tensor: Tensor) -> Tensor:
-    """This rank's part of a sharded tensor (shares its memory); a plain tensor itself."""
-    return tensor.to_local() if is_dtensor(tensor) else tensor
-
-
-def _shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
-    """After ``load_state_dict`` from a shard's checkpoint: the state of sharded parameters
-    back as DTensors laid out like them (the checkpoint holds their local parts)."""
-    from torch.distributed.tensor import DTensor
-
-    for param, entry in optimizer.state.items():
-        if not is_dtensor(param):
-            continue
-        local = param.to_local()
-        for key, value in entry.items():
-            if key == "step":  # a plain scalar even for sharded parameters
-                continue
-            if isinstance(value, Tensor) and not is_dtensor(value) and value.shape == local.shape:
-                entry[key] = DTensor.from_local(
-                    value.to(local.device), param.device_mesh, param.placements,
-                    run_check=False, shape=param.shape, stride=param.stride(),
-                )  # fmt: skip
-
-
-def _shard_file(base: Path, rank: int, processes: int) -> Path:
-    return base.with_name(f"{base.name}.rank{rank}-of-{processes}")
-
-
-def _resuming(base: Path, path: Path, mesh, processes: int, world, device) -> bool:
-    """Whether to resume from ``path`` (``base`` itself, or this rank's shard of it). Refuses,
-    on every rank alike, shard files missing on some ranks and checkpoint files written by
-    another number of processes or without sharding, rather than silently starting over."""
-    exists = path.exists()
-    expected = {path.name} | (
-        {_shard_file(base, r, processes).name for r in range(processes)}
-        if mesh is not None
-        else set()
-    )
-    found = [base.name] if base.exists() else []
-    found += [p.name for p in base.parent.glob(glob.escape(base.name) + ".rank*-of-*")]
-    foreign = sorted(set(found) - expected)
-    flags = [int(exists), int(bool(foreign))]
-    if world is not None:
-        import torch.distributed as dist
-
-        counts = torch.tensor(flags, device=device)
-        dist.all_reduce(counts)
-        flags = [int(c) for c in counts.tolist()]
-    if flags[1] and not flags[0]:
-        layout = f"{processes} FSDP shards" if mesh is not None else "one file"
-        raise ValueError(
-            f"The checkpoint {str(base)!r} was written in another layout than this run's "
-            f"({layout}): found {foreign[:4] or 'them on another rank'}. Resume with the number "
-            "of processes and the sharding it was written with, or delete those files (or pass "
-            "another `checkpoint=` path) to start over."
-        )
-    if mesh is None and 0 < flags[0] < processes:
-        raise ValueError(
-            f"The checkpoint {str(base)!r} exists for {flags[0]} of the {processes} processes: "
-            "rank 0 writes it and every rank reads it, so put it on a file system all of them "
-            "share (or copy it to each machine) before resuming."
-        )
-    if mesh is not None and 0 < flags[0] < processes:
-        raise ValueError(
-            f"Only {flags[0]} of the {processes} shards of the checkpoint {str(base)!r} exist "
-            f"(this rank's: {'found' if exists else 'missing'}). Resume with the same number of "
-            "processes and all shard files, or delete them to start over."
-        )
-    return bool(exists)
-
-
-def _check_same_step(start: int, base: Path, world, device) -> None:
-    import torch.distributed as dist
-
-    steps = torch.tensor([start, -start], device=device)
-    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-    if int(steps[0]) != -int(steps[1]):
-        raise ValueError(
-            f"The shards of the checkpoint {str(base)!r} are from different steps "
-            f"({-int(steps[1])} to {int(steps[0])}): a save was interrupted. Delete the shard "
-            "files to start over."
-        )
-
-
-def _nothing(*args) -> None:
-    return None
-
-
-def _together(world, device, what: str, action, *args):
-    """Run ``action`` on this rank; under torch.distributed every rank then learns whether all
-    succeeded, so one rank's failure (a full disk, an unreadable file) stops every rank instead
-    of leaving the others waiting in the next collective."""
-    if world is None:
-        return action(*args)
-    import torch.distributed as dist
-
-    error: BaseException | None = None
-    result = None
-    try:
-        result = action(*args)
-    except Exception as caught:  # re-raised below, after the others know
-        error = caught
-    rank, size = world
-    failed = torch.tensor([rank if error is not None else size], device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MIN)  # the first rank that failed, if any
-    if error is not None:
-        raise error
-    if int(failed.item()) < size:
-        raise RuntimeError(f"Process {int(failed.item())} failed while {what}; its error says why.")
-    return result
-
-
-def _shard(tensor: Tensor, mesh) -> Tensor:
-    """``tensor`` (the same on every rank) as a DTensor whose local part is this rank's slice of
-    its largest dim (the same layout FSDP2 gives weights); a 0-dim tensor is replicated."""
-    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
-
-    if tensor.dim() == 0:
-        placement = Replicate()
-    else:
-        placement = Shard(max(range(tensor.dim()), key=lambda d: tensor.shape[d]))
-    # src_data_rank=None: every rank slices its own copy, no communication
-    return distribute_tensor(tensor.detach(), mesh, [placement], src_data_rank=None)
-
-
-def _gathered(params: Tensor) -> Tensor:
-    """The whole parameter tensor as a plain tensor; for a sharded one an all-gather whose
-    backward averages the ranks' gradients into each rank's shard (a reduce-scatter), which is
-    data-parallel training's gradient of the mean loss over the global batch."""
-    if not is_dtensor(params):
-        return params
-    from torch.distributed.tensor import Partial, Replicate
-
-    whole = params.redistribute(params.device_mesh, [Replicate()])
-    return whole.to_local(grad_placements=[Partial("avg")])
-
-
-def _full(value: Tensor) -> Tensor:
-    """A DTensor gathered into a plain tensor (bool via uint8: gloo has no bool collectives)."""
-    if not is_dtensor(value):
-        return value
-    if value.dtype == torch.bool:
-        return value.to(torch.uint8).full_tensor().bool()
-    return value.full_tensor()
-
-
-def _replicating(mesh):
-    """Regularisers of sharded parameters may combine them with plain tensors (a Lagrange
-    multiplier, a constant): those count as replicated on every rank."""
-    if mesh is None:
-        return contextlib.nullcontext()
-    from torch.distributed.tensor.experimental import implicit_replication
-
-    return implicit_replication()
-
-
-def _plain_grads(values) -> None:
-    """Plain tensors (e.g. Lagrange multipliers) that met sharded parameters in the regulariser
-    got DTensor gradients; their optimisers need plain ones (the same on every rank)."""
-    for value in values:
-        if isinstance(value, Tensor) and not is_dtensor(value) and is_dtensor(value.grad):
-            value.grad = _full(value.grad)
-
-
-def _check_sharded_reads(attachment: Attachment, world, device) -> None:
-    reads = attachment.shadow_reads()
-    if world is not None:  # every rank decides alike
-        import torch.distributed as dist
-
-        counts = torch.tensor(list(reads.values()), dtype=torch.int64, device=device)
-        dist.all_reduce(counts)
-        reads = dict(zip(reads, counts.tolist(), strict=True))
-    unread = [name for name, count in reads.items() if count == 0]
-    if unread:
-        raise RuntimeError(
-            f"The FSDP-sharded weights of {unread[:6]}{' ...' if len(unread) > 6 else ''} were "
-            "not read through their own module's forward during the loss, so their masks "
-            "could not apply (subnet_interp masks a sharded weight while its module's forward "
-            "runs). Exclude these targets, or check that loss_fn calls the model's forward."
-        )
-
-
-def _global_batch_size(size: int, world: tuple[int, int] | None, device: torch.device) -> int:
-    """Examples in the step's global batch: the sum of the ranks' shards (per-example
-    regularisers scale by it, as in one process over the global batch)."""
-    if world is None:
-        return size
-    import torch.distributed as dist
-
-    total = torch.tensor([size], dtype=torch.int64, device=device)  # nccl: on the GPU
-    dist.all_reduce(total)
-    return int(total.item())
-
-
-def _all_finite(loss: Tensor, world: tuple[int, int] | None) -> bool:
-    """Whether the loss is finite on every rank (all ranks stop together, or none does)."""
-    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
-    if world is not None:
-        import torch.distributed as dist
-
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
-
-
-def _average_gradients(tensors: Sequence[Tensor], world_size: int) -> None:
-    """Data parallelism as DDP does it: every rank's gradients replaced by their mean, in one
-    all-reduce over a flat buffer per dtype. Each rank's loss is the mean over its own shard, so
-    with equal shards this is the gradient of the mean over the global batch."""
-    import torch.distributed as dist
-
-    by_dtype: dict[torch.dtype, list[Tensor]] = {}
-    for tensor in tensors:
-        if tensor.grad is None:
-            tensor.grad = torch.zeros_like(tensor)
-        by_dtype.setdefault(tensor.grad.dtype, []).append(tensor.grad)
-    for grads in by_dtype.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat /= world_size
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _average(value: Tensor, world: tuple[int, int] | None) -> Tensor:
-    if world is None:
-        return value
-    import torch.distributed as dist
-
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / world[1]
-
-
-def _save(path: Path, identity, run, step: int, rewound) -> None:
-    """Everything needed to continue after ``step`` (see ``_checkpoint``)."""
-    tensors: dict[str, Tensor] = {}
-    header: dict[str, Any] = {"identity": identity, "step": step}
-    for name, value in run["params"].items():
-        tensors[f"params/{name}"] = _local(value.detach())
-    header["optimizer"] = _checkpoint.flatten_optimizer("optimizer", run["optimizer"], tensors)
-    if run["weight_optimizer"] is not None:
-        for name, value in run["root"].named_parameters():
-            tensors[f"model/{name}"] = value.detach()
-        header["weight_optimizer"] = _checkpoint.flatten_optimizer(
-            "weight_optimizer", run["weight_optimizer"], tensors
-        )
-    for index, value in enumerate(run["extras"]):
-        tensors[f"extras/{index}"] = value.detach()
-    if run["extra_optimizer"] is not None:
-        header["extra_optimizer"] = _checkpoint.flatten_optimizer(
-            "extra_optimizer", run["extra_optimizer"], tensors
-        )
-    if rewound is not None:
-        for name, value in rewound.items():
-            tensors[f"rewound/{name}"] = value
-    tensors["seed_source"] = run["seed_source"].get_state()
-    state = run["state"]
-    plain = {k: v for k, v in state.__dict__.items() if k != "aux"}
-    aux: dict[str, Any] = {}
-    for key, value in state.aux.items():
-        if isinstance(value, Tensor):
-            tensors[f"aux/{key}"] = value.detach()
-            aux[key] = {"tensor": True}
-        elif isinstance(value, torch.optim.Optimizer):
-            members = [
-                next(k for k, v in state.aux.items() if v is p)
-                for group in value.param_groups
-                for p in group["params"]
-            ]
-            aux[key] = {
-                "optimizer": type(value).__name__,
-                "params": members,
-                "state": _checkpoint.flatten_optimizer(f"aux_optimizer/{key}", value, tensors),
-            }
-        else:
-            aux[key] = {"value": value}
-    header["state"] = plain
-    header["aux"] = aux
-    header["history"] = {k: [float(x) for x in v] for k, v in run["history"].items()}
-    _checkpoint.write(path, tensors, _checkpoint.jsonable(header))
-
-
-def _restore(path: Path, identity, run, method: MaskMethod, context: FindContext):
-    """Load a checkpoint into the run's objects; returns (first step to run, rewound)."""
-    tensors, header = _checkpoint.read(path, identity)
-    with torch.no_grad():
-        for name, value in run["params"].items():
-            _local(value).copy_(tensors[f"params/{name}"])
-        if run["weight_optimizer"] is not None:
-            for name, value in run["root"].named_parameters():
-                if f"model/{name}" in tensors:
-                    value.copy_(tensors[f"model/{name}"])
-        for index, value in enumerate(run["extras"]):
-            value.copy_(tensors[f"extras/{index}"])
-    state = run["state"]
-    for key, value in header["state"].items():
-        setattr(state, key, value)
-    for key, entry in header["aux"].items():
-        if "tensor" in entry:
-            state.aux[key] = tensors[f"aux/{key}"].to(context.device).requires_grad_(True)
-        elif "value" in entry:
-            state.aux[key] = entry["value"]
-    for key, entry in header["aux"].items():
-        if "optimizer" in entry:
-            optimizer = getattr(torch.optim, entry["optimizer"])(
-                [state.aux[p] for p in entry["params"]]
-            )
-            saved = _checkpoint.unflatten_optimizer(f"aux_optimizer/{key}", entry["state"], tensors)
-            optimizer.load_state_dict(saved)
-            state.aux[key] = optimizer
-    if state.round != 0:  # the optimiser of a later round was made over the same parameters
-        run["optimizer"] = _mask_optimizer(method, list(run["params"].values()), context)
-    run["optimizer"].load_state_dict(
-        _checkpoint.unflatten_optimizer("optimizer", header["optimizer"], tensors)
-    )
-    _shard_optimizer_state(run["optimizer"])
-    if run["weight_optimizer"] is not None:
-        run["weight_optimizer"].load_state_dict(
-            _checkpoint.unflatten_optimizer("weight_optimizer", header["weight_optimizer"], tensors)
-        )
-    if run["extra_optimizer"] is not None:
-        run["extra_optimizer"].load_state_dict(
-            _checkpoint.unflatten_optimizer("extra_optimizer", header["extra_optimizer"], tensors)
-        )
-    run["seed_source"].set_state(tensors["seed_source"])
-    for key, values in header["history"].items():
-        run["history"][key] = [torch.tensor(v, device=context.device) for v in values]
-    rewound = {
-        name[len("rewound/") :]: value.to(context.device)
-        for name, value in tensors.items()
-        if name.startswith("rewound/")
-    }
-    return int(header["step"]) + 1, rewound or None
-
-
-def _sampler(
-    method: MaskMethod,
-    params: Tensor,
-    state: TrainState,
-    seed: int,
-    shape: tuple[int, ...],
-    device: torch.device,
-):
-    """A function returning the same mask sample each call (its noise comes from ``seed``).
-    Every call falls within one step (forward, and the recomputation in its backward), so it
-    reads the step's ``state`` as it is."""
-
-    def sample() -> Tensor:
-        generator = torch.Generator(device=device).manual_seed(seed)
-        return method.sample(_gathered(params), state, generator).expand(shape)
-
-    return sample
-
-
-def _mask_optimizer(
-    method: MaskMethod, params: Sequence[Tensor], context: FindContext
-) -> torch.optim.Optimizer:
-    if context.mask_optimizer == "paper":
-        return method.optimizer(params)
-    lr = getattr(method, "lr", None)
-    if lr is None:
-        raise ValueError(f"{method.name} has no `lr`; mask_optimizer='adafactor' needs one.")
-    return torch.optim.Adafactor(params, lr=lr, foreach=True)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The task loss became NaN or infinite; training stopped before using it.
-
-    ``step`` is where it happened and ``subnetwork`` the mask the parameters stood for then
-    (the last state no non-finite gradient has touched), so the run's work is not lost.
-    """
-
-    def __init__(self, step: int, value: float, subnetwork: Subnetwork):
-        super().__init__(
-            f"The loss was {value} at step {step}; training stopped before the update. The "
-            "mask as of the last good step is in this error's `.subnetwork`. Common causes: a "
-            "learning rate too high, log(0) or division by zero in loss_fn, or half-precision "
-            "overflow (try a float32 model, or a lower lr)."
-        )
-        self.step = step
-        self.value = value
-        self.subnetwork = subnetwork
-
-
-def _check_loss(loss: Any, step: int) -> None:
-    if not isinstance(loss, Tensor) or loss.dim() != 0:
-        raise TypeError(
-            f"loss_fn must return a scalar tensor; at step {step} it returned "
-            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}. "
-            "Reduce it, e.g. with `.mean()`."
-        )
-    if not loss.requires_grad:
-        raise ValueError(
-            "loss_fn returned a tensor that does not depend on the masks (requires_grad is "
-            "False). Compute the loss from the model's output inside loss_fn, and do not wrap "
-            "it in torch.no_grad()."
-        )
-
-
-def endless(data: Any) -> Iterator[Any]:
-    """Cycle over ``data`` (re-iterating it each epoch); fail clearly if it is empty or spent."""
-    epoch = 0
-    while True:
-        count = 0
-        for batch in data:
-            count += 1
-            yield batch
-        if count == 0:
-            raise ValueError(
-                "`data` yielded no batches"
-                + (
-                    " after its first pass: it is a one-shot iterator "
-                    "(e.g. a generator). Pass a list or a DataLoader so it can be re-iterated."
-                    if epoch
-                    else ". Pass an iterable of batches (a list, a DataLoader)."
-                )
-            )
-        epoch += 1
-
-
 __all__ = [
-    "MaskMethod",
-    "NonFiniteLossError",
+    "MaskMethod",  # re-exported: the interface lives in methods/_base.py
+    "NonFiniteLossError",  # re-exported from _loop
     "TrainState",
+    "batch_size",
     "endless",
     "split_batch",
     "train_masks",

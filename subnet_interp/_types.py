@@ -164,7 +164,29 @@ def describe_tensor(tensor: Tensor) -> str:
     return f"shape {tuple(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
 
 
-__all__ = ["IDENTITY", "Layout", "NotFoundError", "Target", "block_position", "describe_tensor"]
+_WRAPPER_MODULES = ("torch.distributed.fsdp", "torch.nn.utils.parametrize")
+
+
+def model_class(obj: object) -> type:
+    """The class of ``obj`` as its library defined it: FSDP2's ``fully_shard`` and
+    ``torch.nn.utils.parametrize`` swap a module's class for a generated subclass
+    (``FSDPGPT2LMHeadModel``, ``ParametrizedLinear``); adapters recognise families by the
+    class underneath."""
+    for cls in type(obj).__mro__:
+        if not cls.__module__.startswith(_WRAPPER_MODULES):
+            return cls
+    return type(obj)
+
+
+__all__ = [
+    "IDENTITY",
+    "Layout",
+    "NotFoundError",
+    "Target",
+    "block_position",
+    "describe_tensor",
+    "model_class",
+]
 
 
 class NotFoundError(KeyError):

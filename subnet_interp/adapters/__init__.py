@@ -11,12 +11,12 @@ from __future__ import annotations
 import abc
 import difflib
 import fnmatch
-import sys
 from collections.abc import Iterable, Mapping
 
 from torch import nn
 
-from .._types import NotFoundError, Target
+from .._distributed import fsdp_mesh, is_dtensor, reshard
+from .._types import NotFoundError, Target, model_class
 
 
 class Adapter(abc.ABC):
@@ -54,117 +54,11 @@ class Adapter(abc.ABC):
         return None
 
 
-_WRAPPER_MODULES = ("torch.distributed.fsdp", "torch.nn.utils.parametrize")
-
-
-def model_class(obj: object) -> type:
-    """The class of ``obj`` as its library defined it: FSDP2's ``fully_shard`` and
-    ``torch.nn.utils.parametrize`` swap a module's class for a generated subclass
-    (``FSDPGPT2LMHeadModel``, ``ParametrizedLinear``); adapters recognise families by the
-    class underneath."""
-    for cls in type(obj).__mro__:
-        if not cls.__module__.startswith(_WRAPPER_MODULES):
-            return cls
-    return type(obj)
-
-
 def is_conv1d(module: object) -> bool:
     """Whether ``module`` is transformers' GPT-2-style ``Conv1D`` (weight stored ``[in, out]``),
     also when parametrized or FSDP-wrapped; checked without importing transformers."""
     cls = model_class(module)
     return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-def is_dtensor(tensor: object) -> bool:
-    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (checked without importing
-    torch.distributed where it is unavailable)."""
-    return hasattr(tensor, "device_mesh") and hasattr(tensor, "placements")
-
-
-def fsdp_mesh(model: object, root: nn.Module):
-    """The device mesh of a model sharded with FSDP2's ``fully_shard``; ``None`` if no parameter
-    of ``root`` is a DTensor.
-
-    Every FSDP module is resharded first (``FSDPModule.reshard``), so the parameters are the
-    sharded DTensors FSDP manages (after a forward without backward, FSDP keeps the root's
-    parameters gathered). Only FSDP2's layout is accepted: every DTensor parameter on one 1-D
-    mesh, sharded on dim 0. Tensor parallelism, HSDP and mixture-of-experts models get a clear
-    error.
-    """
-    name_of_model = model_class(model).__qualname__
-    fsdp_modules = reshard(root)
-    sharded = [(name, p) for name, p in root.named_parameters() if is_dtensor(p)]
-    if not sharded:
-        return None
-    from torch.distributed.tensor import Shard
-
-    name, first = sharded[0]
-    mesh = first.device_mesh
-    for name, param in sharded:
-        if param.device_mesh != mesh or mesh.ndim != 1 or tuple(param.placements) != (Shard(0),):
-            raise ValueError(
-                f"{name_of_model}'s parameter {name!r} is a DTensor on {param.device_mesh} with "
-                f"placements {param.placements}. subnet_interp supports models sharded by "
-                "FSDP2's fully_shard on one 1-D mesh (every parameter Shard(0)); tensor "
-                "parallelism and HSDP (2-D meshes) are not supported. Shard the model with "
-                "`fully_shard(block, mesh=init_device_mesh(device, (world_size,)))`."
-            )
-    import torch.distributed as dist
-
-    if mesh.size() != dist.get_world_size():
-        raise ValueError(
-            f"{name_of_model} is sharded over {mesh.size()} of the {dist.get_world_size()} "
-            "processes of the default group; subnet_interp averages mask gradients over the "
-            "whole group, so shard over all of them (one mesh of world_size devices), or run "
-            "one process group per model."
-        )
-    experts = _expert_counts(getattr(root, "config", None))
-    if experts:
-        raise ValueError(
-            f"{name_of_model} is a mixture-of-experts model ({experts}) sharded with FSDP2. "
-            "subnet_interp gathers a sharded mask while its module runs, and experts run on "
-            "some ranks and not others, so the ranks' collectives would not match. Run it "
-            "unsharded (data-parallel under torchrun)."
-        )
-    if not fsdp_modules:
-        raise ValueError(
-            f"{name_of_model}'s parameter {name!r} is a sharded DTensor, but no module of the "
-            "model is an FSDP module: the weights are never gathered for the forward pass. "
-            "Shard the model with FSDP2's fully_shard (or pass the unsharded model)."
-        )
-    return mesh
-
-
-def reshard(root: nn.Module) -> list[nn.Module]:
-    """Reshard every FSDP2 module under ``root`` (FSDP keeps the root's parameters gathered
-    after a forward without backward), so its parameters are the sharded ones; returns them."""
-    if "torch.distributed.fsdp" not in sys.modules:  # never imported: nothing is FSDP-sharded
-        return []
-    from torch.distributed.fsdp import FSDPModule
-
-    modules = [m for m in root.modules() if isinstance(m, FSDPModule)]
-    for module in modules:
-        module.reshard()
-    return modules
-
-
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
-
-
-def _expert_counts(config: object, depth: int = 0) -> dict[str, int]:
-    """Expert counts above 1 in a transformers config or its sub-configs (``text_config`` of
-    multimodal models, ``ffn_config`` of DBRX, ...)."""
-    if config is None or depth > 2:
-        return {}
-    found = {
-        key: value
-        for key in _EXPERT_KEYS
-        if isinstance(value := getattr(config, key, None), int) and value > 1
-    }
-    for key, value in vars(config).items() if hasattr(config, "__dict__") else ():
-        if hasattr(value, "to_dict") and hasattr(value, "__dict__"):  # a nested config
-            found.update({f"{key}.{k}": v for k, v in _expert_counts(value, depth + 1).items()})
-    return found
 
 
 def real_tensor(module: nn.Module, attribute: str):

@@ -8,8 +8,7 @@ builds one, and ``@si.methods.register`` adds a new one. One file per method in 
 from __future__ import annotations
 
 from .._registry import methods as registry
-from .._train import MaskMethod, TrainState
-from ._base import FindContext, FindResult, Method
+from ._base import FindContext, FindResult, MaskMethod, Method, TrainState
 
 register = registry.register
 unregister = registry.unregister

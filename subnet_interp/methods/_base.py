@@ -1,4 +1,17 @@
-"""What every subnetwork-finding method provides, and the context ``si.find`` hands it."""
+"""The method interface: what every subnetwork-finding method provides, and what it is handed.
+
+``si.find`` validates its arguments into a :class:`FindContext` and calls :meth:`Method.run`,
+which returns a :class:`FindResult`. Methods that learn a mask by gradient descent subclass
+:class:`MaskMethod` instead and implement only the gate maths; the shared loop
+(``subnet_interp._train.train_masks``) runs them, passing a :class:`TrainState` to every hook.
+
+Checkpoint contract (``si.find(..., checkpoint=path)``): the loop saves and restores the mask
+parameters, the optimisers, the schedule fields of :class:`TrainState`, the history and the
+random state itself. State a method keeps of its own between steps (in ``TrainState.aux``, e.g.
+Lagrange multipliers and their optimiser) is saved only through :meth:`MaskMethod.extra_state`
+and restored through :meth:`MaskMethod.load_extra_state`; a method without such state needs
+neither.
+"""
 
 from __future__ import annotations
 
@@ -42,7 +55,9 @@ class FindContext:
     checkpoint: Any = None  # path of the run's checkpoint (resumed if it exists)
     checkpoint_every: int = 100
     mesh: Any = None  # the device mesh of an FSDP2-sharded model; mask parameters shard on it
-    extras: dict[str, Any] = field(default_factory=dict)
+    # what a checkpoint must match to be resumed (method, hyper-parameters, steps, targets,
+    # model fingerprint, ...): JSON values; a checkpoint with another identity is refused
+    run_identity: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,7 +97,141 @@ class Method(abc.ABC):
         """Find a subnetwork. Must leave the user's model bit-exactly unchanged."""
 
     def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters, as a dict of the dataclass's fields."""
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
 
-__all__ = ["Callback", "FindContext", "FindResult", "LossFn", "Method"]
+@dataclass
+class TrainState:
+    """Mutable per-run state of a learnable-mask method; the loop updates the schedule fields
+    before every step and the method's hooks read (and may write) them.
+
+    Attributes:
+        step: the step about to run (0-based), of ``total_steps``.
+        round, rounds, round_step, steps_per_round: for methods with ``rounds() > 1``, the
+            current round, the step within it and each round's length.
+        temperature: a method's sampling temperature (its ``on_step`` sets it); logged.
+        batch_size: examples in the current batch (before splitting among mask samples);
+            under torch.distributed, in the global batch if ``reads_batch_size()`` is true.
+        aux: the method's own values kept between steps (methods are frozen configurations,
+            so they cannot hold them). Checkpointed only through ``MaskMethod.extra_state``.
+    """
+
+    step: int
+    total_steps: int
+    round: int = 0
+    rounds: int = 1
+    round_step: int = 0
+    steps_per_round: int = 0
+    temperature: float = 1.0
+    batch_size: int = 1
+    aux: dict[str, Any] = field(default_factory=dict)
+
+
+class MaskMethod(Method):
+    """A method that learns a mask by gradient descent on per-gate parameters.
+
+    Subclasses (frozen dataclasses) implement the gate maths; the shared loop
+    (``subnet_interp._train.train_masks``) runs them. The ``granularity`` field of every
+    subclass chooses one gate per weight (``"weight"``), per unit (``"neuron"``) or per
+    attention head (``"head"``).
+    """
+
+    granularity: str
+
+    def rounds(self) -> int:
+        """Training rounds (``on_round_end`` runs between them); steps split evenly."""
+        return 1
+
+    def samples_per_batch(self) -> int:
+        """Independent mask samples per batch; the batch is split evenly among them."""
+        return 1
+
+    def reads_batch_size(self) -> bool:
+        """Whether the method reads ``TrainState.batch_size`` (under torch.distributed it is
+        then summed over the ranks every step, one small all-reduce)."""
+        return False
+
+    @abc.abstractmethod
+    def init_parameters(
+        self,
+        target: Target,
+        gate_shape: tuple[int, ...],
+        weight: Tensor,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """Initial mask parameters for one target (a float tensor of ``gate_shape``)."""
+
+    @abc.abstractmethod
+    def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
+        """The (soft, differentiable) gate values used for one forward pass."""
+
+    @abc.abstractmethod
+    def penalty(
+        self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
+    ) -> Tensor:
+        """The sparsity regulariser; ``weights[i]`` is how many weights gate tensor i covers each."""
+
+    @abc.abstractmethod
+    def final_mask(self, params: Tensor) -> Tensor:
+        """The binary mask (bool, gate shape) the parameters stand for."""
+
+    @abc.abstractmethod
+    def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+        """The optimiser of the mask parameters (the paper's)."""
+
+    def weight_optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer | None:
+        """For methods that train weights jointly with the mask (``trains_weights``)."""
+        return None
+
+    def rewind_step(self, steps_per_round: int) -> int | None:
+        """Step (of the first round) whose weights the ticket keeps; ``None``: no rewinding."""
+        return None
+
+    def on_step(self, state: TrainState) -> None:
+        """Update schedules (temperature, ...) before step ``state.step``."""
+
+    def after_step(self, state: TrainState) -> None:
+        """After the mask optimiser's step (e.g. a dual ascent step)."""
+
+    def on_round_end(self, params: Sequence[Tensor], state: TrainState) -> None:
+        """Between rounds (methods with ``rounds() > 1``): e.g. reset parameters."""
+
+    def grad_clip(self) -> float | None:
+        """Max norm the mask parameters' gradients are clipped to; ``None``: no clipping."""
+        return None
+
+    def extra_state(self, state: TrainState) -> dict[str, Any]:
+        """The method's own state to checkpoint after a step (what it keeps in ``state.aux``).
+
+        Values may be tensors, JSON values (numbers, strings, bools, ``None``) and dicts,
+        lists and tuples of them, e.g. an optimiser's ``state_dict()``; they come back with
+        the same types (tensors on the CPU). Default: nothing.
+        """
+        return {}
+
+    def load_extra_state(
+        self, state: TrainState, saved: Mapping[str, Any], device: torch.device
+    ) -> None:
+        """Restore what :meth:`extra_state` returned into ``state.aux`` when a run resumes.
+
+        Called only if ``saved`` is not empty, after ``state``'s schedule fields are restored.
+        ``saved`` holds its tensors on the CPU; ``device`` is the run's.
+        """
+
+    def run(self, context: FindContext) -> FindResult:
+        """Train the mask with the shared loop."""
+        from .._train import train_masks  # the loop imports this module: imported on use
+
+        return train_masks(self, context)
+
+
+__all__ = [
+    "Callback",
+    "FindContext",
+    "FindResult",
+    "LossFn",
+    "MaskMethod",
+    "Method",
+    "TrainState",
+]

@@ -1,4 +1,6 @@
-"""Shared pieces of the methods that train weights (lottery tickets, LT-SFT)."""
+"""Shared pieces of the methods that train weights (lottery tickets, LT-SFT): the weight-training
+loop, and the weights and masks it works with. The plumbing it shares with the mask loop (loss
+checks, the non-finite stop, the progress bar) is in ``subnet_interp._loop``."""
 
 from __future__ import annotations
 
@@ -7,12 +9,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from .. import _loop
 from .._attach import ZERO, Attachment
 from .._fingerprint import canonical_copy
 from .._subnetwork import Subnetwork
-from .._train import NonFiniteLossError, _check_loss
 from ..adapters import real_tensor
 from ._base import FindContext
 
@@ -58,6 +59,17 @@ def _gradient_mask(mask: Tensor) -> Callable[[Tensor], Tensor]:
     return hook
 
 
+def _current_subnetwork(
+    context: FindContext, keep: Mapping[str, Tensor] | None, trainable: Mapping[str, Tensor] | None
+) -> Subnetwork:
+    """The subnetwork a weight-training run stands for: the kept or trainable weights (all
+    weights if neither is given)."""
+    current = keep if keep is not None else trainable
+    if current is None:
+        current = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in context.targets.items()}
+    return Subnetwork(dict(current))
+
+
 def train_weights(
     context: FindContext,
     steps: int,
@@ -101,19 +113,15 @@ def train_weights(
         )
         attachment.set_masks(keep)
     recent: list[Tensor] = []
-    bar = tqdm(total=steps, disable=not context.progress, desc=description, leave=False)
+    bar = _loop.progress_bar(steps, description, show=context.progress)
     try:
         for step in range(steps):
             batch = next(context.batches)
             loss = context.loss_fn(context.model, batch)
-            _check_loss(loss, step)
-            if not bool(torch.isfinite(loss.detach())):
-                current = keep if keep is not None else trainable
-                if current is None:
-                    current = {
-                        n: torch.ones(t.shape, dtype=torch.bool) for n, t in context.targets.items()
-                    }
-                raise NonFiniteLossError(step, float(loss.detach()), Subnetwork(dict(current)))
+            _loop.check_loss(loss, step)
+            _loop.stop_unless_finite(
+                loss, step, None, lambda: _current_subnetwork(context, keep, trainable)
+            )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .._registry import methods
-from .._train import MaskMethod, TrainState
 from .._types import Target
+from ._base import MaskMethod, TrainState
 
 
 def geometric_temperature(final: float, step: int, steps: int) -> float:

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from .._registry import methods
-from .._train import MaskMethod, TrainState
 from .._types import Target
+from ._base import MaskMethod, TrainState
 from .continuous_sparsification import geometric_temperature, sigmoid_penalty
 
 

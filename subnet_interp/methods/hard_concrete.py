@@ -10,8 +10,8 @@ import torch
 from torch import Tensor
 
 from .._registry import methods
-from .._train import MaskMethod, TrainState
 from .._types import Target
+from ._base import MaskMethod, TrainState
 
 
 def hard_concrete_sample(
@@ -135,15 +135,9 @@ class HardConcrete(MaskMethod):
             return self.l0_lambda * self.lambda_scale(state) / self.dataset_size * expected
         multipliers = state.aux.get("lagrange")
         if multipliers is None:
-            device = params[0].device
-            multipliers = torch.zeros(2, device=device, requires_grad=True)
-            state.aux["lagrange"] = multipliers
-            state.aux["lagrange_optimizer"] = torch.optim.Adam(
-                [multipliers], lr=self.lagrangian_lr, maximize=True
-            )
-            state.aux["total"] = float(
-                sum(p.numel() * w for p, w in zip(params, weights, strict=True))
-            )
+            total = float(sum(p.numel() * w for p, w in zip(params, weights, strict=True)))
+            multipliers = self._init_lagrangian(state, torch.zeros(2, device=params[0].device))
+            state.aux["total"] = total
         density = expected / state.aux["total"]
         warmup = max(1, int(self.warmup_fraction * state.total_steps))
         progress = min(1.0, state.step / warmup)
@@ -163,6 +157,30 @@ class HardConcrete(MaskMethod):
         if "lagrange_optimizer" in state.aux:  # dual ascent on the multipliers
             state.aux["lagrange_optimizer"].step()
             state.aux["lagrange_optimizer"].zero_grad(set_to_none=True)
+
+    def _init_lagrangian(self, state: TrainState, multipliers: Tensor) -> Tensor:
+        """``multipliers`` (the two Lagrange multipliers) and their optimiser into ``state.aux``."""
+        multipliers.requires_grad_(True)
+        state.aux["lagrange"] = multipliers
+        state.aux["lagrange_optimizer"] = torch.optim.Adam(
+            [multipliers], lr=self.lagrangian_lr, maximize=True
+        )
+        return multipliers
+
+    def extra_state(self, state: TrainState) -> dict:
+        """The Lagrange multipliers, their optimiser's state and the weight count, once made."""
+        if "lagrange" not in state.aux:
+            return {}
+        return {
+            "lagrange": state.aux["lagrange"].detach(),
+            "lagrange_optimizer": state.aux["lagrange_optimizer"].state_dict(),
+            "total": state.aux["total"],
+        }
+
+    def load_extra_state(self, state: TrainState, saved, device: torch.device) -> None:
+        self._init_lagrangian(state, saved["lagrange"].to(device))
+        state.aux["lagrange_optimizer"].load_state_dict(saved["lagrange_optimizer"])
+        state.aux["total"] = saved["total"]
 
     def final_mask(self, params: Tensor) -> Tensor:
         return deterministic_gate(params, self.gamma, self.zeta) > self.final_threshold

@@ -3,13 +3,13 @@ Frankle, Dziugaite, Roy & Carbin 2020)."""
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .. import _checkpoint, _loop
+from .._fingerprint import fingerprint
 from .._registry import methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
@@ -67,7 +67,9 @@ class LotteryTicket(Method):
     ``FindResult.weights`` holds the rewound target weights and ``FindResult.state`` the full
     rewound ``state_dict``: the ticket to retrain. With ``checkpoint_dir`` set, each finished
     round is saved there (safetensors + JSON) and a later run with the same model and
-    hyper-parameters resumes after the last saved round.
+    hyper-parameters resumes after the last saved round, at the data position an uninterrupted
+    run has there. The files are ``subnet_interp._checkpoint`` files (atomic writes; another
+    run's files are refused).
     """
 
     name = "lottery_ticket"
@@ -114,8 +116,6 @@ class LotteryTicket(Method):
         return torch.optim.Adam(params, lr=self.lr)
 
     def run(self, context: FindContext) -> FindResult:
-        from .._fingerprint import fingerprint
-
         root = context.root
         total = sum(t.numel for t in context.targets.values())
         target_density = self.target_density or 0.0
@@ -157,8 +157,7 @@ class LotteryTicket(Method):
             history["round"].append(float(round_index))
             history["loss"].append(float(loss))
             history["density"].append(density)
-            for callback in context.callbacks:
-                callback(round_index, {"loss": float(loss), "density": density})
+            _loop.report(round_index, {"loss": float(loss), "density": density}, context.callbacks)
             round_index += 1
             self._save(identity, round_index, keep, rewind_state, history)
         rewound = canonical_weights(context)
@@ -182,55 +181,46 @@ class LotteryTicket(Method):
     def _identity(self, context: FindContext, model_fingerprint: str) -> dict:
         """What a checkpoint must match to be resumed from."""
         hparams = {k: v for k, v in self.hparams().items() if k != "checkpoint_dir"}
-        return {
-            "hparams": hparams,
-            "fingerprint": model_fingerprint,
-            "steps": context.steps,
-            "targets": list(context.targets),
-        }
+        return _checkpoint.jsonable(
+            {
+                "hparams": hparams,
+                "fingerprint": model_fingerprint,
+                "steps": context.steps,
+                "targets": list(context.targets),
+            }
+        )
 
     def _save(self, identity, round_index, keep, rewind_state, history) -> None:
+        """Checkpoint the run after ``round_index`` finished rounds (with ``checkpoint_dir``)."""
         if self.checkpoint_dir is None:
             return
-        from safetensors.torch import save_file
+        tensors = {f"keep/{n}": m for n, m in keep.items()}
+        tensors.update({f"rewind/{k}": v for k, v in rewind_state.items()})
+        header = {"identity": identity, "round": round_index, "history": history}
+        path = _checkpoint.round_file(self.checkpoint_dir, round_index)
+        _checkpoint.write(path, tensors, _checkpoint.jsonable(header))
 
-        os.makedirs(self.checkpoint_dir, exist_ok=True)
-        tensors = {f"keep/{n}": m.cpu().contiguous() for n, m in keep.items()}
-        tensors.update({f"rewind/{k}": v.cpu().contiguous() for k, v in rewind_state.items()})
-        header = {**identity, "round": round_index, "history": history}
-        path = os.path.join(self.checkpoint_dir, f"round_{round_index:03d}.safetensors")
-        save_file(tensors, path + ".tmp", metadata={"subnet_interp_imp": json.dumps(header)})
-        os.replace(path + ".tmp", path)  # never leave a half-written checkpoint
-
-    def _resume(self, context, identity):
-        if self.checkpoint_dir is None or not os.path.isdir(self.checkpoint_dir):
+    def _resume(self, context: FindContext, identity):
+        """``(rounds done, keep, rewind state, history)`` of the last checkpoint; ``None``
+        without one. The batches are advanced past the rounds done."""
+        if self.checkpoint_dir is None:
             return None
-        from safetensors import safe_open
-
-        files = sorted(
-            f
-            for f in os.listdir(self.checkpoint_dir)
-            if f.startswith("round_") and f.endswith(".safetensors")
-        )
-        if not files:
+        path = _checkpoint.last_round_file(self.checkpoint_dir)
+        if path is None:
             return None
-        path = os.path.join(self.checkpoint_dir, files[-1])
-        with safe_open(path, framework="pt", device="cpu") as f:
-            header = json.loads((f.metadata() or {}).get("subnet_interp_imp", "{}"))
-            mismatched = [k for k in identity if header.get(k) != identity[k]]
-            if mismatched:
-                raise ValueError(
-                    f"Checkpoint {path!r} belongs to another run (different {mismatched}); "
-                    "refusing to resume from it. Use a new checkpoint_dir or delete the old one."
-                )
-            keep = {n: f.get_tensor(f"keep/{n}").to(context.device) for n in context.targets}
-            rewind = {
-                k[len("rewind/") :]: f.get_tensor(k) for k in f.keys() if k.startswith("rewind/")
-            }
-        device_state = {k: v.to(context.device) for k, v in rewind.items()}
-        return (
-            header["round"],
-            keep,
-            device_state,
-            {k: list(v) for k, v in header["history"].items()},
-        )
+        tensors, header = _checkpoint.read_file(path)
+        mismatched = _checkpoint.differing(header.get("identity", {}), identity)
+        if mismatched:
+            raise ValueError(
+                f"Checkpoint {str(path)!r} belongs to another run (different {mismatched}); "
+                "refusing to resume from it. Use a new checkpoint_dir or delete the old one."
+            )
+        keep = {n: tensors[f"keep/{n}"].to(context.device) for n in context.targets}
+        rewind = {
+            k[len("rewind/") :]: v.to(context.device)
+            for k, v in tensors.items()
+            if k.startswith("rewind/")
+        }
+        rounds = int(header["round"])
+        _loop.skip(context.batches, rounds * context.steps)
+        return rounds, keep, rewind, {k: list(v) for k, v in header["history"].items()}

@@ -1,0 +1,132 @@
+"""Pieces every training loop shares: the mask loop (``_train``) and the weight-training loop
+of the methods that train weights (``methods/_weights``).
+
+Endless batches, the checks of what ``loss_fn`` returned, the error that stops a run at a
+non-finite loss, the progress bar and the per-step report to callbacks. This module imports no
+method and no loop, so both loops can import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from . import _distributed
+from ._subnetwork import Subnetwork
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The task loss became NaN or infinite; training stopped before using it.
+
+    ``step`` is where it happened and ``subnetwork`` the mask the parameters stood for then
+    (the last state no non-finite gradient has touched), so the run's work is not lost.
+    """
+
+    def __init__(self, step: int, value: float, subnetwork: Subnetwork):
+        super().__init__(
+            f"The loss was {value} at step {step}; training stopped before the update. The "
+            "mask as of the last good step is in this error's `.subnetwork`. Common causes: a "
+            "learning rate too high, log(0) or division by zero in loss_fn, or half-precision "
+            "overflow (try a float32 model, or a lower lr)."
+        )
+        self.step = step
+        self.value = value
+        self.subnetwork = subnetwork
+
+
+def check_loss(loss: Any, step: int) -> None:
+    """Refuse what ``loss_fn`` returned unless it is a scalar tensor with a gradient path."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise TypeError(
+            f"loss_fn must return a scalar tensor; at step {step} it returned "
+            f"{type(loss).__name__}{tuple(loss.shape) if isinstance(loss, Tensor) else ''}. "
+            "Reduce it, e.g. with `.mean()`."
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            "loss_fn returned a tensor that does not depend on the masks (requires_grad is "
+            "False). Compute the loss from the model's output inside loss_fn, and do not wrap "
+            "it in torch.no_grad()."
+        )
+
+
+def stop_unless_finite(
+    loss: Tensor,
+    step: int,
+    world: _distributed.World | None,
+    subnetwork: Callable[[], Subnetwork],
+) -> None:
+    """Raise :class:`NonFiniteLossError` (on every rank alike) if the loss is not finite.
+
+    Args:
+        subnetwork: called only then; the mask as of the last good step, for the error.
+    """
+    if not _distributed.all_finite(loss.detach(), world):
+        raise NonFiniteLossError(step, float(loss.detach()), subnetwork())
+
+
+def endless(data: Any) -> Iterator[Any]:
+    """Cycle over ``data`` (re-iterating it each epoch); fail clearly if it is empty or spent."""
+    epoch = 0
+    while True:
+        count = 0
+        for batch in data:
+            count += 1
+            yield batch
+        if count == 0:
+            raise ValueError(
+                "`data` yielded no batches"
+                + (
+                    " after its first pass: it is a one-shot iterator "
+                    "(e.g. a generator). Pass a list or a DataLoader so it can be re-iterated."
+                    if epoch
+                    else ". Pass an iterable of batches (a list, a DataLoader)."
+                )
+            )
+        epoch += 1
+
+
+def skip(batches: Iterator[Any], count: int) -> None:
+    """Advance ``batches`` by ``count`` (a resumed run continues at the data position of an
+    uninterrupted one: one batch per step)."""
+    for _ in range(count):
+        next(batches)
+
+
+def progress_bar(total: int, description: str, *, show: bool, rank: int = 0) -> tqdm:
+    """A transient progress bar, shown by rank 0 only."""
+    return tqdm(total=total, disable=not show or rank != 0, desc=description, leave=False)
+
+
+def report(
+    step: int,
+    record: Mapping[str, float],
+    callbacks: Sequence[Callable[[int, Mapping[str, float]], None]],
+    bar: tqdm | None = None,
+) -> None:
+    """Show a logged step's loss and density on the bar, then pass the record to callbacks."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{record['loss']:.4g}", density=f"{record['density']:.4f}")
+    for callback in callbacks:
+        callback(step, record)
+
+
+def stacked(values: Sequence[Tensor]) -> Tensor:
+    """Detached float32 values as one tensor (history is kept on the device: no host sync)."""
+    return torch.stack([v.detach().float() for v in values])
+
+
+__all__ = [
+    "NonFiniteLossError",
+    "check_loss",
+    "endless",
+    "progress_bar",
+    "report",
+    "skip",
+    "stacked",
+    "stop_unless_finite",
+]
