@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 
 from torch import nn
 
+# fsdp_mesh / is_dtensor / reshard (in _distributed) and model_class (in _types) are
+# re-exported: the adapters and their callers use them from here
 from .._distributed import fsdp_mesh, is_dtensor, reshard
 from .._types import NotFoundError, Target, model_class
 

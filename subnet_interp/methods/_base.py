@@ -115,6 +115,8 @@ class TrainState:
             under torch.distributed, in the global batch if ``reads_batch_size()`` is true.
         aux: the method's own values kept between steps (methods are frozen configurations,
             so they cannot hold them). Checkpointed only through ``MaskMethod.extra_state``.
+            Under FSDP2, a plain tensor here whose gradient came back sharded (it met sharded
+            mask parameters in the regulariser) gets the whole gradient before ``after_step``.
     """
 
     step: int
