@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -90,17 +91,7 @@ def train_weights(
             updates, every other parameter is frozen (gradient masking, as in LT-SFT).
     """
     root = context.root
-    if trainable is None:
-        params = [p for p in root.parameters() if p.requires_grad]
-        hooks = []
-    else:
-        grad_masks = real_location_masks(context, trainable, 0.0)
-        params = []
-        hooks = []
-        for p in root.parameters():
-            if id(p) in grad_masks:
-                params.append(p)
-                hooks.append(p.register_hook(_gradient_mask(grad_masks[id(p)])))
+    params, hooks = _trained_parameters(context, trainable)
     flags = {id(p): p.requires_grad for p in root.parameters()}
     chosen = {id(p) for p in params}
     for p in root.parameters():
@@ -116,16 +107,7 @@ def train_weights(
     bar = _loop.progress_bar(steps, description, show=context.progress)
     try:
         for step in range(steps):
-            batch = next(context.batches)
-            loss = context.loss_fn(context.model, batch)
-            _loop.check_loss(loss, step)
-            _loop.stop_unless_finite(
-                loss, step, None, lambda: _current_subnetwork(context, keep, trainable)
-            )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            recent.append(loss.detach())
+            recent.append(_weight_step(context, optimizer, step, keep, trainable))
             if len(recent) > context.log_every:
                 recent.pop(0)
             if on_step is not None:
@@ -140,3 +122,38 @@ def train_weights(
         for p in root.parameters():
             p.requires_grad_(flags.get(id(p), False))
     return torch.stack(recent).mean() if recent else torch.zeros(())
+
+
+def _trained_parameters(
+    context: FindContext, trainable: Mapping[str, Tensor] | None
+) -> tuple[list[Tensor], list[Any]]:
+    """The parameters to train and the hooks that mask their gradients: with ``trainable``,
+    the targets' parameters, updated only where it is true; otherwise those requiring grad."""
+    if trainable is None:
+        return [p for p in context.root.parameters() if p.requires_grad], []
+    grad_masks = real_location_masks(context, trainable, 0.0)
+    params, hooks = [], []
+    for p in context.root.parameters():
+        if id(p) in grad_masks:
+            params.append(p)
+            hooks.append(p.register_hook(_gradient_mask(grad_masks[id(p)])))
+    return params, hooks
+
+
+def _weight_step(
+    context: FindContext,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    keep: Mapping[str, Tensor] | None,
+    trainable: Mapping[str, Tensor] | None,
+) -> Tensor:
+    """One optimiser step on the next batch; returns the (detached) loss."""
+    loss = context.loss_fn(context.model, next(context.batches))
+    _loop.check_loss(loss, step)
+    _loop.stop_unless_finite(
+        loss, step, None, lambda: _current_subnetwork(context, keep, trainable)
+    )
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
