@@ -7,10 +7,10 @@ which returns a :class:`FindResult`. Methods that learn a mask by gradient desce
 
 Checkpoint contract (``si.find(..., checkpoint=path)``): the loop saves and restores the mask
 parameters, the optimisers, the schedule fields of :class:`TrainState`, the history and the
-random state itself. State a method keeps of its own between steps (in ``TrainState.aux``, e.g.
-Lagrange multipliers and their optimiser) is saved only through :meth:`MaskMethod.extra_state`
-and restored through :meth:`MaskMethod.load_extra_state`; a method without such state needs
-neither.
+state of the mask-sampling generator. State a method keeps of its own between steps (in
+``TrainState.aux``, e.g. Lagrange multipliers and their optimiser) is saved only through
+:meth:`MaskMethod.extra_state` and restored through :meth:`MaskMethod.load_extra_state`; a
+method without such state needs neither.
 """
 
 from __future__ import annotations
