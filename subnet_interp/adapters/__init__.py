@@ -2,8 +2,10 @@
 
 Each adapter recognises one family of models (without importing its library until the
 model in hand belongs to it), names the maskable weights canonically and says where each
-real tensor lives. ``resolve(model)`` picks the first adapter that claims the model; the
-plain ``nn.Module`` adapter claims everything else.
+real tensor lives, where the transformer blocks are (``blocks``, ``block_output``), how the
+family re-initialises its weights (``reinitialize``) and what it wraps (``inner``); code
+outside this package asks the adapter rather than knowing families. ``resolve(model)`` picks
+the first adapter that claims the model; the plain ``nn.Module`` adapter claims everything else.
 """
 
 from __future__ import annotations

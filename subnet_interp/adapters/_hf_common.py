@@ -3,8 +3,9 @@
 ``nn.Linear`` Q/K/V, O, MLP and embedding weights, where the blocks live, and transformers' own
 re-initialisation.
 
-Both adapters import from here and neither imports the other's internals. Nothing here
-imports ``transformers``.
+Both adapters import from here and :mod:`.hf_encoders` imports nothing from :mod:`.hf`; the
+plain and TransformerLens adapters use the block lists and the re-initialisation for
+transformers models they hold. Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations

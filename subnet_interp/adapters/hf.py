@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` causal LMs: GPT-2, GPT-NeoX / Pythia, Llama-family (encoders:
-BERT, RoBERTa and ViT are in :mod:`.hf_encoders`, registered in :data:`FAMILIES` below).
+BERT, RoBERTa and ViT are in :mod:`.hf_encoders`, registered in :data:`FAMILIES` below; the
+builders both use are in :mod:`._hf_common`).
 
 Canonical names and layouts are TransformerLens's (``blocks.{L}.attn.W_Q`` is
 ``[head, d_model, d_head]``, ...). Each canonical target is a view into the real tensor:

@@ -180,8 +180,8 @@ class TransformerBridgeAdapter(Adapter):
         return found
 
     def inner(self, model: object) -> nn.Module:
-        """The transformers model the bridge wraps (``original_model``); the bridge itself for
-        a TransformerLens-native bridge without one."""
+        """The model the bridge wraps (``original_model``: a transformers model, or
+        TransformerLens's native model of a ``boot_native`` bridge); the bridge if it has none."""
         root = self.root(model)
         # read from __dict__: it is no registered sub-module
         wrapped = root.__dict__.get("original_model")
@@ -196,8 +196,8 @@ class TransformerBridgeAdapter(Adapter):
         return _resid_post(block)
 
     def reinitialize(self, root: nn.Module) -> None:
-        """The wrapped transformers model's own initialisation (see the Hugging Face
-        adapter); a TransformerLens-native bridge's ``init_weights()``."""
+        """The wrapped transformers model's own initialisation (as the Hugging Face adapter's);
+        for a bridge without one (TransformerLens-native), the bridge's ``init_weights()``."""
         top = outermost_pretrained([self.inner(root), *root.modules()])
         if top is None:
             super().reinitialize(root)
