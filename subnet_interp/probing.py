@@ -33,34 +33,45 @@ positionally (token ids; pixel values for ViT) or a mapping of keyword arguments
 (``input_ids``, ``attention_mask``, ...); ``labels`` is ``[batch, seq]`` (token level) or
 ``[batch]`` (sequence level).
 
-Nothing here imports transformers, transformer_lens or nnsight.
+Hidden states are read in :mod:`subnet_interp._hidden` (where each family's adapter says the
+blocks are), the probe, its loss and accuracy live in :mod:`subnet_interp._probe`; this module
+holds the procedures and re-exports the rest. Nothing here imports transformers,
+transformer_lens or nnsight.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import adapters
-from ._attach import masked
 from ._find import _resolve_targets, find, to_device
 from ._fingerprint import fingerprint
+from ._hidden import CapturedHidden, _device, _evaluating, capture_hidden, read_hidden
+from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and _features are re-exported)
+    IGNORE_INDEX,
+    LEVELS,
+    Probe,
+    _check_level,
+    _cross_entropy,
+    _features,
+    _logits_and_labels,
+    _make_probe,
+    _seed,
+    _split_batch,
+    probe_accuracy,
+    probe_loss,
+)
 from ._subnetwork import Subnetwork
 from ._train import MaskMethod, endless
-from ._types import NotFoundError, Target
+from ._types import Target
 from .methods import registry
 from .methods._base import Method
-
-LEVELS = ("token", "sequence")
-IGNORE_INDEX = -100
 
 # Cao et al. 2021 (stevenxcao/subnetwork-probing): gates start at 0.9, i.e.
 # log_alpha = logit((0.9 - gamma) / (zeta - gamma)) = log 5, which is hard_concrete's init for
@@ -72,58 +83,6 @@ CAO_HARD_CONCRETE = {
     "l0_lambda": 1.0,
     "lambda_ramp": (0.25, 0.5),
 }
-
-# Where the blocks of Hugging Face models live, relative to the base model: GPT-2 (``h``),
-# GPT-NeoX / Llama / ViT in transformers 5 (``layers``), BERT / RoBERTa / earlier ViT
-# (``encoder.layer``), encoder-decoders' decoders.
-_HF_BLOCK_LISTS = ("h", "layers", "encoder.layer", "encoder.layers", "decoder.layers")
-
-
-class Probe(nn.Module):
-    """A probe from a hidden state to class logits: linear (Cao et al. 2021's choice), or one
-    hidden ReLU layer of width ``hidden``.
-
-    Weights are drawn like ``nn.Linear``'s (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) from
-    ``generator`` (default: seed 0), so a probe is reproducible.
-    """
-
-    def __init__(
-        self,
-        d_model: int,
-        n_classes: int,
-        hidden: int | None = None,
-        *,
-        generator: torch.Generator | None = None,
-    ):
-        super().__init__()
-        for name, value in (("d_model", d_model), ("n_classes", n_classes)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
-        if n_classes < 2:
-            raise ValueError(f"A probe needs at least 2 classes, got n_classes={n_classes}.")
-        if hidden is not None and (
-            not isinstance(hidden, int) or isinstance(hidden, bool) or hidden < 1
-        ):
-            raise ValueError(
-                f"`hidden` must be None (a linear probe) or a positive int, got {hidden!r}."
-            )
-        self.d_model, self.n_classes, self.hidden = d_model, n_classes, hidden
-        if hidden is None:
-            self.net = nn.Sequential(nn.Linear(d_model, n_classes))
-        else:
-            self.net = nn.Sequential(
-                nn.Linear(d_model, hidden), nn.ReLU(), nn.Linear(hidden, n_classes)
-            )
-        source = generator if generator is not None else torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    bound = 1.0 / math.sqrt(layer.in_features)
-                    for tensor in (layer.weight, layer.bias):
-                        tensor.copy_((torch.rand(tensor.shape, generator=source) * 2 - 1) * bound)
-
-    def forward(self, x: Float[Tensor, "*batch d_model"]) -> Float[Tensor, "*batch n_classes"]:
-        return self.net(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,296 +121,6 @@ class ProbeBaselines:
     subnetwork: ProbeResult
     full_model: ProbeResult
     random_init: ProbeResult
-
-
-# ------------------------------------------------------------------ reading hidden states
-def _block_output_module(model: Any, layer: int | str) -> tuple[nn.Module, nn.Module, str]:
-    """``(root, module, path)``: the module whose forward output is the hidden state."""
-    adapter = adapters.resolve(model)
-    root = adapter.root(model)
-    if isinstance(layer, str):
-        try:
-            return root, root.get_submodule(layer), layer
-        except AttributeError:
-            raise NotFoundError(
-                f"`layer` {layer!r} is not a sub-module of this {type(root).__qualname__}. Pass a "
-                "block index (Hugging Face, TransformerLens, nnsight models) or the path of the "
-                "module whose output is the hidden state (one of root.named_modules())."
-            ) from None
-    if not isinstance(layer, int) or isinstance(layer, bool):
-        raise TypeError(f"`layer` must be a block index (int) or a module path, got {layer!r}.")
-    family = adapter.inner(model).family if hasattr(adapter, "inner") else adapter.family
-    if family.startswith("transformer_lens"):
-        blocks = getattr(root, "blocks", None)
-        path = "blocks"
-    else:
-        base = getattr(root, "base_model_prefix", "")
-        base = f"{base}." if base and hasattr(root, base) else ""
-        blocks, path = None, ""
-        for candidate in _HF_BLOCK_LISTS:
-            try:
-                found = root.get_submodule(base + candidate)
-            except AttributeError:
-                continue
-            if isinstance(found, nn.ModuleList):
-                blocks, path = found, base + candidate
-                break
-    if not isinstance(blocks, nn.ModuleList):
-        raise TypeError(
-            f"`layer={layer}` is a block index, but this {type(root).__qualname__} has none of the "
-            f"block lists subnet_interp knows ({list(_HF_BLOCK_LISTS)}, TransformerLens "
-            "`blocks`). Pass the path of the module whose output is the hidden state instead, "
-            "e.g. layer='encoder.2'."
-        )
-    if not 0 <= layer < len(blocks):
-        raise IndexError(
-            f"`layer={layer}` is out of range: the model has {len(blocks)} blocks "
-            f"(0 .. {len(blocks) - 1})."
-        )
-    block = blocks[layer]
-    if path == "blocks":  # TransformerLens: the residual-stream hook after the block
-        for name in ("hook_resid_post", "hook_out"):
-            hook = block._modules.get(name)
-            if isinstance(hook, nn.Module):
-                return root, hook, f"blocks.{layer}.{name}"
-    return root, block, f"{path}.{layer}"
-
-
-def _first_tensor(output: Any, path: str) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]  # older transformers blocks return (hidden_states, ...)
-    raise TypeError(
-        f"The output of {path!r} is a {type(output).__name__}, not a tensor (or a tuple starting "
-        "with one); pass as `layer` the path of a module that returns the hidden state."
-    )
-
-
-class _StopForward(Exception):
-    """Raised by the capturing hook to skip the blocks after the probed one."""
-
-
-class CapturedHidden:
-    """What :func:`capture_hidden` yields; ``value`` is the last hidden state seen."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.value: Tensor | None = None
-
-
-@contextlib.contextmanager
-def capture_hidden(model: Any, layer: int | str, *, stop: bool = False) -> Iterator[CapturedHidden]:
-    """Context manager: record the hidden state after block ``layer`` during the forward passes
-    run inside it (``captured.value``, ``[batch, seq, d_model]``).
-
-    The hidden state is the residual stream after the block: a PyTorch forward hook on the
-    block module the model's family uses (Hugging Face GPT-2 ``transformer.h[L]``, GPT-NeoX and
-    Llama ``layers[L]``, BERT / RoBERTa ``encoder.layer[L]``, ViT ``layers[L]``;
-    TransformerLens ``blocks.L.hook_resid_post``, the ``TransformerBridge``'s
-    ``blocks.L.hook_out``; an nnsight wrapper's underlying module). For the last block this is
-    before the final norm (unlike Hugging Face's ``hidden_states[-1]``). A string ``layer`` hooks
-    that module path of the model (the way to probe a plain ``nn.Module``). Because it hooks
-    module outputs, it sees masks attached with ``si.masked`` or during ``si.find``, and
-    gradients flow through the captured tensor.
-
-    ``stop=True`` aborts the forward pass right after the block (its caller must catch the
-    private exception, as :func:`read_hidden` does); leave it off around your own forward calls.
-    """
-    _, module, path = _block_output_module(model, layer)
-    captured = CapturedHidden(path)
-
-    def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-        captured.value = _first_tensor(output, path)
-        if stop:
-            raise _StopForward
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def _run(root: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return root(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return root(*inputs)
-    return root(inputs)
-
-
-def read_hidden(model: Any, layer: int | str, inputs: Any) -> Float[Tensor, "batch ..."]:
-    """The hidden state after block ``layer`` for ``inputs`` (``[batch, seq, d_model]``).
-
-    Runs the model only up to that block (the forward is stopped by the hook of
-    :func:`capture_hidden`). ``inputs`` is a tensor passed positionally, a tuple of positional
-    arguments or a mapping of keyword arguments. Gradients flow unless called under
-    ``torch.no_grad()``; masks attached to the model are in effect.
-    """
-    root = adapters.resolve(model).root(model)
-    with capture_hidden(model, layer, stop=True) as captured:
-        try:
-            _run(root, inputs)
-        except _StopForward:
-            pass
-    if captured.value is None:
-        raise RuntimeError(
-            f"The forward pass never ran {captured.path!r}, so no hidden state was captured; "
-            "check `layer` and `inputs`."
-        )
-    return captured.value
-
-
-# ------------------------------------------------------------------ probe loss and accuracy
-def _split_batch(batch: Any) -> tuple[Any, Tensor]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[1], Tensor):
-        raise TypeError(
-            "Probing data must yield (inputs, labels) pairs, with labels a tensor of class "
-            f"indices; got a {type(batch).__name__}"
-            + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-            + "."
-        )
-    return batch[0], batch[1]
-
-
-def _check_level(level: str, position: int | None) -> None:
-    if level not in LEVELS:
-        raise ValueError(f"`level` must be 'token' or 'sequence', got {level!r}.")
-    if position is not None and level != "sequence":
-        raise ValueError(
-            "`position` chooses the token read at sequence level; use level='sequence'."
-        )
-
-
-def _features(hidden: Tensor, inputs: Any, level: str, position: int | None) -> Tensor:
-    """What the probe reads: every token, one token, or the mean over (unpadded) tokens."""
-    if level == "token" or hidden.dim() == 2:
-        return hidden
-    if position is not None:
-        return hidden[:, position]
-    attention = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
-    if isinstance(attention, Tensor) and tuple(attention.shape) == tuple(hidden.shape[:2]):
-        weights = attention.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-    return hidden.mean(1)
-
-
-def _logits_and_labels(
-    hidden: Tensor, inputs: Any, labels: Tensor, probe: Probe, level: str, position: int | None
-) -> tuple[Tensor, Tensor]:
-    features = _features(hidden, inputs, level, position)
-    expected = tuple(features.shape[:-1])
-    if tuple(labels.shape) != expected:
-        want = "[batch, seq]" if level == "token" else "[batch]"
-        raise ValueError(
-            f"At {level} level the labels must be {want} = {expected} to match the hidden "
-            f"state {tuple(hidden.shape)}, got {tuple(labels.shape)}."
-            + (" For one label per sequence use level='sequence'." if level == "token" else "")
-        )
-    weight = probe.net[0].weight
-    logits = probe(features.to(weight.dtype))
-    return logits.reshape(-1, probe.n_classes), labels.reshape(-1).to(logits.device)
-
-
-def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
-    # sum / count rather than the mean, so a batch whose labels are all ignored gives 0, not NaN
-    total = nn.functional.cross_entropy(
-        logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="sum"
-    )
-    return total / (labels != IGNORE_INDEX).sum().clamp_min(1)
-
-
-def probe_loss(
-    model: Any,
-    probe: Probe,
-    layer: int | str,
-    batch: Any,
-    *,
-    level: str = "token",
-    position: int | None = None,
-) -> Tensor:
-    """Cross-entropy of ``probe`` on the hidden state after block ``layer`` for one
-    ``(inputs, labels)`` batch; labels ``-100`` are ignored."""
-    inputs, labels = _split_batch(batch)
-    hidden = read_hidden(model, layer, inputs)
-    return _cross_entropy(*_logits_and_labels(hidden, inputs, labels, probe, level, position))
-
-
-@contextlib.contextmanager
-def _evaluating(root: nn.Module) -> Iterator[None]:
-    modes = {name: module.training for name, module in root.named_modules()}
-    root.eval()
-    try:
-        yield
-    finally:
-        for name, module in root.named_modules():
-            if name in modes:
-                module.training = modes[name]
-
-
-def _device(root: nn.Module) -> torch.device:
-    first = next(root.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
-
-
-def probe_accuracy(
-    model: Any,
-    subnetwork: Subnetwork | None,
-    probe: Probe,
-    layer: int | str,
-    data: Iterable[Any],
-    level: str = "token",
-    *,
-    position: int | None = None,
-) -> float:
-    """Accuracy of ``probe`` on ``data`` (``(inputs, labels)`` batches), reading the hidden
-    state after block ``layer`` while the model computes with ``subnetwork`` (``None``: the
-    full model). Labels ``-100`` are not counted; the model is in eval mode meanwhile."""
-    _check_level(level, position)
-    root = adapters.resolve(model).root(model)
-    device = _device(root)
-    correct = torch.zeros((), dtype=torch.long)
-    counted = 0
-    context = masked(model, subnetwork) if subnetwork is not None else contextlib.nullcontext()
-    with torch.no_grad(), _evaluating(root), context:
-        for batch in data:
-            inputs, labels = _split_batch(to_device(batch, device))
-            hidden = read_hidden(model, layer, inputs)
-            logits, flat = _logits_and_labels(hidden, inputs, labels, probe, level, position)
-            keep = flat != IGNORE_INDEX
-            correct += (logits.argmax(-1)[keep] == flat[keep]).sum().cpu()
-            counted += int(keep.sum())
-    if counted == 0:
-        raise ValueError("`data` has no labelled examples (every label is -100, or it is empty).")
-    return float(correct) / counted
-
-
-# ------------------------------------------------------------------ subnetwork probing
-def _seed(generator: torch.Generator) -> int:
-    return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
-
-
-def _first_batch(data: Iterable[Any]) -> Any:
-    for batch in data:
-        return batch
-    raise ValueError("`data` yielded no batches; pass a list of (inputs, labels) batches.")
-
-
-def _make_probe(
-    model: Any,
-    layer: int | str,
-    data: Iterable[Any],
-    n_classes: int,
-    hidden: int | None,
-    seed: int,
-) -> Probe:
-    root = adapters.resolve(model).root(model)
-    inputs, _ = _split_batch(to_device(_first_batch(data), _device(root)))
-    with torch.no_grad(), _evaluating(root):
-        width = read_hidden(model, layer, inputs).shape[-1]
-    probe = Probe(int(width), n_classes, hidden, generator=torch.Generator().manual_seed(seed))
-    return probe.to(_device(root))
 
 
 def _default_targets(layer: int | str) -> list[str] | None:
@@ -631,57 +300,16 @@ def train_probe(
 
 
 # ------------------------------------------------------------------ baselines
-def _clear_hf_init_flags(module: nn.Module) -> None:
-    # transformers marks initialised modules and tensors and skips them in init_weights()
-    for sub in module.modules():
-        sub.__dict__.pop("_is_hf_initialized", None)
-        for tensor in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
-            if "_is_hf_initialized" in getattr(tensor, "__dict__", {}):
-                del tensor._is_hf_initialized
-
-
-def _is_hf_pretrained(module: nn.Module) -> bool:
-    return (
-        type(module).__module__.startswith("transformers.")
-        and hasattr(module, "config")
-        and callable(getattr(module, "init_weights", None))
-        and callable(getattr(module, "_init_weights", None))
-    )
-
-
-def _reinitialize(root: nn.Module) -> None:
-    wrapped = root.__dict__.get("original_model")  # a TransformerBridge's transformers model
-    candidates = [*([wrapped] if isinstance(wrapped, nn.Module) else []), *root.modules()]
-    hf = [m for m in candidates if _is_hf_pretrained(m)]
-    if hf:
-        top = hf[0]  # the outermost: it re-initialises (and re-ties) its sub-models too
-        _clear_hf_init_flags(top)
-        top.init_weights()
-        return
-    if callable(getattr(root, "init_weights", None)):  # HookedTransformer, TL-native bridges
-        root.init_weights()
-        return
-    resettable = [m for m in root.modules() if callable(getattr(m, "reset_parameters", None))]
-    if not resettable:
-        raise TypeError(
-            f"Cannot re-initialise a {type(root).__qualname__}: it is not a transformers model, "
-            "has no init_weights() and no sub-module with reset_parameters(). Build a fresh "
-            "model from its config instead."
-        )
-    for module in resettable:
-        module.reset_parameters()
-
-
 def reinitialized(model: Any, generator: torch.Generator | None = None) -> Any:
     """A deep copy of ``model`` with freshly initialised weights (``model`` is untouched): the
     random-init control of Cao et al. 2021 (their "reset all", embeddings included).
 
-    Uses the model's own initialisation: for a Hugging Face model (also inside a
-    ``TransformerBridge`` or an nnsight wrapper) its ``init_weights()`` (``_init_weights``:
-    e.g. ``N(0, initializer_range)`` and GPT-2's scaled residual projections, norms to 1 and
-    0); for a legacy ``HookedTransformer`` or a TL-native bridge its ``init_weights()``;
-    otherwise PyTorch's ``reset_parameters()`` of every module that has one. The draws come from ``generator``
-    (default: seed 0); the global RNG is left as it was.
+    Uses the family's own initialisation (its adapter's ``reinitialize``): for a Hugging Face
+    model (also inside a ``TransformerBridge`` or an nnsight wrapper) its ``init_weights()``
+    (``_init_weights``: e.g. ``N(0, initializer_range)`` and GPT-2's scaled residual
+    projections, norms to 1 and 0); for a legacy ``HookedTransformer`` or a TL-native bridge its
+    ``init_weights()``; otherwise PyTorch's ``reset_parameters()`` of every module that has one.
+    The draws come from ``generator`` (default: seed 0); the global RNG is left as it was.
     """
     source = generator if generator is not None else torch.Generator().manual_seed(0)
     try:
@@ -691,11 +319,12 @@ def reinitialized(model: Any, generator: torch.Generator | None = None) -> Any:
             f"reinitialized() works on a deep copy, but a {type(model).__qualname__} could not "
             f"be copied ({error}); pass the underlying module instead."
         ) from error
-    root = adapters.resolve(fresh).root(fresh)
+    adapter = adapters.resolve(fresh)
+    root = adapter.root(fresh)
     devices = sorted({p.device.index or 0 for p in root.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         torch.manual_seed(_seed(source))
-        _reinitialize(root)
+        adapter.reinitialize(root)
     if fingerprint(fresh) == fingerprint(model):
         raise RuntimeError(
             f"Re-initialising the {type(root).__qualname__} left the weights it computes with "

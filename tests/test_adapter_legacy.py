@@ -107,3 +107,32 @@ def test_find_trains_on_hooked_transformer():
     )
     assert result.subnetwork.meta["family"] == "transformer_lens.HookedTransformer"
     assert_bit_exact(model, before)
+
+
+def test_blocks_block_output_and_reinitialize_are_the_hooked_transformers_own():
+    import copy
+
+    from subnet_interp import adapters
+    from subnet_interp.probing import read_hidden
+
+    model = hooked_from(gpt2())
+    adapter = adapters.resolve(model)
+    blocks = adapter.blocks(model)
+    assert len(blocks) == LAYERS and all(a is b for a, b in zip(blocks, model.blocks, strict=True))
+    assert adapter.block_output(model, blocks[0]) is model.blocks[0].hook_resid_post
+    assert adapter.inner(model) is model
+    with torch.no_grad():
+        _, cache = model.run_with_cache(TOKENS)
+        torch.testing.assert_close(read_hidden(model, 0, TOKENS), cache["blocks.0.hook_resid_post"])
+
+    def reinitialized(seed):
+        fresh = copy.deepcopy(model)
+        with torch.random.fork_rng(), torch.no_grad():
+            torch.manual_seed(seed)
+            adapter.reinitialize(fresh)
+        return snapshot(fresh)
+
+    first, same, other = reinitialized(1), reinitialized(1), reinitialized(2)
+    assert all(torch.equal(first[k], same[k]) for k in first)  # deterministic under a seed
+    assert not torch.equal(first["blocks.0.attn.W_Q"], model.blocks[0].attn.W_Q)
+    assert not torch.equal(first["blocks.0.attn.W_Q"], other["blocks.0.attn.W_Q"])

@@ -2,8 +2,10 @@
 
 Each adapter recognises one family of models (without importing its library until the
 model in hand belongs to it), names the maskable weights canonically and says where each
-real tensor lives. ``resolve(model)`` picks the first adapter that claims the model; the
-plain ``nn.Module`` adapter claims everything else.
+real tensor lives, where the transformer blocks are (``blocks``, ``block_output``), how the
+family re-initialises its weights (``reinitialize``) and what it wraps (``inner``); code
+outside this package asks the adapter rather than knowing families. ``resolve(model)`` picks
+the first adapter that claims the model; the plain ``nn.Module`` adapter claims everything else.
 """
 
 from __future__ import annotations
@@ -54,6 +56,44 @@ class Adapter(abc.ABC):
     def on_detach(self, model: object) -> None:
         """Called after masks were removed; undoes :meth:`on_attach`."""
         return None
+
+    def inner(self, model: object) -> nn.Module:
+        """The model this family wraps (an nnsight wrapper's module, a ``TransformerBridge``'s
+        transformers model); for a family that wraps nothing, :meth:`root`."""
+        return self.root(model)
+
+    def blocks(self, model: object) -> list[nn.Module]:
+        """The model's transformer blocks in order: the modules its forward pass runs, under
+        :meth:`root`."""
+        root = self.root(model)
+        raise TypeError(
+            f"The {self.family!r} adapter does not know where the blocks of a "
+            f"{model_class(root).__qualname__} are; expected an adapter that implements "
+            "`blocks(model)`. Implement it in the adapter, or pass a module path where a "
+            "function accepts one."
+        )
+
+    def block_output(self, model: object, block: nn.Module) -> nn.Module:
+        """The module whose forward output is the residual stream after ``block`` (one of
+        :meth:`blocks`): the block itself, unless the family has a hook point there."""
+        return block
+
+    def reinitialize(self, root: nn.Module) -> None:
+        """Re-initialise ``root``'s weights in place the family's own way, drawing from the
+        global RNG: here its ``init_weights()``, else every sub-module's
+        ``reset_parameters()``."""
+        if callable(getattr(root, "init_weights", None)):
+            root.init_weights()
+            return
+        resettable = [m for m in root.modules() if callable(getattr(m, "reset_parameters", None))]
+        if not resettable:
+            raise TypeError(
+                f"Cannot re-initialise a {type(root).__qualname__}: it is not a transformers "
+                "model, has no init_weights() and no sub-module with reset_parameters(). Build "
+                "a fresh model from its config instead."
+            )
+        for module in resettable:
+            module.reset_parameters()
 
 
 def is_conv1d(module: object) -> bool:

@@ -1,5 +1,6 @@
 """Hugging Face ``transformers`` causal LMs: GPT-2, GPT-NeoX / Pythia, Llama-family (encoders:
-BERT, RoBERTa and ViT are in :mod:`.hf_encoders`, registered in :data:`FAMILIES` below).
+BERT, RoBERTa and ViT are in :mod:`.hf_encoders`, registered in :data:`FAMILIES` below; the
+builders both use are in :mod:`._hf_common`).
 
 Canonical names and layouts are TransformerLens's (``blocks.{L}.attn.W_Q`` is
 ``[head, d_model, d_head]``, ...). Each canonical target is a view into the real tensor:
@@ -16,93 +17,24 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Layout, Target
-from . import Adapter, model_class
+from . import Adapter
+from ._hf_common import (
+    BLOCK_LISTS,
+    attn_target,
+    base_prefix,
+    block_list,
+    embedding_targets,
+    init_weights,
+    is_hf,
+    linear_mlp,
+    linear_o,
+    linear_qkv,
+    mlp_target,
+    outermost_pretrained,
+)
+from .hf_encoders import bert_targets, vit_targets
 
 _Q, _K, _V = 0, 1, 2
-
-
-def _is_hf(model: object) -> bool:
-    return model_class(model).__module__.startswith("transformers.") and hasattr(model, "config")
-
-
-def _base_prefix(model: nn.Module) -> str:
-    prefix = getattr(model, "base_model_prefix", "")
-    return f"{prefix}." if prefix and hasattr(model, prefix) else ""
-
-
-def _attn_target(name, module, shape, axes, ops, units):
-    return Target(name, module, "weight", shape, axes, Layout(ops), kind="attn", unit_axes=units)
-
-
-def _mlp_target(name, module, shape, axes, ops=()):
-    return Target(
-        name, module, "weight", shape, axes, Layout(ops), kind="mlp", unit_axes=("neuron",)
-    )
-
-
-_TRANSPOSE = ("permute", (1, 0))
-
-
-def _linear_qkv(
-    layer: int, letter: str, path: str, count: int, d_model: int, d_head: int, head_axis: str
-) -> dict[str, Target]:
-    """``W_Q|K|V`` of an ``nn.Linear`` stored ``[count * d_head, d_model]``."""
-    name = f"blocks.{layer}.attn.W_{letter}"
-    ops = (("unflatten", 0, (count, d_head)), ("permute", (0, 2, 1)))
-    shape, axes = (count, d_model, d_head), (head_axis, "d_model", "d_head")
-    return {name: _attn_target(name, path, shape, axes, ops, (head_axis, "d_head"))}
-
-
-def _linear_o(layer: int, path: str, heads: int, d_head: int, d_model: int) -> dict[str, Target]:
-    """``W_O`` of an ``nn.Linear`` stored ``[d_model, heads * d_head]``."""
-    name = f"blocks.{layer}.attn.W_O"
-    ops = (("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0)))
-    shape, axes = (heads, d_head, d_model), ("head", "d_head", "d_model")
-    return {name: _attn_target(name, path, shape, axes, ops, ("d_model",))}
-
-
-def _linear_mlp(
-    layer: int, inputs: dict[str, str], output: str, d_model: int, d_mlp: int
-) -> dict[str, Target]:
-    """An MLP of ``nn.Linear`` layers: ``inputs`` maps ``W_in`` (and ``W_gate``) to paths of
-    weights stored ``[d_mlp, d_model]``; ``output`` is the path of ``W_out``."""
-    found = {}
-    for canonical, path in inputs.items():
-        name = f"blocks.{layer}.mlp.{canonical}"
-        found[name] = _mlp_target(
-            name, path, (d_model, d_mlp), ("d_model", "neuron"), (_TRANSPOSE,)
-        )
-    name = f"blocks.{layer}.mlp.W_out"
-    found[name] = _mlp_target(name, output, (d_mlp, d_model), ("neuron", "d_model"), (_TRANSPOSE,))
-    return found
-
-
-def _embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str, Target]:
-    found = {}
-    table = model.get_submodule(embed).weight
-    found["embed.W_E"] = Target(
-        "embed.W_E",
-        embed,
-        "weight",
-        tuple(table.shape),
-        ("d_vocab", "d_model"),
-        default=False,
-        kind="embedding",
-        unit_axes=("d_vocab",),
-    )
-    if pos is not None:
-        positions = model.get_submodule(pos).weight
-        found["pos_embed.W_pos"] = Target(
-            "pos_embed.W_pos",
-            pos,
-            "weight",
-            tuple(positions.shape),
-            ("n_ctx", "d_model"),
-            default=False,
-            kind="embedding",
-            unit_axes=("n_ctx",),
-        )
-    return found
 
 
 def _unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]:
@@ -130,8 +62,8 @@ def gpt2_targets(model: nn.Module) -> dict[str, Target]:
     heads, d_model = cfg.n_head, cfg.n_embd
     d_head = d_model // heads
     d_mlp = cfg.n_inner or 4 * d_model
-    base = _base_prefix(model)
-    found = _embedding_targets(model, f"{base}wte", f"{base}wpe")
+    base = base_prefix(model)
+    found = embedding_targets(model, f"{base}wte", f"{base}wpe")
     qkv_axes = ("head", "d_model", "d_head")
     for layer in range(cfg.n_layer):
         block = f"{base}h.{layer}"
@@ -142,7 +74,7 @@ def gpt2_targets(model: nn.Module) -> dict[str, Target]:
                 ("permute", (1, 0, 2)),
             )
             name = f"blocks.{layer}.attn.W_{letter}"
-            found[name] = _attn_target(
+            found[name] = attn_target(
                 name,
                 f"{block}.attn.c_attn",
                 (heads, d_model, d_head),
@@ -151,7 +83,7 @@ def gpt2_targets(model: nn.Module) -> dict[str, Target]:
                 ("head", "d_head"),
             )
         name = f"blocks.{layer}.attn.W_O"
-        found[name] = _attn_target(
+        found[name] = attn_target(
             name,
             f"{block}.attn.c_proj",
             (heads, d_head, d_model),
@@ -159,10 +91,10 @@ def gpt2_targets(model: nn.Module) -> dict[str, Target]:
             (("unflatten", 0, (heads, d_head)),),
             ("d_model",),
         )
-        found[f"blocks.{layer}.mlp.W_in"] = _mlp_target(
+        found[f"blocks.{layer}.mlp.W_in"] = mlp_target(
             f"blocks.{layer}.mlp.W_in", f"{block}.mlp.c_fc", (d_model, d_mlp), ("d_model", "neuron")
         )
-        found[f"blocks.{layer}.mlp.W_out"] = _mlp_target(
+        found[f"blocks.{layer}.mlp.W_out"] = mlp_target(
             f"blocks.{layer}.mlp.W_out",
             f"{block}.mlp.c_proj",
             (d_mlp, d_model),
@@ -177,8 +109,8 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
     heads, d_model = cfg.num_attention_heads, cfg.hidden_size
     d_head = d_model // heads
     d_mlp = cfg.intermediate_size
-    base = _base_prefix(model)
-    found = _embedding_targets(model, f"{base}embed_in", None)
+    base = base_prefix(model)
+    found = embedding_targets(model, f"{base}embed_in", None)
     for layer in range(cfg.num_hidden_layers):
         block = f"{base}layers.{layer}"
         for letter, index in (("Q", _Q), ("K", _K), ("V", _V)):
@@ -188,7 +120,7 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
                 ("permute", (0, 2, 1)),
             )
             name = f"blocks.{layer}.attn.W_{letter}"
-            found[name] = _attn_target(
+            found[name] = attn_target(
                 name,
                 f"{block}.attention.query_key_value",
                 (heads, d_model, d_head),
@@ -196,9 +128,9 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
                 ops,
                 ("head", "d_head"),
             )
-        found.update(_linear_o(layer, f"{block}.attention.dense", heads, d_head, d_model))
+        found.update(linear_o(layer, f"{block}.attention.dense", heads, d_head, d_model))
         found.update(
-            _linear_mlp(
+            linear_mlp(
                 layer,
                 {"W_in": f"{block}.mlp.dense_h_to_4h"},
                 f"{block}.mlp.dense_4h_to_h",
@@ -216,8 +148,8 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     d_head = getattr(cfg, "head_dim", None) or d_model // heads
     d_mlp = cfg.intermediate_size
-    base = _base_prefix(model)
-    found = _embedding_targets(model, f"{base}embed_tokens", None)
+    base = base_prefix(model)
+    found = embedding_targets(model, f"{base}embed_tokens", None)
     for layer in range(cfg.num_hidden_layers):
         block = f"{base}layers.{layer}"
         for letter, proj, count, head_axis in (
@@ -226,15 +158,13 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
             ("V", "v_proj", kv_heads, "kv_head"),
         ):
             path = f"{block}.self_attn.{proj}"
-            found.update(_linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
-        found.update(_linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
+            found.update(linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
+        found.update(linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
         inputs = {"W_gate": f"{block}.mlp.gate_proj", "W_in": f"{block}.mlp.up_proj"}
-        found.update(_linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, d_mlp))
+        found.update(linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, d_mlp))
     found.update(_unembed_target(model))
     return found
 
-
-from .hf_encoders import bert_targets, vit_targets  # noqa: E402  (it reuses the helpers above)
 
 FAMILIES = {
     "gpt2": gpt2_targets,
@@ -252,11 +182,35 @@ class HuggingFaceAdapter(Adapter):
     family = "huggingface"
 
     def matches(self, model: object) -> bool:
-        return _is_hf(model) and getattr(model.config, "model_type", None) in FAMILIES
+        return is_hf(model) and getattr(model.config, "model_type", None) in FAMILIES
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
         return FAMILIES[root.config.model_type](root)
+
+    def blocks(self, model: object) -> list[nn.Module]:
+        """``h`` (GPT-2), ``layers`` (GPT-NeoX, Llama, ViT in transformers 5) or
+        ``encoder.layer`` (BERT, RoBERTa, earlier ViT) of the base model."""
+        root = self.root(model)
+        found = block_list(root)
+        if found is None:
+            raise TypeError(
+                f"{type(root).__qualname__} (model_type {root.config.model_type!r}) has no "
+                f"nn.ModuleList of blocks where subnet_interp looks ({list(BLOCK_LISTS)} under "
+                f"{base_prefix(root) or 'the model'!r}); this transformers version may have "
+                "renamed them. Pass the module path of a block where a function accepts one, "
+                "and report the model's module names."
+            )
+        return list(found)
+
+    def reinitialize(self, root: nn.Module) -> None:
+        """transformers' own initialisation (``init_weights()``: ``_init_weights`` per module,
+        e.g. ``N(0, initializer_range)``, then re-tying) of the outermost transformers model."""
+        top = outermost_pretrained(root.modules())
+        if top is None:  # no module kept its transformers class (FSDP swaps it)
+            super().reinitialize(root)
+        else:
+            init_weights(top)
 
 
 __all__ = ["FAMILIES", "HuggingFaceAdapter", "gpt2_targets", "llama_targets", "neox_targets"]

@@ -29,7 +29,14 @@ from torch import nn
 
 from .._types import Layout, Target
 from . import real_tensor
-from .hf import _TRANSPOSE, _base_prefix, _embedding_targets, _linear_mlp, _linear_o, _linear_qkv
+from ._hf_common import (
+    TRANSPOSE,
+    base_prefix,
+    embedding_targets,
+    linear_mlp,
+    linear_o,
+    linear_qkv,
+)
 
 # Paths of one block's Q, K, V, O, MLP-in and MLP-out linears, relative to the base model.
 _BERT_BLOCKS = (
@@ -101,12 +108,12 @@ def _blocks(
         d_model = real_tensor(model.get_submodule(f"{prefix}.{q}"), "weight").shape[1]
         for letter, path in (("Q", q), ("K", k), ("V", v)):
             found.update(
-                _linear_qkv(layer, letter, f"{prefix}.{path}", heads, d_model, d_head, "head")
+                linear_qkv(layer, letter, f"{prefix}.{path}", heads, d_model, d_head, "head")
             )
-        found.update(_linear_o(layer, f"{prefix}.{o}", heads, d_head, d_model))
+        found.update(linear_o(layer, f"{prefix}.{o}", heads, d_head, d_model))
         d_mlp = real_tensor(model.get_submodule(f"{prefix}.{mlp_in}"), "weight").shape[0]
         inputs = {"W_in": f"{prefix}.{mlp_in}"}
-        found.update(_linear_mlp(layer, inputs, f"{prefix}.{mlp_out}", d_model, d_mlp))
+        found.update(linear_mlp(layer, inputs, f"{prefix}.{mlp_out}", d_model, d_mlp))
     return found
 
 
@@ -123,7 +130,7 @@ def _readout(
         "weight",
         (in_features, out_features),
         axes,
-        Layout((_TRANSPOSE,)),
+        Layout((TRANSPOSE,)),
         default=False,
         kind=kind,
         unit_axes=(axes[1],),
@@ -162,9 +169,9 @@ def bert_targets(model: nn.Module) -> dict[str, Target]:
     cfg = model.config
     heads = cfg.num_attention_heads
     d_head = cfg.hidden_size // heads
-    base = _base_prefix(model)
+    base = base_prefix(model)
     embeddings = f"{base}embeddings"
-    found = _embedding_targets(
+    found = embedding_targets(
         model, f"{embeddings}.word_embeddings", f"{embeddings}.position_embeddings"
     )
     token_types = model.get_submodule(embeddings).token_type_embeddings
@@ -188,7 +195,7 @@ def vit_targets(model: nn.Module) -> dict[str, Target]:
     cfg = model.config
     heads = cfg.num_attention_heads
     d_head = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    base = _base_prefix(model)
+    base = base_prefix(model)
     embeddings = f"{base}embeddings"
     owner = model.get_submodule(embeddings)
     patch = f"{embeddings}.patch_embeddings.projection"

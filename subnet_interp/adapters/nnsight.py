@@ -26,21 +26,39 @@ class NNsightAdapter(Adapter):
     def root(self, model: object) -> nn.Module:
         return model._module  # type: ignore[attr-defined]
 
-    def inner(self, model: object) -> Adapter:
+    def inner(self, model: object) -> nn.Module:
+        """The wrapped module (``wrapper._module``)."""
+        return self.root(model)
+
+    def _wrapped(self, model: object) -> Adapter:
+        """The adapter of the wrapped module's family."""
         return resolve(self.root(model))
 
     def all_targets(self, model: object) -> dict[str, Target]:
         module = self.root(model)
-        return self.inner(model).all_targets(module)
+        return self._wrapped(model).all_targets(module)
 
     def check_attachable(self, model: object) -> None:
-        self.inner(model).check_attachable(self.root(model))
+        self._wrapped(model).check_attachable(self.root(model))
 
     def on_attach(self, model: object) -> None:
-        self.inner(model).on_attach(self.root(model))
+        self._wrapped(model).on_attach(self.root(model))
 
     def on_detach(self, model: object) -> None:
-        self.inner(model).on_detach(self.root(model))
+        self._wrapped(model).on_detach(self.root(model))
+
+    def blocks(self, model: object) -> list[nn.Module]:
+        """The wrapped module's blocks, as its family's adapter finds them."""
+        return self._wrapped(model).blocks(self.root(model))
+
+    def block_output(self, model: object, block: nn.Module) -> nn.Module:
+        return self._wrapped(model).block_output(self.root(model), block)
+
+    def reinitialize(self, root: nn.Module) -> None:
+        """The wrapped module's family's initialisation (``root`` is the wrapped module; a
+        wrapper passed instead is unwrapped)."""
+        module = self.root(root) if self.matches(root) else root
+        resolve(module).reinitialize(module)
 
     def describe(self, model: object) -> str:
-        return f"nnsight wrapper of a {self.inner(model).family} model"
+        return f"nnsight wrapper of a {self._wrapped(model).family} model"

@@ -5,7 +5,8 @@ from __future__ import annotations
 from torch import nn
 
 from .._types import Target
-from . import Adapter, is_conv1d, real_tensor
+from . import Adapter, is_conv1d, model_class, real_tensor
+from ._hf_common import BLOCK_LISTS, block_list, init_weights, outermost_pretrained
 
 _CONV_AXES = {1: ("kernel",), 2: ("kernel_h", "kernel_w"), 3: ("kernel_d", "kernel_h", "kernel_w")}
 
@@ -47,3 +48,30 @@ class PlainAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         return module_targets(self.root(model))
+
+    def blocks(self, model: object) -> list[nn.Module]:
+        """The ``nn.ModuleList`` at a usual place (``h``, ``layers``, ``encoder.layer``, ...
+        under the base model, as in transformers models of other architectures); otherwise a
+        plain module's blocks are unknown and this raises."""
+        root = self.root(model)
+        found = block_list(root)
+        if found is None:
+            raise TypeError(
+                f"This {model_class(root).__qualname__} is a plain nn.Module to subnet_interp, "
+                f"and it has no nn.ModuleList of blocks where subnet_interp looks "
+                f"({list(BLOCK_LISTS)}), so its transformer blocks are unknown. Expected a "
+                "Hugging Face (GPT-2, GPT-NeoX, Llama, BERT, RoBERTa, ViT), TransformerLens or "
+                "nnsight model. Pass the path of the module you mean where a function accepts "
+                "one, or register an adapter for this family (adapters.register_adapter)."
+            )
+        return list(found)
+
+    def reinitialize(self, root: nn.Module) -> None:
+        """A transformers model inside ``root`` gets its own initialisation (the outermost one,
+        which re-initialises its sub-models too); otherwise ``init_weights()`` or every
+        ``reset_parameters()``."""
+        top = outermost_pretrained(root.modules())
+        if top is None:
+            super().reinitialize(root)
+        else:
+            init_weights(top)

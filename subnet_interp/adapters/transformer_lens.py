@@ -20,8 +20,31 @@ from torch import nn
 
 from .._types import Layout, Target
 from . import Adapter, is_conv1d, model_class, real_tensor
+from ._hf_common import TRANSPOSE, init_weights, outermost_pretrained
 
-_TRANSPOSE = ("permute", (1, 0))
+# the hook points on the residual stream after a block: HookedTransformer's, the bridge's
+_RESID_POST_HOOKS = ("hook_resid_post", "hook_out")
+
+
+def _blocks(root: nn.Module) -> list[nn.Module]:
+    """``root.blocks`` of a HookedTransformer or a TransformerBridge."""
+    blocks = getattr(root, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise TypeError(
+            f"This {model_class(root).__qualname__} has no nn.ModuleList `blocks` (found "
+            f"{type(blocks).__name__}), where TransformerLens models keep their blocks. Pass "
+            "the path of the module you mean where a function accepts one."
+        )
+    return list(blocks)
+
+
+def _resid_post(block: nn.Module) -> nn.Module:
+    """The hook point on the residual stream after ``block`` (the block if it has none)."""
+    for name in _RESID_POST_HOOKS:
+        hook = block._modules.get(name)
+        if isinstance(hook, nn.Module):
+            return hook
+    return block
 
 
 def _bridge_attn_layout(module: nn.Module, which: str, heads: int, d_head: int) -> Layout:
@@ -136,7 +159,7 @@ class TransformerBridgeAdapter(Adapter):
                     "weight",
                     shape,
                     axes,
-                    Layout(() if conv else (_TRANSPOSE,)),
+                    Layout(() if conv else (TRANSPOSE,)),
                     kind="mlp",
                     unit_axes=("neuron",),
                 )
@@ -149,12 +172,37 @@ class TransformerBridgeAdapter(Adapter):
                 "weight",
                 (width, vocab),
                 ("d_model", "d_vocab"),
-                Layout((_TRANSPOSE,)),
+                Layout((TRANSPOSE,)),
                 default=False,
                 kind="unembedding",
                 unit_axes=("d_vocab",),
             )
         return found
+
+    def inner(self, model: object) -> nn.Module:
+        """The model the bridge wraps (``original_model``: a transformers model, or
+        TransformerLens's native model of a ``boot_native`` bridge); the bridge if it has none."""
+        root = self.root(model)
+        # read from __dict__: it is no registered sub-module
+        wrapped = root.__dict__.get("original_model")
+        return wrapped if isinstance(wrapped, nn.Module) else root
+
+    def blocks(self, model: object) -> list[nn.Module]:
+        """The bridge's ``blocks`` (their components wrap the transformers model's layers)."""
+        return _blocks(self.root(model))
+
+    def block_output(self, model: object, block: nn.Module) -> nn.Module:
+        """The block's ``hook_out`` (``hook_resid_post`` in the cache)."""
+        return _resid_post(block)
+
+    def reinitialize(self, root: nn.Module) -> None:
+        """The wrapped transformers model's own initialisation (as the Hugging Face adapter's);
+        for a bridge without one (TransformerLens-native), the bridge's ``init_weights()``."""
+        top = outermost_pretrained([self.inner(root), *root.modules()])
+        if top is None:
+            super().reinitialize(root)
+        else:
+            init_weights(top)
 
     def on_attach(self, model: object) -> None:
         root = self.root(model)
@@ -253,6 +301,17 @@ class HookedTransformerAdapter(Adapter):
             False,
         )
         return found
+
+    def blocks(self, model: object) -> list[nn.Module]:
+        return _blocks(self.root(model))
+
+    def block_output(self, model: object, block: nn.Module) -> nn.Module:
+        """The block's ``hook_resid_post``."""
+        return _resid_post(block)
+
+    def reinitialize(self, root: nn.Module) -> None:
+        """``HookedTransformer.init_weights()`` (the scheme its config names)."""
+        super().reinitialize(root)
 
 
 __all__ = ["HookedTransformerAdapter", "TransformerBridgeAdapter"]

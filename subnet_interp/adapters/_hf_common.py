@@ -1,0 +1,172 @@
+"""Shared pieces of the Hugging Face ``transformers`` adapters (:mod:`.hf` for the causal LMs,
+:mod:`.hf_encoders` for BERT, RoBERTa and ViT): detection, the target builders for
+``nn.Linear`` Q/K/V, O, MLP and embedding weights, where the blocks live, and transformers' own
+re-initialisation.
+
+Both adapters import from here and :mod:`.hf_encoders` imports nothing from :mod:`.hf`; the
+plain and TransformerLens adapters use the block lists and the re-initialisation for
+transformers models they hold. Nothing here imports ``transformers``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from torch import nn
+
+from .._types import Layout, Target
+from . import model_class
+
+TRANSPOSE = ("permute", (1, 0))  # [out, in] nn.Linear weight <-> canonical [in, out]
+
+# Where the blocks of Hugging Face models live, relative to the base model: GPT-2 (``h``),
+# GPT-NeoX / Llama / ViT in transformers 5 (``layers``), BERT / RoBERTa / earlier ViT
+# (``encoder.layer``), encoder-decoders' decoders.
+BLOCK_LISTS = ("h", "layers", "encoder.layer", "encoder.layers", "decoder.layers")
+
+
+def is_hf(model: object) -> bool:
+    """Whether ``model`` is a ``transformers`` module with a config (any architecture)."""
+    return model_class(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+def base_prefix(model: nn.Module) -> str:
+    """``"<base_model_prefix>."`` when ``model`` is a head model holding its base model there
+    (``GPT2LMHeadModel.transformer``), else ``""`` (the base model itself)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return f"{prefix}." if prefix and hasattr(model, prefix) else ""
+
+
+def block_list(root: nn.Module) -> nn.ModuleList | None:
+    """The first ``nn.ModuleList`` at one of :data:`BLOCK_LISTS` under ``root``'s base model;
+    ``None`` if there is none."""
+    base = base_prefix(root)
+    for candidate in BLOCK_LISTS:
+        try:
+            found = root.get_submodule(base + candidate)
+        except AttributeError:
+            continue
+        if isinstance(found, nn.ModuleList):
+            return found
+    return None
+
+
+def is_pretrained(module: nn.Module) -> bool:
+    """Whether ``module`` is a ``transformers`` ``PreTrainedModel`` (it has ``init_weights`` and
+    ``_init_weights``), checked without importing transformers."""
+    return (
+        type(module).__module__.startswith("transformers.")
+        and hasattr(module, "config")
+        and callable(getattr(module, "init_weights", None))
+        and callable(getattr(module, "_init_weights", None))
+    )
+
+
+def outermost_pretrained(candidates: Iterable[nn.Module]) -> nn.Module | None:
+    """The first ``transformers`` model among ``candidates`` (from ``root.modules()``: the
+    outermost one), or ``None``."""
+    return next((m for m in candidates if is_pretrained(m)), None)
+
+
+def init_weights(model: nn.Module) -> None:
+    """Re-initialise a ``transformers`` model its own way (``init_weights()``: ``_init_weights``
+    per module, then re-tying), also the modules it already marked as initialised."""
+    # transformers marks initialised modules and tensors and skips them in init_weights()
+    for sub in model.modules():
+        sub.__dict__.pop("_is_hf_initialized", None)
+        for tensor in [*sub.parameters(recurse=False), *sub.buffers(recurse=False)]:
+            if "_is_hf_initialized" in getattr(tensor, "__dict__", {}):
+                del tensor._is_hf_initialized
+    model.init_weights()
+
+
+def attn_target(name, module, shape, axes, ops, units) -> Target:
+    """An attention weight target (``kind="attn"``) viewed through ``ops``."""
+    return Target(name, module, "weight", shape, axes, Layout(ops), kind="attn", unit_axes=units)
+
+
+def mlp_target(name, module, shape, axes, ops=()) -> Target:
+    """An MLP weight target (``kind="mlp"``, one unit per neuron) viewed through ``ops``."""
+    return Target(
+        name, module, "weight", shape, axes, Layout(ops), kind="mlp", unit_axes=("neuron",)
+    )
+
+
+def linear_qkv(
+    layer: int, letter: str, path: str, count: int, d_model: int, d_head: int, head_axis: str
+) -> dict[str, Target]:
+    """``W_Q|K|V`` of an ``nn.Linear`` stored ``[count * d_head, d_model]``."""
+    name = f"blocks.{layer}.attn.W_{letter}"
+    ops = (("unflatten", 0, (count, d_head)), ("permute", (0, 2, 1)))
+    shape, axes = (count, d_model, d_head), (head_axis, "d_model", "d_head")
+    return {name: attn_target(name, path, shape, axes, ops, (head_axis, "d_head"))}
+
+
+def linear_o(layer: int, path: str, heads: int, d_head: int, d_model: int) -> dict[str, Target]:
+    """``W_O`` of an ``nn.Linear`` stored ``[d_model, heads * d_head]``."""
+    name = f"blocks.{layer}.attn.W_O"
+    ops = (("unflatten", 1, (heads, d_head)), ("permute", (1, 2, 0)))
+    shape, axes = (heads, d_head, d_model), ("head", "d_head", "d_model")
+    return {name: attn_target(name, path, shape, axes, ops, ("d_model",))}
+
+
+def linear_mlp(
+    layer: int, inputs: dict[str, str], output: str, d_model: int, d_mlp: int
+) -> dict[str, Target]:
+    """An MLP of ``nn.Linear`` layers: ``inputs`` maps ``W_in`` (and ``W_gate``) to paths of
+    weights stored ``[d_mlp, d_model]``; ``output`` is the path of ``W_out``."""
+    found = {}
+    for canonical, path in inputs.items():
+        name = f"blocks.{layer}.mlp.{canonical}"
+        found[name] = mlp_target(name, path, (d_model, d_mlp), ("d_model", "neuron"), (TRANSPOSE,))
+    name = f"blocks.{layer}.mlp.W_out"
+    found[name] = mlp_target(name, output, (d_mlp, d_model), ("neuron", "d_model"), (TRANSPOSE,))
+    return found
+
+
+def embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str, Target]:
+    """``embed.W_E`` of the ``nn.Embedding`` at ``embed`` and, if ``pos`` is given,
+    ``pos_embed.W_pos`` of the one at ``pos`` (not default targets)."""
+    found = {}
+    table = model.get_submodule(embed).weight
+    found["embed.W_E"] = Target(
+        "embed.W_E",
+        embed,
+        "weight",
+        tuple(table.shape),
+        ("d_vocab", "d_model"),
+        default=False,
+        kind="embedding",
+        unit_axes=("d_vocab",),
+    )
+    if pos is not None:
+        positions = model.get_submodule(pos).weight
+        found["pos_embed.W_pos"] = Target(
+            "pos_embed.W_pos",
+            pos,
+            "weight",
+            tuple(positions.shape),
+            ("n_ctx", "d_model"),
+            default=False,
+            kind="embedding",
+            unit_axes=("n_ctx",),
+        )
+    return found
+
+
+__all__ = [
+    "BLOCK_LISTS",
+    "TRANSPOSE",
+    "attn_target",
+    "base_prefix",
+    "block_list",
+    "embedding_targets",
+    "init_weights",
+    "is_hf",
+    "is_pretrained",
+    "linear_mlp",
+    "linear_o",
+    "linear_qkv",
+    "mlp_target",
+    "outermost_pretrained",
+]
