@@ -76,9 +76,9 @@ def head_scores(
 
     Every weight of the head's slices of the canonical ``W_Q``, ``W_K``, ``W_V`` and ``W_O``
     counts once; with grouped-query attention the slice of a shared K/V head counts for every
-    query head that reads it. With ``weighted=True`` each weight counts by ``|theta|`` (the kept fraction of the head's
-    weight mass), which suits models whose heads are sparse inside (e.g. tracr-compiled ones).
-    Layers or heads the subnetwork does not cover are ``nan``.
+    query head that reads it. With ``weighted=True`` each weight counts by ``|theta|`` (the
+    kept fraction of the head's weight mass), which suits models whose heads are sparse inside
+    (e.g. tracr-compiled ones). Layers or heads the subnetwork does not cover are ``nan``.
     """
     n_layers, entries = _layers_and_sizes(model, subnetwork, "attn", ("head", "kv_head"))
     root = _root(model)
@@ -161,8 +161,9 @@ def edge_scores(
     """Composition scores between heads (Elhage et al. 2021) of the masked weights:
     ``||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F)`` with ``W^B`` = ``W_QK^B`` (``kind="q"``),
     ``W_QK^B.T`` (``"k"``) or ``W_OV^B`` (``"v"``), for every head A in an earlier layer than B
-    (``nan`` otherwise); ``subnetwork=None`` scores the unmasked model. Computed from ``d_head``-sized factors, never from ``d_model``-squared
-    products, so it is vectorised over all pairs.
+    (``nan`` otherwise); ``subnetwork=None`` scores the unmasked model. Computed from
+    ``d_head``-sized factors, never from ``d_model``-squared products, so it is vectorised over
+    all pairs.
     """
     if kind not in ("q", "k", "v"):
         raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}.")

@@ -1,4 +1,5 @@
-"""auto-circuit (UFO-101/auto-circuit) ``PruneScores``: ``from_auto_circuit``, ``to_auto_circuit``."""
+"""auto-circuit (UFO-101/auto-circuit) ``PruneScores``: ``from_auto_circuit`` and
+``to_auto_circuit``."""
 
 from __future__ import annotations
 
