@@ -19,7 +19,6 @@ from ..circuits import (
     node_position,
 )
 
-# ---- ACDC -----------------------------------------------------------------------------------
 _ACDC_HOOK = re.compile(
     r"^(?:(hook_embed|hook_pos_embed)|blocks\.(\d+)\.(hook_resid_pre|attn\.hook_result|"
     r"hook_([qkv])_input|hook_mlp_in|hook_mlp_out|hook_resid_post|attn\.hook_([qkv])))$"

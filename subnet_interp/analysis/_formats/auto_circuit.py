@@ -23,7 +23,6 @@ from ..circuits import (
     sources,
 )
 
-# ---- auto-circuit ---------------------------------------------------------------------------
 _AC_DEST = re.compile(r"^blocks\.(\d+)\.hook_(q_input|k_input|v_input|attn_in|mlp_in|resid_post)$")
 _AC_NODE = re.compile(r"^(?:(Resid Start)|(Resid End)|A(\d+)\.(\d+)(?:\.([QKV]))?|MLP (\d+))$")
 

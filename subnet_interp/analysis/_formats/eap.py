@@ -23,7 +23,6 @@ from ..circuits import (
 )
 from .files import read_json, write_atomically
 
-# ---- EAP / EAP-IG / MIB ---------------------------------------------------------------------
 _EAP_NODE = re.compile(r"^(?:(input)|(logits)|a(\d+)\.h(\d+)|m(\d+))$")
 _EAP_EDGE = re.compile(r"^(.+)->(.+?)(?:<([qkv])>)?$")
 

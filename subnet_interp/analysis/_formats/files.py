@@ -10,6 +10,7 @@ from typing import Any
 
 
 def read_json(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """``source`` as a dict: a mapping is copied, a path is read as JSON."""
     if isinstance(source, Mapping):
         return dict(source)
     path = Path(source)
@@ -24,6 +25,7 @@ def read_json(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -14,8 +14,8 @@ FORMAT_KEY = "subnet_interp_circuit"
 FORMAT_VERSION = 1
 
 
-# ---- subnet_interp's own format -------------------------------------------------------------
 def save(circuit: Circuit, path: str | os.PathLike) -> None:
+    """Write ``circuit`` to ``path`` as subnet_interp's own JSON (atomically)."""
     data = {
         FORMAT_KEY: FORMAT_VERSION,
         "nodes": sorted(circuit.nodes),
@@ -30,6 +30,7 @@ def save(circuit: Circuit, path: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike) -> Circuit:
+    """Read a JSON circuit: subnet_interp's own format or an EAP-IG / MIB graph."""
     data = read_json(path)
     if FORMAT_KEY not in data:
         if {"cfg", "nodes", "edges"} <= set(data):
