@@ -5,14 +5,14 @@ nnsight; adapters load their library when a model of that family is first seen.
 """
 
 from . import analysis, methods, probing
-from ._attach import Ablation, delta_applied, masked
+from ._ablations import Ablation, MeanAblation, ReinitAblation, ResampleAblation
+from ._attach import delta_applied, masked
 from ._find import find
 from ._fingerprint import fingerprint
 from ._loop import NonFiniteLossError
 from ._subnetwork import Subnetwork
 from ._targets import targets
 from ._types import NotFoundError, Target
-from .analysis import MeanAblation, ReinitAblation, ResampleAblation
 from .methods import FindResult, random_like
 
 __version__ = "0.1.0"

@@ -22,50 +22,10 @@ from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
 from . import adapters
+from ._ablations import ZERO, Ablation, resolve_ablation
 from ._fingerprint import fingerprint
 from ._subnetwork import Subnetwork
 from ._types import NotFoundError, Target, describe_tensor
-
-
-class Ablation:
-    """What stands in for a weight where the mask is 0.
-
-    ``apply(weight, mask, location)`` returns the weight the model computes with; ``mask`` is
-    in the real tensor's layout and dtype. The base class is zero ablation: ``mask * weight``.
-    Subclasses may compute statistics once per attach in :meth:`prepare` (the model is still
-    unmasked then) and add terms outside the weight (e.g. a mean-input term) with forward hooks
-    registered in :meth:`hooks`.
-    """
-
-    name = "zero"
-
-    def prepare(self, model: object, root: nn.Module, targets: Mapping[str, Target]) -> None:
-        """Called once per attach, before the masks are attached."""
-
-    def hooks(self, root: nn.Module, slots: Mapping[tuple[str, str], _Slot]) -> list:
-        """Register extra hooks once the masks are attached; returns their handles."""
-        return []
-
-    def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
-        return weight * mask
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-ZERO = Ablation()
-_ABLATIONS: dict[str, Ablation] = {"zero": ZERO}
-
-
-def resolve_ablation(ablation: str | Ablation) -> Ablation:
-    if isinstance(ablation, Ablation):
-        return ablation
-    if isinstance(ablation, str) and ablation in _ABLATIONS:
-        return _ABLATIONS[ablation]
-    raise ValueError(
-        f"Unknown ablation {ablation!r}. Pass one of {sorted(_ABLATIONS)} or an `si.Ablation` "
-        "instance."
-    )
 
 
 class _Slot:
@@ -554,6 +514,7 @@ def delta_applied(
 
 
 __all__ = [
+    "ZERO",
     "Ablation",
     "Attachment",
     "attach",

@@ -80,7 +80,7 @@ def _demo(args: argparse.Namespace) -> int:
     print("3. induction accuracy, subnetwork vs density-matched random controls")
     for line in str(report).splitlines():
         print("     " + line)
-    scores = head_scores(sub, model)
+    scores = head_scores(model, sub)
     print("4. heads the subnetwork keeps most of (layer.head: fraction of Q/K/V/O weights kept)")
     print(
         "     "
@@ -94,7 +94,7 @@ def _demo(args: argparse.Namespace) -> int:
         from subnet_interp.analysis import plot_ablation, plot_densities
 
         written.append(os.path.join(args.out, "heads.png"))
-        plot_densities(sub, model, by="head", path=written[-1])
+        plot_densities(model, sub, by="head", path=written[-1])
         written.append(os.path.join(args.out, "ablation.png"))
         plot_ablation(report, path=written[-1])
     except ImportError:

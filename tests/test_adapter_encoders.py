@@ -314,14 +314,14 @@ def only(model, layer, keep):
 def test_head_and_neuron_scores_rank_the_kept_unit_first(kind):
     model = build(kind)
     sub = only(model, 1, 3)
-    scores = head_scores(sub, model)
+    scores = head_scores(model, sub)
     assert scores.shape == (LAYERS, HEADS)
     assert top_heads(scores, 1)[0] == (1, 3, 1.0)
     assert float(scores.sum()) == 1.0
-    neurons = neuron_scores(sub, model)
+    neurons = neuron_scores(model, sub)
     assert neurons.shape == (LAYERS, D_MLP)
     assert float(neurons[1, 3]) == 1.0 and float(neurons.sum()) == 1.0
-    composition = edge_scores(sub, model, "v")
+    composition = edge_scores(model, sub, "v")
     assert composition.shape == (LAYERS, HEADS, LAYERS, HEADS)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from subnet_interp.analysis import (
     Circuit,
+    OverlapStats,
     circuit_formats,
     compare_circuits,
     compare_edges,
@@ -254,6 +255,7 @@ def test_own_format_round_trips_everything(tmp_path):
         Circuit.load(path)
 
 
+@pytest.mark.filterwarnings("ignore:compare_circuits.*is deprecated:FutureWarning")  # old keys
 def test_compare_circuits_and_edges_with_chance():
     a = Circuit.from_auto_circuit(auto_circuit_scores())
     same = compare_circuits(a, a)
@@ -268,6 +270,23 @@ def test_compare_circuits_and_edges_with_chance():
     assert result.auc == 1.0 and result.precision_at_k == 1.0
     flipped = compare_edges({e: -v for e, v in perfect.items()}, a)
     assert flipped.auc == 0.0
+
+
+def test_compare_circuits_uses_the_overlap_stats_keys_and_warns_on_the_old_ones():
+    a = Circuit.from_auto_circuit(auto_circuit_scores())
+    b = Circuit(frozenset(), frozenset(sorted(a.edges)[:3]), n_layers=L, n_heads=H)
+    result = compare_circuits(a, b)
+    stats = OverlapStats(
+        len(circuit_formats.all_edges(L, H)), len(a.edges), len(b.edges), len(a.edges & b.edges)
+    )
+    assert {k: result.edges[k] for k in stats.as_dict()} == stats.as_dict()
+    assert set(result.edges) == set(stats.as_dict()) | {"expected", "p_value"}
+    assert set(result.nodes) == set(result.edges)
+    for old, new in (("shared", "intersection"), ("jaccard", "iou"), ("universe", "n")):
+        with pytest.warns(FutureWarning, match=f"key '{old}' is deprecated; use '{new}'"):
+            assert result.edges[old] == result.edges[new]
+    with pytest.raises(KeyError):
+        result.edges["nope"]
 
 
 def test_compare_circuits_refuses_circuits_of_different_models():

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from subnet_interp.analysis import Circuit, compare_to_circuit, head_node, roc_auc
+from subnet_interp.analysis import Circuit, compare_to_circuit, head_node, mlp_node, roc_auc
+from subnet_interp.analysis.circuits import node_position
 
 
 def test_node_names_are_checked():
@@ -37,3 +38,27 @@ def test_nan_scores_count_as_lowest_and_bad_heads_are_refused():
     assert compare_to_circuit(scores, Circuit.from_heads([(0, 0)])).auc == 1.0
     with pytest.raises(KeyError, match="do not exist in a model with 2 layers"):
         compare_to_circuit(scores, Circuit.from_heads([(5, 0)]))
+
+
+def test_node_position_is_the_one_parser_of_node_names():
+    assert node_position(head_node(3, 7)) == (3, 7)
+    assert node_position(head_node(3, 7, "k")) == (3, 7)
+    assert node_position(mlp_node(12)) == (12, None)
+    assert node_position("embed") is None and node_position("unembed") is None
+    with pytest.raises(ValueError, match="no circuit node name"):
+        node_position("a0.h3")
+    circuit = Circuit(frozenset({head_node(1, 2), mlp_node(0), "embed"}))
+    assert circuit.heads() == [(1, 2)] and circuit.mlps() == [0]
+
+
+def test_circuits_imports_no_format_module_at_import_time():
+    import ast
+    import inspect
+
+    import subnet_interp.analysis.circuits as circuits
+
+    tree = ast.parse(inspect.getsource(circuits))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    names = [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+    names += [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
+    assert not [n for n in names if "format" in n], names

@@ -25,7 +25,7 @@ def only_head(model, layer, head):
 @pytest.mark.parametrize("kind", ["gpt2", "neox", "llama"])
 def test_a_mask_keeping_one_head_ranks_it_first(kind):
     model = BUILDERS[kind]()
-    scores = head_scores(only_head(model, 1, 3), model)
+    scores = head_scores(model, only_head(model, 1, 3))
     assert scores.shape == (LAYERS, HEADS)
     assert top_heads(scores, 1)[0][:2] == (1, 3)
     expected = (
@@ -40,8 +40,8 @@ def test_weighted_scores_count_weight_mass():
     target = si.targets(model)["blocks.0.attn.W_Q"]
     weight = target.layout.to_canonical(model.get_submodule(target.module).weight).detach()
     mask = weight.abs() > weight.abs().median()  # the heavier half of every head's W_Q
-    scores = head_scores(si.Subnetwork({"blocks.0.attn.W_Q": mask}), model, weighted=True)
-    plain = head_scores(si.Subnetwork({"blocks.0.attn.W_Q": mask}), model)
+    scores = head_scores(model, si.Subnetwork({"blocks.0.attn.W_Q": mask}), weighted=True)
+    plain = head_scores(model, si.Subnetwork({"blocks.0.attn.W_Q": mask}))
     assert torch.all(scores[0] > plain[0])
     assert torch.isnan(scores[1]).all()
 
@@ -55,7 +55,7 @@ def test_neuron_scores_read_columns_and_rows():
     w_out[5] = True
     w_out[7, :4] = True
     scores = neuron_scores(
-        si.Subnetwork({"blocks.0.mlp.W_in": w_in, "blocks.0.mlp.W_out": w_out}), model
+        model, si.Subnetwork({"blocks.0.mlp.W_in": w_in, "blocks.0.mlp.W_out": w_out})
     )
     assert float(scores[0, 5]) == 1.0
     assert float(scores[0, 7]) == pytest.approx(4 / 64)
@@ -65,8 +65,8 @@ def test_neuron_scores_read_columns_and_rows():
 def test_scores_need_canonical_transformer_targets():
     with pytest.raises(ValueError, match="no canonical attn targets"):
         head_scores(
-            si.Subnetwork({"0.weight": torch.ones(2, 2, dtype=torch.bool)}),
             torch.nn.Sequential(torch.nn.Linear(2, 2)),
+            si.Subnetwork({"0.weight": torch.ones(2, 2, dtype=torch.bool)}),
         )
 
 
@@ -79,7 +79,7 @@ def test_edge_scores_match_dense_composition(kind):
     sub = si.Subnetwork(
         {n: torch.rand(t.shape, generator=gen) < 0.7 for n, t in si.targets(model).items()}
     )
-    scores = edge_scores(sub, model, kind)
+    scores = edge_scores(model, sub, kind)
     assert scores.shape == (LAYERS, HEADS, LAYERS, HEADS)
     assert torch.isnan(scores[1, :, 0]).all() and torch.isnan(scores[0, :, 0]).all()
 
@@ -106,7 +106,7 @@ def test_edge_scores_vanish_for_a_removed_head():
     model = BUILDERS["gpt2"]()
     masks = {n: torch.ones(t.shape, dtype=torch.bool) for n, t in si.targets(model).items()}
     masks["blocks.0.attn.W_O"][1] = False
-    scores = edge_scores(si.Subnetwork(masks), model, "v")
+    scores = edge_scores(model, si.Subnetwork(masks), "v")
     assert torch.all(scores[0, 1, 1] == 0) and torch.isnan(scores[0, 1, 0]).all()
     assert torch.all(scores[0, 0, 1] > 0)
 
@@ -120,7 +120,7 @@ def test_graph_edge_scores_match_dense_products(kind):
     sub = si.Subnetwork(
         {n: torch.rand(t.shape, generator=gen) < 0.7 for n, t in si.targets(model).items()}
     )
-    scores = graph_edge_scores(sub, model)
+    scores = graph_edge_scores(model, sub)
 
     def canonical(name):
         target = si.targets(model, include="*")[name]
@@ -149,7 +149,7 @@ def test_graph_edge_scores_match_dense_products(kind):
     }
     for edge, value in expected.items():
         assert scores[edge] == pytest.approx(value, rel=1e-6), edge
-    composition = edge_scores(sub, model, "q")
+    composition = edge_scores(model, sub, "q")
     assert scores[(head_node(0, 3), head_node(1, 0, "q"))] == pytest.approx(
         float(composition[0, 3, 1, 0]), rel=1e-4
     )

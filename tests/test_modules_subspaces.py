@@ -37,7 +37,7 @@ def block_diagonal_mlp(blocks=2, width=8, seed=0):
 
 def test_block_diagonal_network_splits_into_its_blocks_significantly():
     net = block_diagonal_mlp()
-    result = modules(net, 2, null_samples=10)
+    result = modules(net, None, 2, null_samples=10)
     for labels in result.labels.values():
         assert len(set(labels[:8].tolist())) == 1 and len(set(labels[8:].tolist())) == 1
         assert labels[0] != labels[8]
@@ -47,7 +47,7 @@ def test_block_diagonal_network_splits_into_its_blocks_significantly():
 
 def test_subnetwork_enrichment_in_a_module():
     net = block_diagonal_mlp()
-    result = modules(net, 2, null_samples=2)
+    result = modules(net, None, 2, null_samples=2)
     masks = {n: torch.zeros(t.shape, dtype=torch.bool) for n, t in si.targets(net).items()}
     for name in masks:
         masks[name][:8, :8] = True  # only the first block
@@ -60,7 +60,7 @@ def test_subnetwork_enrichment_in_a_module():
 def test_non_chain_is_refused():
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(5, 2))
     with pytest.raises(ValueError, match="reads 5 inputs but '0.weight' writes 3"):
-        modules(net, 2)
+        modules(net, None, 2)
 
 
 def test_identical_subspaces_have_zero_angles_and_orthogonal_ones_right_angles():
@@ -100,14 +100,14 @@ def test_head_ov_masked_by_a_subnetwork():
     from _hf_models import BUILDERS, D
 
     model = BUILDERS["gpt2"]()
-    full = head_ov(model, 1, 2)
+    full = head_ov(model, None, 1, 2)
     assert full.shape == (D, D)
     masks = {
         "blocks.1.attn.W_O": torch.zeros(
             si.targets(model)["blocks.1.attn.W_O"].shape, dtype=torch.bool
         )
     }
-    assert torch.count_nonzero(head_ov(model, 1, 2, si.Subnetwork(masks))) == 0
+    assert torch.count_nonzero(head_ov(model, si.Subnetwork(masks), 1, 2)) == 0
     assert torch.linalg.matrix_rank(full) <= 8  # d_head
 
 
@@ -116,7 +116,7 @@ def test_lesioning_the_module_a_task_uses_hurts_more_than_random_lesions():
 
     net = block_diagonal_mlp()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    result = modules(net, 2, null_samples=2)
+    result = modules(net, None, 2, null_samples=2)
     x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         target = net(x)[:, :8]  # the task reads the first block's outputs only
@@ -139,6 +139,6 @@ def test_module_lesions_needs_random_controls():
     from subnet_interp.analysis import module_lesions
 
     net = block_diagonal_mlp()
-    result = modules(net, 2, null_samples=2)
+    result = modules(net, None, 2, null_samples=2)
     with pytest.raises(ValueError, match="n_random must be at least 1"):
         module_lesions(net, result, lambda m: 0.0, n_random=0)

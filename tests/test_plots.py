@@ -29,7 +29,7 @@ def test_head_densities_average_each_heads_slices():
         for n, t in si.targets(model, include="blocks.*.attn.*").items()
     }
     masks["blocks.1.attn.W_Q"][2] = False  # one of head 2's four matrices in layer 1
-    matrix = head_densities(si.Subnetwork(masks), model)
+    matrix = head_densities(model, si.Subnetwork(masks))
     assert matrix.shape == (LAYERS, HEADS)
     assert float(matrix[1, 2]) == pytest.approx(0.75) and float(matrix[0, 2]) == 1.0
 
@@ -46,8 +46,8 @@ def test_every_plot_returns_a_figure_and_saves(tmp_path):
     model = BUILDERS["gpt2"]()
     a, b = si.Subnetwork(random_masks(model, seed=1)), si.Subnetwork(random_masks(model, seed=2))
     figures = [
-        plot_densities(a, path=str(tmp_path / "layers.png")),
-        plot_densities(a, model, by="head", path=str(tmp_path / "heads.png")),
+        plot_densities(None, a, path=str(tmp_path / "layers.png")),
+        plot_densities(model, a, by="head", path=str(tmp_path / "heads.png")),
         plot_overlap({"a": a, "b": b, "a&b": a & b}, path=str(tmp_path / "overlap.png")),
     ]
     task = planted_mlp()
@@ -55,7 +55,7 @@ def test_every_plot_returns_a_figure_and_saves(tmp_path):
         task.model, task.planted, loss(task.loss_fn), task.batches(256), controls=4
     )
     figures.append(plot_ablation(report, path=str(tmp_path / "ablation.png")))
-    figures.append(plot_densities(task.planted, path=str(tmp_path / "plain.png")))
+    figures.append(plot_densities(None, task.planted, path=str(tmp_path / "plain.png")))
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figures)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "ablation.png",
@@ -65,4 +65,4 @@ def test_every_plot_returns_a_figure_and_saves(tmp_path):
         "plain.png",
     ]
     with pytest.raises(ValueError, match="needs the model"):
-        plot_densities(a, by="head")
+        plot_densities(None, a, by="head")

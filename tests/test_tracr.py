@@ -69,7 +69,7 @@ def test_a_mask_trained_on_the_task_recovers_the_compiled_heads(compiled):
         steps=300,
         progress=False,
     )
-    scores = head_scores(result.subnetwork, model.bridge, weighted=True)
+    scores = head_scores(model.bridge, result.subnetwork, weighted=True)
     comparison = compare_to_circuit(scores, model.circuit)
     assert comparison.auc == 1.0 and comparison.precision_at_k == 1.0
     with si.masked(model.bridge, result.subnetwork), torch.no_grad():

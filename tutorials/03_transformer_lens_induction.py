@@ -124,7 +124,7 @@ print(
 )
 print("cached under the mask:", tuple(cache["blocks.1.attn.hook_pattern"].shape))
 
-scores = head_scores(sub, bridge)
+scores = head_scores(bridge, sub)
 print("fraction of each head's Q/K/V/O weights kept:")
 print(scores.numpy().round(3))
 print("top heads:", [(layer, head, round(score, 2)) for layer, head, score in top_heads(scores, 4)])
@@ -178,7 +178,7 @@ if not FAST:
 # read back.
 
 # %%
-edges = graph_edge_scores(sub, bridge)
+edges = graph_edge_scores(bridge, sub)
 # scores are comparable within a kind of edge: keep head -> head-input edges (Q/K/V composition)
 edges = {e: v for e, v in edges.items() if ".attn." in e[0] and e[1].endswith((".q", ".k", ".v"))}
 strongest = sorted(edges, key=edges.get, reverse=True)[:6]

@@ -64,7 +64,7 @@ train(
 # ## Is it clusterable?
 
 # %%
-found = modules(mlp, 2, null_samples=NULL, generator=torch.Generator().manual_seed(0))
+found = modules(mlp, None, 2, null_samples=NULL, generator=torch.Generator().manual_seed(0))
 print(
     f"n-cut {found.ncut:.3f}; shuffled networks {found.null_ncuts.mean():.3f} ± {found.null_ncuts.std():.3f} "
     f"(z = {found.z:.1f}, fraction of shuffles at least as clusterable: {found.percentile:.2f})"
@@ -114,8 +114,8 @@ sub = si.find(
     steps=MASK_STEPS // 4,
     progress=False,
 ).subnetwork
-layer, head, score = top_heads(head_scores(sub, model), 1)[0]
-full_ov, masked_ov = head_ov(model, layer, head), head_ov(model, layer, head, sub)
+layer, head, score = top_heads(head_scores(model, sub), 1)[0]
+full_ov, masked_ov = head_ov(model, None, layer, head), head_ov(model, sub, layer, head)
 rank = 4
 full_out = torch.linalg.svd(full_ov.T.double())[0][
     :, :rank

@@ -101,7 +101,7 @@ if not FAST:
 # %%
 subnetwork = results[1].subnetwork.subnetwork
 print(", ".join(f"{name} {density:.3f}" for name, density in subnetwork.densities().items()))
-for layer, head, score in top_heads(head_scores(subnetwork, model), 3):
+for layer, head, score in top_heads(head_scores(model, subnetwork), 3):
     print(f"head {layer}.{head} keeps {score:.2f} of its Q/K/V/O weights")
 
 # %% [markdown]

@@ -1,10 +1,19 @@
-"""Circuits (sets of heads / MLPs) and how well a subnetwork's component scores match one."""
+"""Circuits (sets of heads / MLPs, and edges between them) and the graph they live in: node
+and edge names, the complete graph of a residual transformer (:func:`sources`,
+:func:`all_edges`), and how well a subnetwork's component scores match a circuit.
+
+Node names are ``embed``, ``blocks.L.attn.head.H``, ``blocks.L.mlp`` and ``unembed``; an edge's
+destination may name a head input, ``blocks.L.attn.head.H.q|k|v``. :func:`node_position` is the
+one parser of these names. Reading and writing other tools' formats is in
+``si.analysis.circuit_formats`` (which imports this module, never the reverse).
+"""
 
 from __future__ import annotations
 
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,13 +22,14 @@ import torch
 from torch import Tensor
 
 from .._types import NotFoundError
-from .overlap import _hypergeometric_pmf
+from .overlap import OverlapStats, _hypergeometric_pmf
 
-_NODE = re.compile(r"^(?:embed|unembed|blocks\.(\d+)\.(attn\.head\.(\d+)|mlp))$")
+_NODE = re.compile(r"^(?:embed|unembed|blocks\.(\d+)\.(?:attn\.head\.(\d+)|mlp))$")
 _PORT = re.compile(r"^(blocks\.\d+\.attn\.head\.\d+)\.([qkv])$")
 EMBED, UNEMBED = "embed", "unembed"
 
 
+# ---- node and edge names ----------------------------------------------------------------------
 def head_node(layer: int, head: int, port: str | None = None) -> str:
     """Canonical node name of an attention head: ``blocks.{layer}.attn.head.{head}``; with
     ``port`` (``"q"``, ``"k"`` or ``"v"``) the name of that head input, used as an edge's end."""
@@ -40,6 +50,89 @@ def node_of(endpoint: str) -> str:
     """The node an edge endpoint belongs to (``blocks.1.attn.head.2.q`` -> its head)."""
     match = _PORT.match(endpoint)
     return match.group(1) if match else endpoint
+
+
+def node_position(endpoint: str) -> tuple[int, int | None] | None:
+    """Where a circuit node sits: ``(layer, head)`` for ``blocks.L.attn.head.H`` (also with a
+    ``.q|.k|.v`` port), ``(layer, None)`` for ``blocks.L.mlp``, ``None`` for ``embed`` and
+    ``unembed``. Raises ``ValueError`` for any other name.
+
+    The one parser of circuit node names; the format readers and writers use it too.
+    """
+    match = _NODE.match(node_of(endpoint))
+    if match is None:
+        raise ValueError(
+            f"{endpoint!r} is no circuit node name (embed, blocks.L.attn.head.H[.q|k|v], "
+            "blocks.L.mlp, unembed)."
+        )
+    if match.group(1) is None:
+        return None
+    return int(match.group(1)), None if match.group(2) is None else int(match.group(2))
+
+
+# ---- the complete graph -----------------------------------------------------------------------
+def sources(n_layers: int, n_heads: int, *, attn_only: bool = False) -> list[str]:
+    """Edge sources in forward order: embed, then per layer each head and the MLP."""
+    out = [EMBED]
+    for layer in range(n_layers):
+        out += [head_node(layer, h) for h in range(n_heads)]
+        if not attn_only:
+            out.append(mlp_node(layer))
+    return out
+
+
+def all_edges(
+    n_layers: int,
+    n_heads: int,
+    *,
+    attn_only: bool = False,
+    parallel_attn_mlp: bool = False,
+    ports: bool = True,
+) -> list[tuple[str, str]]:
+    """Every edge of a residual transformer's graph: each source feeds every later head input
+    (``q``/``k``/``v`` separately with ``ports``), MLP and the unembedding."""
+    srcs = sources(n_layers, n_heads, attn_only=attn_only)
+    edges = []
+
+    def before(layer: int, into_mlp: bool) -> list[str]:
+        out = []
+        for s in srcs:
+            position = node_position(s)
+            if position is None:  # embed
+                out.append(s)
+                continue
+            src_layer, head = position
+            if src_layer < layer or (
+                into_mlp and src_layer == layer and head is not None and not parallel_attn_mlp
+            ):
+                out.append(s)
+        return out
+
+    for layer in range(n_layers):
+        for port in ("q", "k", "v") if ports else (None,):
+            for h in range(n_heads):
+                edges += [(s, head_node(layer, h, port)) for s in before(layer, False)]
+        if not attn_only:
+            edges += [(s, mlp_node(layer)) for s in before(layer, True)]
+    edges += [(s, UNEMBED) for s in srcs]
+    return edges
+
+
+def edge_universe(circuit: Circuit) -> list[tuple[str, str]]:
+    """The complete edge set of the circuit's model (ported if the circuit's head edges are)."""
+    n_layers, n_heads = _need_shape(circuit, "The complete edge set")
+    ported = not any("attn.head" in d and node_of(d) == d for _, d in circuit.edges)
+    return all_edges(n_layers, n_heads, ports=ported)
+
+
+def _need_shape(circuit: Circuit, what: str) -> tuple[int, int]:
+    if circuit.n_layers is None or circuit.n_heads is None:
+        raise ValueError(
+            f"{what} needs the model's shape; this circuit has n_layers={circuit.n_layers}, "
+            f"n_heads={circuit.n_heads}. Build it with Circuit(..., n_layers=, n_heads=) or "
+            "dataclasses.replace(circuit, n_layers=..., n_heads=...)."
+        )
+    return circuit.n_layers, circuit.n_heads
 
 
 def _check_names(nodes, edges) -> None:
@@ -112,21 +205,13 @@ class Circuit:
 
     def heads(self) -> list[tuple[int, int]]:
         """The circuit's heads as ``(layer, head)``, sorted."""
-        out = []
-        for node in self.nodes:
-            match = _NODE.match(node)
-            if match and match.group(3) is not None:
-                out.append((int(match.group(1)), int(match.group(3))))
-        return sorted(out)
+        positions = (node_position(node) for node in self.nodes)
+        return sorted(p for p in positions if p is not None and p[1] is not None)
 
     def mlps(self) -> list[int]:
         """The layers whose MLP is in the circuit, sorted."""
-        out = []
-        for node in self.nodes:
-            match = _NODE.match(node)
-            if match and match.group(2) == "mlp":
-                out.append(int(match.group(1)))
-        return sorted(out)
+        positions = (node_position(node) for node in self.nodes)
+        return sorted(p[0] for p in positions if p is not None and p[1] is None)
 
     def check_against(self, n_layers: int | None, n_heads: int | None) -> None:
         """Raise if a node lies outside a model with ``n_layers`` layers of ``n_heads`` heads."""
@@ -134,11 +219,10 @@ class Circuit:
         for name in (
             self.nodes | set(self.node_scores) | {node_of(x) for e in self.edge_scores for x in e}
         ):
-            match = _NODE.match(name)
-            if not match or match.group(1) is None:
+            position = node_position(name)
+            if position is None:
                 continue
-            layer = int(match.group(1))
-            head = None if match.group(3) is None else int(match.group(3))
+            layer, head = position
             if (n_layers is not None and layer >= n_layers) or (
                 head is not None and n_heads is not None and head >= n_heads
             ):
@@ -149,58 +233,59 @@ class Circuit:
                 f"layers and {n_heads} heads per layer."
             )
 
-    # ---- formats (see circuit_formats.py for what each reads and writes) -------------------
+    # ---- formats: each method calls its tool's module in ``analysis/_formats/`` (imported
+    # when called, since those modules build ``Circuit`` objects; see circuit_formats.py) ------
     @classmethod
     def from_eap(cls, graph: Mapping[str, Any] | str | os.PathLike) -> Circuit:
         """From an EAP / EAP-IG ``Graph.to_json`` file or dict (also MIB circuit-track files)."""
-        from . import circuit_formats
+        from ._formats import eap
 
-        return circuit_formats.from_eap(graph)
+        return eap.from_eap(graph)
 
     def to_eap(self, path: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
         """As an EAP-IG ``Graph.from_json``-loadable dict (written to ``path`` if given)."""
-        from . import circuit_formats
+        from ._formats import eap
 
-        return circuit_formats.to_eap(self, path, **kwargs)
+        return eap.to_eap(self, path, **kwargs)
 
     @classmethod
     def from_acdc(cls, edges: Any, **kwargs: Any) -> Circuit:
         """From ACDC edges: ``{(child_hook, child_index, parent_hook, parent_index): value}``."""
-        from . import circuit_formats
+        from ._formats import acdc
 
-        return circuit_formats.from_acdc(edges, **kwargs)
+        return acdc.from_acdc(edges, **kwargs)
 
     def to_acdc(self, *, complete: bool = False) -> dict[tuple, bool]:
         """As ACDC's subgraph dict ``{(child_hook, child_index, parent_hook, parent_index): bool}``."""
-        from . import circuit_formats
+        from ._formats import acdc
 
-        return circuit_formats.to_acdc(self, complete=complete)
+        return acdc.to_acdc(self, complete=complete)
 
     @classmethod
     def from_auto_circuit(cls, prune_scores: Mapping[str, Any], **kwargs: Any) -> Circuit:
         """From auto-circuit ``PruneScores`` (or a dict of auto-circuit edge names)."""
-        from . import circuit_formats
+        from ._formats import auto_circuit
 
-        return circuit_formats.from_auto_circuit(prune_scores, **kwargs)
+        return auto_circuit.from_auto_circuit(prune_scores, **kwargs)
 
     def to_auto_circuit(self, **kwargs: Any) -> dict[str, Tensor]:
         """As auto-circuit ``PruneScores``: a tensor per destination hook."""
-        from . import circuit_formats
+        from ._formats import auto_circuit
 
-        return circuit_formats.to_auto_circuit(self, **kwargs)
+        return auto_circuit.to_auto_circuit(self, **kwargs)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write this circuit as JSON in subnet_interp's own format (everything it holds)."""
-        from . import circuit_formats
+        from ._formats import native
 
-        circuit_formats.save(self, path)
+        native.save(self, path)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Circuit:
         """Read a JSON circuit: subnet_interp's own format or an EAP-IG / MIB graph."""
-        from . import circuit_formats
+        from ._formats import native
 
-        return circuit_formats.load(path)
+        return native.load(path)
 
 
 @dataclass(frozen=True)
@@ -258,29 +343,44 @@ def compare_to_circuit(
 class CircuitOverlap:
     """Node and edge agreement of two circuits on one model, with hypergeometric chance levels.
 
-    For nodes (heads and MLPs) and for edges: the shared count, each circuit's size, the number
-    of candidates (the complete graph), the expected shared count for independent circuits of
-    those sizes, the Jaccard index and the p-value of sharing at least that many by chance.
+    ``nodes`` (heads and MLPs) and ``edges`` are dicts with the keys of
+    :meth:`OverlapStats.as_dict <subnet_interp.analysis.OverlapStats.as_dict>`: ``n`` (the number
+    of candidates: the complete graph's nodes or edges), ``size_a``, ``size_b``,
+    ``intersection``, ``union``, ``iou`` (Jaccard), ``dice``, ``overlap_coefficient``,
+    ``sharing_a``, ``sharing_b``; and ``expected`` (the expected intersection of independent
+    circuits of those sizes) and ``p_value`` (of sharing at least that many by chance). The old
+    keys ``shared``, ``jaccard`` and ``universe`` still read (``intersection``, ``iou``, ``n``)
+    with a ``FutureWarning``.
     """
 
     nodes: dict[str, float | int]
     edges: dict[str, float | int]
 
 
+class _OverlapDict(dict):
+    """A dict of overlap statistics that still answers the pre-0.2 key names, with a warning."""
+
+    _RENAMED = {"shared": "intersection", "jaccard": "iou", "universe": "n"}
+
+    def __missing__(self, key: str) -> float | int:
+        if key not in self._RENAMED:
+            raise KeyError(key)
+        new = self._RENAMED[key]
+        warnings.warn(
+            f"compare_circuits(...).nodes / .edges key {key!r} is deprecated; use {new!r} (the "
+            "keys of OverlapStats.as_dict()).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        return self[new]
+
+
 def _overlap_stats(a: set, b: set, universe: int) -> dict[str, float | int]:
-    shared = len(a & b)
-    union = len(a | b)
-    out = {
-        "shared": shared,
-        "size_a": len(a),
-        "size_b": len(b),
-        "universe": universe,
-        "expected": len(a) * len(b) / universe if universe else float("nan"),
-        "jaccard": shared / union if union else float("nan"),
-    }
+    out = _OverlapDict(OverlapStats(universe, len(a), len(b), len(a & b)).as_dict())
+    out["expected"] = len(a) * len(b) / universe if universe else float("nan")
     if universe and len(a) and len(b):
         low, pmf = _hypergeometric_pmf(universe, len(a), len(b))
-        out["p_value"] = min(1.0, float(pmf[max(0, shared - low) :].sum()))
+        out["p_value"] = min(1.0, float(pmf[max(0, len(a & b) - low) :].sum()))
     else:
         out["p_value"] = float("nan")
     return out
@@ -290,8 +390,6 @@ def compare_circuits(a: Circuit, b: Circuit) -> CircuitOverlap:
     """How much two circuits of the same model share (nodes: heads and MLPs; edges: if both
     have any), against the chance of independent circuits of the same sizes. Head-input ports
     are compared as given if both circuits use them, else edges are compared by node pairs."""
-    from .circuit_formats import all_edges
-
     n_layers = a.n_layers if a.n_layers is not None else b.n_layers
     n_heads = a.n_heads if a.n_heads is not None else b.n_heads
     if n_layers is None or n_heads is None:

@@ -1,5 +1,8 @@
 """How much of each attention head and MLP neuron a subnetwork keeps.
 
+Every function takes ``(model, subnetwork, ...)``; the old order ``(subnetwork, model, ...)``
+still works, with a ``FutureWarning``.
+
 Scores use the adapters' canonical axes (``head`` / ``kv_head`` / ``neuron``), so they work for
 every supported family. A head's weights are its slices of ``W_Q``, ``W_K``, ``W_V`` (for
 grouped-query attention, the shared K/V head counts for every query head that reads it) and
@@ -8,7 +11,6 @@ grouped-query attention, the shared K/V head counts for every query head that re
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
@@ -18,8 +20,18 @@ from torch import Tensor
 from .._fingerprint import read_canonical
 from .._subnetwork import Subnetwork
 from .._targets import targets as all_targets
+from .._types import Target
+from ._order import model_then_subnetwork
+from .circuits import head_node, mlp_node
 
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(attn|mlp)\.(W_\w+)$")
+
+def _is_block_weight(target: Target, kind: str) -> bool:
+    """Whether ``target`` is a canonical ``blocks.{L}.{kind}.W_*`` weight (``kind``: attn, mlp)."""
+    component = target.component
+    if component is None:
+        return False
+    parts = component.split(".")
+    return len(parts) == 2 and parts[0] == kind and parts[1].startswith("W_")
 
 
 def _per_unit(mask: Tensor, weight: Tensor | None, axis: int) -> tuple[Tensor, Tensor]:
@@ -34,18 +46,17 @@ def _per_unit(mask: Tensor, weight: Tensor | None, axis: int) -> tuple[Tensor, T
     return kept, total
 
 
-def _layers_and_sizes(subnetwork: Subnetwork, model: Any, kind: str, axis_names: tuple[str, ...]):
+def _layers_and_sizes(model: Any, subnetwork: Subnetwork, kind: str, axis_names: tuple[str, ...]):
     available = all_targets(model, include="*")
     entries = []
     for name, mask in subnetwork.masks.items():
-        match = _BLOCK.match(name)
         target = available.get(name)
-        if match is None or target is None or match.group(2) != kind:
+        if target is None or not _is_block_weight(target, kind):
             continue
         axis = next((a for a in axis_names if a in target.axes), None)
         if axis is None:
             continue
-        entries.append((int(match.group(1)), target, mask, target.axes.index(axis), axis))
+        entries.append((target.layer, target, mask, target.axes.index(axis), axis))
     if not entries:
         raise ValueError(
             f"The subnetwork has no canonical {kind} targets with a {axis_names[0]} axis "
@@ -53,20 +64,23 @@ def _layers_and_sizes(subnetwork: Subnetwork, model: Any, kind: str, axis_names:
             "transformer family subnet_interp knows (Hugging Face GPT-2 / GPT-NeoX / Llama, "
             "TransformerLens, or nnsight wrappers of them)."
         )
-    layers = [int(m.group(1)) for m in map(_BLOCK.match, available) if m and m.group(2) == kind]
+    layers = [t.layer for t in available.values() if _is_block_weight(t, kind)]
     return 1 + max(layers), entries
 
 
+@model_then_subnetwork()
 def head_scores(
-    subnetwork: Subnetwork, model: Any, *, weighted: bool = False
+    model: Any, subnetwork: Subnetwork, *, weighted: bool = False
 ) -> Float[Tensor, "layer head"]:
     """Fraction of each head's Q/K/V/O weights the subnetwork keeps, ``[layers, heads]``.
 
-    With ``weighted=True`` each weight counts by ``|theta|`` (the kept fraction of the head's
-    weight mass), which suits models whose heads are sparse inside (e.g. tracr-compiled ones).
-    Layers or heads the subnetwork does not cover are ``nan``.
+    Every weight of the head's slices of the canonical ``W_Q``, ``W_K``, ``W_V`` and ``W_O``
+    counts once; with grouped-query attention the slice of a shared K/V head counts for every
+    query head that reads it. With ``weighted=True`` each weight counts by ``|theta|`` (the
+    kept fraction of the head's weight mass), which suits models whose heads are sparse inside
+    (e.g. tracr-compiled ones). Layers or heads the subnetwork does not cover are ``nan``.
     """
-    n_layers, entries = _layers_and_sizes(subnetwork, model, "attn", ("head", "kv_head"))
+    n_layers, entries = _layers_and_sizes(model, subnetwork, "attn", ("head", "kv_head"))
     root = _root(model)
     query_heads = [e[2].shape[e[3]] for e in entries if e[4] == "head"]
     n_heads = max(query_heads) if query_heads else max(e[2].shape[e[3]] for e in entries)
@@ -84,12 +98,13 @@ def head_scores(
     return (kept / total).float()
 
 
+@model_then_subnetwork()
 def neuron_scores(
-    subnetwork: Subnetwork, model: Any, *, weighted: bool = False
+    model: Any, subnetwork: Subnetwork, *, weighted: bool = False
 ) -> Float[Tensor, "layer neuron"]:
     """Fraction of each MLP neuron's weights (``W_in``/``W_gate`` column, ``W_out`` row) kept,
     ``[layers, d_mlp]`` (``nan`` where not covered)."""
-    n_layers, entries = _layers_and_sizes(subnetwork, model, "mlp", ("neuron",))
+    n_layers, entries = _layers_and_sizes(model, subnetwork, "mlp", ("neuron",))
     root = _root(model)
     width = max(e[2].shape[e[3]] for e in entries)
     kept = torch.zeros(n_layers, width, dtype=torch.float64)
@@ -123,9 +138,7 @@ def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
 
     adapter = adapters.resolve(model)
     root, found = adapter.root(model), adapter.all_targets(model)
-    layers = sorted(
-        {int(m.group(1)) for m in map(_BLOCK.match, found) if m and m.group(2) == "attn"}
-    )
+    layers = sorted({t.layer for t in found.values() if _is_block_weight(t, "attn")})
     out = []
     for layer in layers:
         name = f"blocks.{layer}.attn.W_{letter}"
@@ -141,14 +154,16 @@ def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
     return torch.stack(out)
 
 
+@model_then_subnetwork()
 def edge_scores(
-    subnetwork: Subnetwork | None, model: Any, kind: str = "v"
+    model: Any, subnetwork: Subnetwork | None, kind: str = "v"
 ) -> Float[Tensor, "layer_a head_a layer_b head_b"]:
     """Composition scores between heads (Elhage et al. 2021) of the masked weights:
     ``||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F)`` with ``W^B`` = ``W_QK^B`` (``kind="q"``),
     ``W_QK^B.T`` (``"k"``) or ``W_OV^B`` (``"v"``), for every head A in an earlier layer than B
-    (``nan`` otherwise). Computed from ``d_head``-sized factors, never from ``d_model``-squared
-    products, so it is vectorised over all pairs.
+    (``nan`` otherwise); ``subnetwork=None`` scores the unmasked model. Computed from
+    ``d_head``-sized factors, never from ``d_model``-squared products, so it is vectorised over
+    all pairs.
     """
     if kind not in ("q", "k", "v"):
         raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}.")
@@ -200,8 +215,9 @@ def _canonical(model: Any, subnetwork: Subnetwork | None, name: str) -> Tensor |
     return weight
 
 
+@model_then_subnetwork()
 def graph_edge_scores(
-    subnetwork: Subnetwork | None, model: Any, *, chunk: int = 64
+    model: Any, subnetwork: Subnetwork | None, *, chunk: int = 64
 ) -> dict[tuple[str, str], float]:
     """Weight-based strength of every edge between heads and MLPs, from the masked weights:
     for source ``s`` writing ``W_s`` into the residual stream and destination input ``t`` reading
@@ -213,6 +229,7 @@ def graph_edge_scores(
     ``W_gate``). For head pairs these are the composition scores of Elhage et al. 2021 (as in
     :func:`edge_scores`), extended to MLPs. Every edge goes forward (MLP ``L`` reads heads of
     layer ``L``); keys follow ``si.analysis.circuit_formats.all_edges`` without embed/unembed.
+    ``subnetwork=None`` scores the unmasked model.
 
     Computed as ``<W_s^T W_s, R_t R_t^T>`` between ``d_model``-square Gram matrices, one matmul
     per group of at most ``chunk`` destinations, vectorised over all sources: memory is the
@@ -220,8 +237,6 @@ def graph_edge_scores(
     """
     wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
     n_layers, n_heads = wq.shape[0], wq.shape[1]
-    from .circuits import head_node, mlp_node
-
     mlps = {}
     for layer in range(n_layers):
         w_in = _canonical(model, subnetwork, f"blocks.{layer}.mlp.W_in")

@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import adapters
 from .._fingerprint import read_canonical
 from .._subnetwork import Subnetwork
+from ._order import model_then_subnetwork
 
 
 def chain_weights(
@@ -127,11 +128,12 @@ class Modules:
     weight_names: tuple[str, ...]
 
 
+@model_then_subnetwork(trailing=1)
 def modules(
     model: Any,
+    subnetwork: Subnetwork | None,
     n_clusters: int,
     *,
-    subnetwork: Subnetwork | None = None,
     include=None,
     null_samples: int = 20,
     generator: torch.Generator | None = None,
@@ -139,10 +141,14 @@ def modules(
     """Cluster the neurons of a chain of weight matrices by spectral clustering of the graph with
     edge weights ``|W|`` (Filan et al. 2021), and compare the n-cut against within-layer shuffles.
 
+    The old order ``modules(model, n_clusters, *, subnetwork=None)`` still works, with a
+    ``FutureWarning``.
+
     Args:
         model: a model whose selected targets form a chain of 2-D matrices (an MLP).
+        subnetwork: cluster the graph of the subnetwork's weights only (``|W| * mask``);
+            ``None`` clusters the whole model.
         n_clusters: number of modules.
-        subnetwork: cluster the graph of the subnetwork's weights only (``|W| * mask``).
         include: target patterns selecting the chain (default: the default targets).
         null_samples: shuffled networks for the null distribution.
     """

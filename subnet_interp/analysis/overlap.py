@@ -50,7 +50,7 @@ class OverlapStats:
     def sharing_b(self) -> float:
         return _ratio(self.intersection, self.size_b)
 
-    def as_dict(self) -> dict[str, float]:
+    def as_dict(self) -> dict[str, float | int]:
         return {
             "n": self.n,
             "size_a": self.size_a,

@@ -1,21 +1,23 @@
 """Figures (the ``[plots]`` extra, matplotlib): densities, overlaps, ablation reports.
 
 Each function returns a ``matplotlib.figure.Figure`` and, given ``path``, also saves a PNG.
+Functions that take a model take ``(model, subnetwork, ...)``; the old order
+``(subnetwork, model, ...)`` still works, with a ``FutureWarning``.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from .._subnetwork import Subnetwork
+from .._types import block_position
+from ._order import model_then_subnetwork
 from .ablation import AblationReport
+from .components import head_scores
 from .overlap import overlap_matrix
-
-_BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
 def _pyplot():
@@ -48,9 +50,9 @@ def per_layer_densities(subnetwork: Subnetwork) -> tuple[list[int], list[str], t
     matrix (``nan`` where a layer lacks a component)."""
     cells: dict[tuple[int, str], float] = {}
     for name, density in subnetwork.densities().items():
-        match = _BLOCK.match(name)
-        if match:
-            cells[(int(match.group(1)), match.group(2))] = density
+        position = block_position(name)
+        if position is not None:
+            cells[position] = density
     layers = sorted({layer for layer, _ in cells})
     components = sorted({c for _, c in cells}, key=lambda c: (not c.startswith("attn"), c))
     matrix = torch.full((len(layers), len(components)), float("nan"))
@@ -59,47 +61,26 @@ def per_layer_densities(subnetwork: Subnetwork) -> tuple[list[int], list[str], t
     return layers, components, matrix
 
 
-def head_densities(subnetwork: Subnetwork, model: Any) -> torch.Tensor:
-    """``[layers, heads]`` fraction of each head's Q/K/V/O weights kept (needs the model's
-    canonical axes)."""
-    from .. import _targets
-
-    available = _targets.targets(model, include="*")
-    kept: dict[tuple[int, int], list[float]] = {}
-    for name, mask in subnetwork.masks.items():
-        target = available.get(name)
-        match = _BLOCK.match(name)
-        if target is None or match is None or "head" not in target.axes:
-            continue
-        axis = target.axes.index("head")
-        counts = mask.movedim(axis, 0).flatten(1)
-        layer = int(match.group(1))
-        for head, (k, n) in enumerate(
-            zip(counts.sum(1).tolist(), [counts.shape[1]] * counts.shape[0], strict=True)
-        ):
-            entry = kept.setdefault((layer, head), [0.0, 0.0])
-            entry[0] += k
-            entry[1] += n
-    if not kept:
-        raise ValueError("No target of this subnetwork has a head axis; use plot_densities(sub).")
-    layers = 1 + max(layer for layer, _ in kept)
-    heads = 1 + max(head for _, head in kept)
-    matrix = torch.full((layers, heads), float("nan"))
-    for (layer, head), (k, n) in kept.items():
-        matrix[layer, head] = k / n
-    return matrix
+@model_then_subnetwork()
+def head_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor:
+    """``[layers, heads]`` fraction of each head's Q/K/V/O weights kept: exactly
+    :func:`~subnet_interp.analysis.head_scores` (``nan`` where a head is not covered; with
+    grouped-query attention a shared K/V head's slice counts for each query head reading it)."""
+    return head_scores(model, subnetwork)
 
 
+@model_then_subnetwork()
 def plot_densities(
-    subnetwork: Subnetwork, model: Any = None, *, by: str = "component", path: str | None = None
+    model: Any, subnetwork: Subnetwork, *, by: str = "component", path: str | None = None
 ):
-    """Density heatmap: per layer and component (``by="component"``), per layer and attention head
-    (``by="head"``, needs ``model``), or a bar per target for non-transformer names."""
+    """Density heatmap: per layer and component (``by="component"``; ``model`` may be ``None``),
+    per layer and attention head (``by="head"``, :func:`head_densities`, needs ``model``), or a
+    bar per target for non-transformer names."""
     plt = _pyplot()
     if by == "head":
         if model is None:
             raise ValueError("plot_densities(by='head') needs the model, for the head axes.")
-        matrix = head_densities(subnetwork, model)
+        matrix = head_densities(model, subnetwork)
         fig, ax = plt.subplots(
             figsize=(max(4.5, 1 + 0.5 * matrix.shape[1]), max(3.0, 1 + 0.4 * matrix.shape[0]))
         )

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .._fingerprint import read_canonical
 from .._subnetwork import Subnetwork
+from ._order import model_then_subnetwork
 
 
 def orthonormal_basis(columns: Float[Tensor, "n k"], tol: float = 1e-6) -> Tensor:
@@ -45,12 +46,14 @@ def retained_energy(matrix: Float[Tensor, "n m"], basis: Float[Tensor, "n k"]) -
     return float(((q.T @ m) ** 2).sum()) / total if total else float("nan")
 
 
+@model_then_subnetwork(trailing=2)
 def head_ov(
-    model: Any, layer: int, head: int, subnetwork: Subnetwork | None = None
+    model: Any, subnetwork: Subnetwork | None, layer: int, head: int
 ) -> Float[Tensor, "d_model d_model"]:
     """A head's OV circuit ``W_V[head] @ W_O[head]`` (``[d_model, d_model]``, TransformerLens
     layout: rows read the residual stream, columns write it), with the subnetwork's masks
-    applied when given."""
+    applied (``subnetwork=None``: the unmasked weights). The old order
+    ``head_ov(model, layer, head, subnetwork=None)`` still works, with a ``FutureWarning``."""
     from .. import adapters
 
     adapter = adapters.resolve(model)

@@ -1,0 +1,275 @@
+"""What stands in for a weight where its mask is 0, for ``si.masked`` and ``ablation_effect``.
+
+Zero ablation (the :class:`Ablation` base class), :class:`MeanAblation`,
+:class:`ResampleAblation` and :class:`ReinitAblation`, and the input recording the first two
+need. They live beside the attach code (``_attach.py``) that calls them; the public names are
+``si.Ablation``, ``si.MeanAblation``, ... (also re-exported by ``si.analysis``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from . import adapters
+from ._types import Target
+
+if TYPE_CHECKING:
+    from ._attach import _Slot
+
+
+class Ablation:
+    """What stands in for a weight where the mask is 0.
+
+    ``apply(weight, mask, location)`` returns the weight the model computes with; ``mask`` is
+    in the real tensor's layout and dtype. The base class is zero ablation: ``mask * weight``.
+    Subclasses may compute statistics once per attach in :meth:`prepare` (the model is still
+    unmasked then) and add terms outside the weight (e.g. a mean-input term) with forward hooks
+    registered in :meth:`hooks`.
+    """
+
+    name = "zero"
+
+    def prepare(self, model: object, root: nn.Module, targets: Mapping[str, Target]) -> None:
+        """Called once per attach, before the masks are attached."""
+
+    def hooks(self, root: nn.Module, slots: Mapping[tuple[str, str], _Slot]) -> list:
+        """Register extra hooks once the masks are attached; returns their handles."""
+        return []
+
+    def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
+        return weight * mask
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+ZERO = Ablation()
+_ABLATIONS: dict[str, Ablation] = {"zero": ZERO}
+
+
+def resolve_ablation(ablation: str | Ablation) -> Ablation:
+    if isinstance(ablation, Ablation):
+        return ablation
+    if isinstance(ablation, str) and ablation in _ABLATIONS:
+        return _ABLATIONS[ablation]
+    raise ValueError(
+        f"Unknown ablation {ablation!r}. Pass one of {sorted(_ABLATIONS)} or an `si.Ablation` "
+        "instance."
+    )
+
+
+Forward = Callable[[Any, Any], Any]
+
+
+def _default_forward(model: Any, batch: Any) -> Any:
+    return model(batch)
+
+
+def _module_kind(module: nn.Module) -> str:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if adapters.is_conv1d(module):
+        return "conv1d"
+    return "other"
+
+
+def _masked_out_term(module: nn.Module, attribute: str, mask: Tensor, inputs: Tensor) -> Tensor:
+    """``inputs`` through the masked-out part of the weight: ``((1 - m) * W)`` applied, no bias."""
+    weight = module.parametrizations[attribute].original
+    removed = weight * (1 - mask)
+    if _module_kind(module) == "linear":
+        return torch.nn.functional.linear(inputs, removed)
+    return inputs @ removed  # transformers' Conv1D stores [in, out]
+
+
+class _InputAblation(Ablation):
+    """Shared machinery of mean and resample ablation: the masked-out weights see other inputs."""
+
+    def __init__(self, data: Iterable[Any], forward: Forward | None = None):
+        self.data = data
+        self.forward = forward or _default_forward
+        self._inputs: dict[tuple[str, str], Tensor] = {}
+
+    def _capture(
+        self, model: object, root: nn.Module, targets: Mapping[str, Target], keep_all: bool
+    ) -> None:
+        locations = {t.location for t in targets.values()}
+        for module_path, attribute in locations:
+            module = root.get_submodule(module_path)
+            if attribute != "weight" or _module_kind(module) == "other":
+                raise TypeError(
+                    f"{type(self).__name__} needs each target to be the weight of an nn.Linear or "
+                    f"transformers Conv1D layer (inputs are recorded there); {module_path!r}."
+                    f"{attribute} belongs to a {type(module).__name__}. Use zero ablation or "
+                    "ReinitAblation for it, or restrict the targets."
+                )
+        sums: dict[tuple[str, str], Any] = {}
+        counts: dict[tuple[str, str], int] = {}
+        handles = []
+
+        def recorder(location):
+            def hook(module, args):
+                x = args[0].detach()
+                if keep_all:
+                    sums.setdefault(location, []).append(x)
+                else:
+                    flat = x.reshape(-1, x.shape[-1])
+                    sums[location] = sums.get(location, 0) + flat.double().sum(0)
+                    counts[location] = counts.get(location, 0) + flat.shape[0]
+
+            return hook
+
+        for location in locations:
+            handles.append(
+                root.get_submodule(location[0]).register_forward_pre_hook(recorder(location))
+            )
+        try:
+            with torch.no_grad():
+                seen = 0
+                for batch in self.data:
+                    self.forward(model, batch)
+                    seen += 1
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not seen:
+            raise ValueError(f"{type(self).__name__}: the reference `data` yielded no batches.")
+        for location in locations:
+            if location not in sums:
+                raise ValueError(
+                    f"{type(self).__name__}: {location[0]!r} was never called while running the "
+                    "reference data; check `forward`."
+                )
+            if keep_all:
+                self._inputs[location] = torch.cat(sums[location])
+            else:
+                weight_dtype = root.get_submodule(location[0]).weight.dtype
+                self._inputs[location] = (sums[location] / counts[location]).to(weight_dtype)
+
+    def hooks(self, root, slots):
+        handles = []
+        for location, slot in slots.items():
+            module = root.get_submodule(location[0])
+            handles.append(module.register_forward_hook(self._make_hook(location, slot)))
+        return handles
+
+
+class MeanAblation(_InputAblation):
+    """Mean ablation: masked weights contribute their mean-input term,
+    ``y = (m * W) x + ((1 - m) * W) E[x] + b``, with ``E[x]`` the mean input of each targeted layer
+    over ``data`` on the unmasked model (computed once per attach).
+
+    Args:
+        data: reference batches.
+        forward: ``forward(model, batch)`` runs the model on one batch (default ``model(batch)``).
+    """
+
+    name = "mean"
+
+    def prepare(self, model, root, targets) -> None:
+        self._capture(model, root, targets, keep_all=False)
+
+    def _make_hook(self, location, slot):
+        def hook(module, args, output):
+            if slot.mask is None:
+                return output
+            return output + _masked_out_term(module, location[1], slot.mask, self._inputs[location])
+
+        return hook
+
+
+class ResampleAblation(_InputAblation):
+    """Resample ablation: masked weights see the input another example gave the same layer,
+    ``y = (m * W) x + ((1 - m) * W) x' + b``, with ``x'`` drawn (per example, with ``generator``)
+    from the unmasked model's inputs on ``data``. Reference inputs must have the current
+    inputs' shape apart from the batch dimension (e.g. the same sequence length).
+    """
+
+    name = "resample"
+
+    def __init__(
+        self,
+        data: Iterable[Any],
+        forward: Forward | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__(data, forward)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+
+    def prepare(self, model, root, targets) -> None:
+        self._capture(model, root, targets, keep_all=True)
+
+    def _make_hook(self, location, slot):
+        def hook(module, args, output):
+            if slot.mask is None:
+                return output
+            x = args[0]
+            pool = self._inputs[location]
+            if pool.shape[1:] != x.shape[1:]:
+                raise ValueError(
+                    f"ResampleAblation at {location[0]!r}: reference inputs have shape "
+                    f"{tuple(pool.shape[1:])} per example but the model now gets "
+                    f"{tuple(x.shape[1:])}; use reference data of the same shape (e.g. the same "
+                    "sequence length)."
+                )
+            index = torch.randint(pool.shape[0], (x.shape[0],), generator=self.generator)
+            return output + _masked_out_term(
+                module, location[1], slot.mask, pool[index.to(pool.device)]
+            )
+
+        return hook
+
+
+class ReinitAblation(Ablation):
+    """Re-initialisation ablation (Lepori et al. 2023): masked weights are replaced by a fresh
+    draw from the layer's initial distribution, ``W' = m * W + (1 - m) * R``. ``R`` is drawn once
+    per attach with ``generator``: PyTorch's default for ``nn.Linear`` / convolutions
+    (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), ``N(0, initializer_range)`` for transformers'
+    ``Conv1D`` (GPT-2, 0.02 by default) and otherwise ``N(0, std(W))``.
+    """
+
+    name = "reinit"
+
+    def __init__(self, generator: torch.Generator | None = None, initializer_range: float = 0.02):
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self.initializer_range = initializer_range
+        self._draws: dict[tuple[str, str], Tensor] = {}
+
+    def prepare(self, model, root, targets) -> None:
+        self._draws = {}
+        for target in targets.values():
+            location = target.location
+            if location in self._draws:
+                continue
+            module = root.get_submodule(location[0])
+            weight = getattr(module, location[1]).detach()
+            shape = tuple(weight.shape)
+            if (
+                isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+                and location[1] == "weight"
+            ):
+                fan_in = math.prod(shape[1:])
+                draw = (torch.rand(shape, generator=self.generator) * 2 - 1) / math.sqrt(fan_in)
+            elif _module_kind(module) == "conv1d":
+                draw = torch.randn(shape, generator=self.generator) * self.initializer_range
+            else:
+                draw = torch.randn(shape, generator=self.generator) * float(weight.float().std())
+            self._draws[location] = draw.to(device=weight.device, dtype=weight.dtype)
+
+    def apply(self, weight, mask, location):
+        return weight * mask + self._draws[location] * (1 - mask)
+
+
+__all__ = [
+    "ZERO",
+    "Ablation",
+    "MeanAblation",
+    "ReinitAblation",
+    "ResampleAblation",
+    "resolve_ablation",
+]

@@ -1,0 +1,167 @@
+"""EAP / EAP-IG and MIB graphs (``Graph.to_json`` of hannamw/EAP-IG): ``from_eap``, ``to_eap``."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..circuits import (
+    EMBED,
+    UNEMBED,
+    Circuit,
+    _need_shape,
+    all_edges,
+    head_node,
+    mlp_node,
+    node_of,
+    node_position,
+    sources,
+)
+from .files import read_json, write_atomically
+
+_EAP_NODE = re.compile(r"^(?:(input)|(logits)|a(\d+)\.h(\d+)|m(\d+))$")
+_EAP_EDGE = re.compile(r"^(.+)->(.+?)(?:<([qkv])>)?$")
+
+
+def _from_eap_node(name: str) -> str:
+    match = _EAP_NODE.match(name)
+    if match is None:
+        raise ValueError(
+            f"Unknown EAP-IG node name {name!r}; expected 'input', 'a<L>.h<H>', 'm<L>' or 'logits'."
+        )
+    if match.group(1):
+        return EMBED
+    if match.group(2):
+        return UNEMBED
+    if match.group(3) is not None:
+        return head_node(int(match.group(3)), int(match.group(4)))
+    return mlp_node(int(match.group(5)))
+
+
+def _to_eap_node(node: str) -> str:
+    if node == EMBED:
+        return "input"
+    if node == UNEMBED:
+        return "logits"
+    layer, head = node_position(node)
+    return f"m{layer}" if head is None else f"a{layer}.h{head}"
+
+
+def _from_eap_edge(name: str) -> tuple[str, str]:
+    match = _EAP_EDGE.match(name)
+    if match is None:
+        raise ValueError(f"Unknown EAP-IG edge name {name!r}; expected 'parent->child[<q|k|v>]'.")
+    src, dst, port = _from_eap_node(match.group(1)), _from_eap_node(match.group(2)), match.group(3)
+    if port is not None:
+        if "attn.head" not in dst:
+            raise ValueError(f"EAP-IG edge {name!r} has an input port but its child is no head.")
+        dst = f"{dst}.{port}"
+    return src, dst
+
+
+def _to_eap_edge(edge: tuple[str, str]) -> str:
+    src, dst = edge
+    node = node_of(dst)
+    suffix = f"<{dst[-1]}>" if node != dst else ""
+    return f"{_to_eap_node(src)}->{_to_eap_node(node)}{suffix}"
+
+
+def from_eap(source: Mapping[str, Any] | str | os.PathLike) -> Circuit:
+    """Read an EAP-IG / MIB graph (``Graph.to_json`` output, as a dict or a path)."""
+    data = read_json(source)
+    missing = [key for key in ("cfg", "nodes", "edges") if key not in data]
+    if missing:
+        raise ValueError(
+            f"Not an EAP-IG graph: keys {missing} are missing (found {sorted(data)[:8]}); "
+            "EAP-IG's Graph.to_json writes 'cfg', 'nodes' and 'edges'."
+        )
+    cfg = dict(data["cfg"])
+    nodes, node_scores, neurons = set(), {}, {}
+    for name, entry in data["nodes"].items():
+        node = _from_eap_node(name)
+        if isinstance(entry, bool):  # early EAP-IG: {name: in_graph}
+            entry = {"in_graph": entry}
+        if entry.get("in_graph"):
+            nodes.add(node)
+        if entry.get("score") is not None:
+            node_scores[node] = entry["score"]
+        kept = {k: entry[k] for k in ("neurons", "neurons_scores") if k in entry}
+        if kept:
+            neurons[name] = kept
+    edges, edge_scores = set(), {}
+    for name, entry in data["edges"].items():
+        edge = _from_eap_edge(name)
+        if entry.get("in_graph"):
+            edges.add(edge)
+        if entry.get("score") is not None:
+            edge_scores[edge] = entry["score"]
+    metadata = {"eap_cfg": cfg, "eap_node_order": list(data["nodes"])}
+    if neurons:
+        metadata["eap_neurons"] = neurons
+    circuit = Circuit(
+        frozenset(nodes),
+        frozenset(edges),
+        edge_scores,
+        node_scores,
+        n_layers=cfg.get("n_layers"),
+        n_heads=cfg.get("n_heads"),
+        metadata=metadata,
+    )
+    if nodes != set(circuit.nodes):  # an edge in the graph whose node was not marked in_graph
+        extra = sorted(set(circuit.nodes) - nodes)
+        raise ValueError(
+            f"EAP-IG graph has edges in the graph whose nodes are not: {extra[:5]}; the file is "
+            "inconsistent (EAP-IG's prune() would remove those edges)."
+        )
+    return circuit
+
+
+def to_eap(
+    circuit: Circuit, path: str | os.PathLike | None = None, *, d_model: int | None = None
+) -> dict[str, Any]:
+    """Write as EAP-IG's ``Graph.to_json`` dict: every node and edge of the complete graph for
+    ``circuit.n_layers`` x ``circuit.n_heads``; returned, and saved to ``path`` if given."""
+    n_layers, n_heads = _need_shape(circuit, "Writing an EAP-IG graph")
+    cfg = dict(circuit.metadata.get("eap_cfg", {}))
+    cfg.update(n_layers=n_layers, n_heads=n_heads)
+    cfg.setdefault("parallel_attn_mlp", False)
+    if d_model is not None:
+        cfg["d_model"] = d_model
+    if cfg.get("d_model") is None:
+        raise ValueError("EAP-IG graphs record d_model: pass to_eap(..., d_model=model's d_model).")
+    neurons = circuit.metadata.get("eap_neurons", {})
+    nodes: dict[str, Any] = {}
+    order = circuit.metadata.get("eap_node_order") or [
+        _to_eap_node(n) for n in sources(n_layers, n_heads)
+    ] + ["logits"]
+    for name in order:
+        node = _from_eap_node(name)
+        entry: dict[str, Any] = {"in_graph": node in circuit.nodes or node == UNEMBED}
+        if node in circuit.node_scores:
+            entry["score"] = circuit.node_scores[node]
+        entry.update(neurons.get(name, {}))
+        nodes[name] = entry
+    edges = {}
+    universe = all_edges(n_layers, n_heads, parallel_attn_mlp=bool(cfg["parallel_attn_mlp"]))
+    unknown = sorted((circuit.edges | set(circuit.edge_scores)) - set(universe))
+    if unknown:
+        raise ValueError(
+            f"Edges {unknown[:3]} are not edges of EAP-IG's graph (heads take q/k/v inputs from "
+            "earlier layers only); give head destinations a port, e.g. 'blocks.1.attn.head.0.q'."
+        )
+    for edge in universe:
+        edges[_to_eap_edge(edge)] = {
+            "score": circuit.edge_scores.get(edge, 0.0),
+            "in_graph": edge in circuit.edges,
+        }
+    data = {"cfg": cfg, "nodes": nodes, "edges": edges}
+    if path is not None:
+        write_atomically(Path(path), json.dumps(data))
+    return data
+
+
+__all__ = ["from_eap", "to_eap"]
