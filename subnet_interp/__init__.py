@@ -4,7 +4,7 @@
 nnsight; adapters load their library when a model of that family is first seen.
 """
 
-from . import analysis, methods, probing
+from . import analysis, methods, probing, testing
 from ._ablations import Ablation, MeanAblation, ReinitAblation, ResampleAblation
 from ._attach import delta_applied, masked
 from ._find import find
@@ -36,4 +36,5 @@ __all__ = [
     "probing",
     "random_like",
     "targets",
+    "testing",
 ]

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _util import assert_bit_exact, snapshot
 
 import subnet_interp as si
-from subnet_interp._checkpoint import jsonable
 from subnet_interp.tasks import planted_delta, planted_mlp, planted_teacher
 
 # Per method: which planted task suits it, hyper-parameters that make it converge in a few
@@ -66,22 +64,31 @@ def test_every_registered_method_has_conformance_settings():
 
 @pytest.fixture(scope="module", params=sorted(SETTINGS))
 def outcome(request):
+    """Every registered method through the library's conformance kit (si.testing.check_method):
+    declaration, bad hyper-parameters, planted recovery, bit-exact restore, meta, result fields,
+    save/load, determinism and (learnable masks) exact resume from a checkpoint."""
     name = request.param
-    task = make_task(name)
-    before = snapshot(task.model)
-    flags = [p.requires_grad for p in task.model.parameters()]
-    task.model.train()
-    result = run(name, task)
-    return dict(name=name, task=task, result=result, before=before, flags=flags)
+    setting = SETTINGS[name]
+    report = si.testing.check_method(
+        si.methods.get(name),
+        hparams=setting["hparams"],
+        steps=setting["steps"],
+        min_iou=setting["iou"] or 0.0,
+    )
+    print(f"{name}: IoU with planted = {report.iou:.3f}, density = {report.density:.3f}")
+    return dict(name=name, task=report.planted, result=report.result, report=report)
 
 
-def test_recovers_planted_subnetwork(outcome):
-    if SETTINGS[outcome["name"]]["iou"] is None:
-        pytest.skip("baseline: not expected to recover a planted subnetwork")
-    found, planted = outcome["result"].subnetwork, outcome["task"].planted
-    score = iou(found, planted)
-    print(f"{outcome['name']}: IoU with planted = {score:.3f}, density = {found.density():.3f}")
-    assert score >= SETTINGS[outcome["name"]]["iou"]
+def test_passes_the_conformance_kit(outcome):
+    report = outcome["report"]
+    expected = {"declaration", "bad_hparams", "restore", "meta", "result", "save_load"}
+    expected |= {"determinism"}
+    assert expected <= set(report.passed)
+    learns = SETTINGS[outcome["name"]]["iou"] is not None
+    assert ("recovery" in report.passed) == learns
+    if not learns:
+        assert "recovery" in report.skipped
+    assert report.task == SETTINGS[outcome["name"]]["task"]
 
 
 def test_keeps_task_loss_low(outcome):
@@ -103,56 +110,6 @@ def test_keeps_task_loss_low(outcome):
         assert tuned < 0.1 * task.loss()
     else:  # trained jointly with its mask: the training loss fell far below the start
         assert result.history["loss"][-1] < 0.2 * result.history["loss"][0]
-
-
-def test_model_is_unchanged(outcome):
-    model = outcome["task"].model
-    assert_bit_exact(model, outcome["before"])
-    assert [p.requires_grad for p in model.parameters()] == outcome["flags"]
-    assert model.training and all(m.training for m in model.modules())
-    assert not any(hasattr(m, "parametrizations") for m in model.modules())
-
-
-def test_meta_records_the_run(outcome):
-    result, name = outcome["result"], outcome["name"]
-    meta = result.subnetwork.meta
-    assert meta["method"] == name
-    assert meta["steps"] == SETTINGS[name]["steps"]
-    assert meta["fingerprint"] == si.fingerprint(outcome["task"].model)
-    expected = {**si.methods.get(name)().hparams(), **SETTINGS[name]["hparams"]}
-    assert meta["hparams"] == jsonable(expected)  # tuples are stored as lists
-    if si.methods.get(name).needs_steps:
-        assert set(result.history) >= {"loss", "density"}
-        assert len(result.history["loss"]) == len(result.history["density"]) > 1
-
-
-def test_save_load_round_trip(outcome, tmp_path):
-    sub = outcome["result"].subnetwork
-    sub.save(tmp_path / "found.safetensors")
-    loaded = si.Subnetwork.load(tmp_path / "found.safetensors")
-    assert loaded == sub and dict(loaded.meta) == dict(sub.meta)
-    with si.masked(outcome["task"].model, loaded):  # the fingerprint check passes
-        pass
-
-
-@pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_same_seed_same_mask(name):
-    steps = 20 if SETTINGS[name]["steps"] else None
-    first = run(name, make_task(name), seed=3, steps=steps)
-    second = run(name, make_task(name), seed=3, steps=steps)
-    assert first.subnetwork == second.subnetwork
-    assert first.history == second.history
-
-
-def test_weight_training_methods_return_weights(outcome):
-    method = si.methods.get(outcome["name"])
-    weights = outcome["result"].weights
-    if not method.trains_weights:
-        assert weights is None
-        return
-    assert set(weights) == set(outcome["result"].subnetwork.names)
-    for name, tensor in weights.items():
-        assert tensor.shape == outcome["result"].subnetwork[name].shape
 
 
 LOW_MEMORY = [  # (method, mask_dtype, mask_optimizer): options that keep planted recovery

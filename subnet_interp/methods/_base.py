@@ -89,8 +89,11 @@ class Method(abc.ABC):
     """Base of every registered method: a frozen dataclass of paper-default hyper-parameters."""
 
     name: ClassVar[str]
-    trains_weights: ClassVar[bool] = False
-    needs_steps: ClassVar[bool] = True
+    # Declared properties: what the method does, read by si.find and si.testing.check_method.
+    trains_weights: ClassVar[bool] = False  # trains weights (on a copy): returns ``weights``
+    needs_steps: ClassVar[bool] = True  # takes ``steps``; False for one-shot methods
+    learns_from_loss: ClassVar[bool] = True  # False for baselines that never read the loss
+    returns_delta: ClassVar[bool] = False  # returns a sparse ``delta`` (sparse fine-tuning)
 
     @abc.abstractmethod
     def run(self, context: FindContext) -> FindResult:

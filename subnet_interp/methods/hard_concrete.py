@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .._registry import methods
+from .._registry import check_hparams, methods
 from .._types import Target
 from ._base import MaskMethod, TrainState
 
@@ -80,6 +80,7 @@ class HardConcrete(MaskMethod):
     granularity: str = "weight"
 
     def __post_init__(self) -> None:
+        check_hparams(self)  # types first, so a range check below never compares a str
         if not 0.0 < self.droprate_init < 1.0:
             raise ValueError(
                 f"hard_concrete: droprate_init must be in (0, 1), got {self.droprate_init}; "

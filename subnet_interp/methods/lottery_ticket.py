@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _checkpoint, _loop
 from .._fingerprint import fingerprint
-from .._registry import methods
+from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
 from ._weights import canonical_weights, plain_state_dict, train_weights
@@ -85,6 +85,7 @@ class LotteryTicket(Method):
     checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
+        check_hparams(self)  # types first, so a range check below never compares a str
         if not 0.0 < self.prune_fraction < 1.0:
             raise ValueError(
                 f"lottery_ticket: prune_fraction must be in (0, 1), got {self.prune_fraction}; "

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._registry import methods
+from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
 from ._weights import canonical_weights, plain_state_dict, train_weights
@@ -33,6 +33,7 @@ class LotteryTicketSparseFineTuning(Method):
     """
 
     name = "lt_sft"
+    returns_delta = True
     trains_weights = True
 
     density: float = 0.01
@@ -41,6 +42,7 @@ class LotteryTicketSparseFineTuning(Method):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
+        check_hparams(self)  # types first, so a range check below never compares a str
         check_density(self.density)
         if self.num_params is not None and self.num_params < 0:
             raise ValueError(

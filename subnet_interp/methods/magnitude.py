@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from .._fingerprint import read_canonical
-from .._registry import methods
+from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
 
@@ -55,12 +55,14 @@ class Magnitude(Method):
     """
 
     name = "magnitude"
+    learns_from_loss = False
     needs_steps = False
 
     density: float = 0.2
     scope: str = "global"
 
     def __post_init__(self) -> None:
+        check_hparams(self)  # types first, so a range check below never compares a str
         check_density(self.density)
         if self.scope not in ("global", "per_target"):
             raise ValueError(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._registry import methods
+from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
 from .magnitude import check_density
@@ -78,11 +78,13 @@ class Random(Method):
     """
 
     name = "random"
+    learns_from_loss = False
     needs_steps = False
 
     density: float = 0.2
 
     def __post_init__(self) -> None:
+        check_hparams(self)  # types first, so a range check below never compares a str
         check_density(self.density)
 
     def run(self, context: FindContext) -> FindResult:
