@@ -6,10 +6,10 @@ nnsight; adapters load their library when a model of that family is first seen.
 
 from . import analysis, methods, probing, testing
 from ._ablations import Ablation, MeanAblation, ReinitAblation, ResampleAblation
-from ._attach import delta_applied, masked
 from ._find import find
 from ._fingerprint import fingerprint
 from ._loop import NonFiniteLossError
+from ._masked import delta_applied, masked
 from ._subnetwork import Subnetwork
 from ._targets import targets
 from ._types import NotFoundError, Target

@@ -9,11 +9,7 @@ values are bit-exactly what they were (they are never written to).
 
 from __future__ import annotations
 
-import contextlib
-import difflib
-import fnmatch
-import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,9 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import adapters
 from ._ablations import ZERO, Ablation, resolve_ablation
-from ._fingerprint import fingerprint
-from ._subnetwork import Subnetwork
-from ._types import NotFoundError, Target, describe_tensor
+from ._types import Target
 
 
 class _Slot:
@@ -136,6 +130,15 @@ class _Shadow:
         module.__dict__.pop(self.attribute, None)
 
 
+class AddDelta(Ablation):
+    """Not an ablation: the parametrization ``weight -> weight + delta`` of ``delta_applied``."""
+
+    name = "delta"
+
+    def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
+        return weight + mask
+
+
 class Attachment:
     """Masks attached to a model. Use :func:`attach` to make one and :meth:`remove` to undo it.
 
@@ -164,7 +167,7 @@ class Attachment:
         self._locations: list[_Location] = []
         self._removed = False
         self._handles: list = []
-        if type(ablation) not in (Ablation, _AddDelta) and any(
+        if type(ablation) not in (Ablation, AddDelta) and any(
             adapters.is_dtensor(adapters.real_tensor(root.get_submodule(path), attribute))
             for path, attribute in groups
         ):
@@ -329,198 +332,4 @@ def _remove_one(loc: _Location) -> None:
     loc.slot.compute = None
 
 
-def attach(
-    model: object,
-    targets: Mapping[str, Target],
-    ablation: str | Ablation = "zero",
-) -> Attachment:
-    """Parametrize ``targets`` of ``model``; masks are set later with ``set_masks``."""
-    adapter = adapters.resolve(model)
-    adapter.check_attachable(model)
-    adapters.fsdp_mesh(model, adapter.root(model))  # validates a sharded model's layout
-    return Attachment(
-        adapter.root(model), targets, resolve_ablation(ablation), adapter=adapter, model=model
-    )
-
-
-def validate_masks(
-    model: object,
-    masks: Mapping[str, Tensor],
-    available: Mapping[str, Target],
-    root: nn.Module,
-) -> None:
-    """Check names, shapes, dtypes and devices of canonical masks against the model."""
-    for name, mask in masks.items():
-        if name not in available:
-            hint = _unknown_name_hint(name, available)
-            names = list(available)
-            shown = ", ".join(names[:30]) + (
-                f", ... ({len(names) - 30} more)" if len(names) > 30 else ""
-            )
-            raise NotFoundError(
-                f"Mask target {name!r} is not a maskable weight of this "
-                f"{type(model).__qualname__}.{hint} Available: {shown}."
-            )
-        if not isinstance(mask, Tensor):
-            raise TypeError(f"Mask for {name!r} must be a torch.Tensor, got {type(mask).__name__}.")
-        target = available[name]
-        if tuple(mask.shape) != target.shape:
-            raise ValueError(
-                f"Mask for {name!r} has shape {tuple(mask.shape)}, expected {target.shape} "
-                f"(axes {target.axes}). Was it found on a different model or layout?"
-            )
-        if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-            raise TypeError(
-                f"Mask for {name!r} has dtype {mask.dtype}; expected torch.bool (binary) or a "
-                "floating dtype (soft mask). Convert it with `mask.bool()` or `mask.float()`."
-            )
-        real = adapters.real_tensor(root.get_submodule(target.module), target.attribute)
-        if mask.device != real.device:
-            raise ValueError(
-                f"Mask for {name!r} is on {mask.device} but the weight is on {real.device} "
-                f"({describe_tensor(real)}). Move the subnetwork with `.to({str(real.device)!r})`."
-            )
-
-
-def _unknown_name_hint(name: str, available: Mapping[str, Target]) -> str:
-    if any(char in name for char in "*?["):
-        hits = [n for n in available if fnmatch.fnmatchcase(n, name)]
-        if hits:
-            return (
-                f" It is a glob pattern matching {len(hits)} targets ({hits[:6]}"
-                f"{', ...' if len(hits) > 6 else ''}); masks are keyed by exact canonical names, "
-                "one mask per target. Expand the pattern with `si.targets(model, include=...)`."
-            )
-    real = adapters.real_name_hint(name, available)
-    if real:
-        return real
-    close = difflib.get_close_matches(name, list(available), n=3)
-    return f" Closest: {close}." if close else ""
-
-
-def check_fingerprint(model: object, recorded: str) -> None:
-    """Raise if ``model``'s weights are not those a subnetwork was found on."""
-    actual = fingerprint(model)
-    if actual != recorded:
-        raise ValueError(
-            f"This subnetwork was found on a model with fingerprint {recorded!r}, but this "
-            f"model's fingerprint is {actual!r}: its weights differ (another checkpoint, a "
-            "fine-tuned copy, or weights processed by e.g. fold_ln). Pass strict=False to "
-            "apply it anyway."
-        )
-
-
-@contextlib.contextmanager
-def masked(
-    model: object,
-    subnetwork: Subnetwork | Mapping[str, Tensor],
-    *,
-    ablation: str | Ablation = "zero",
-    strict: bool = True,
-) -> Iterator[object]:
-    """Context manager: inside it, ``model`` computes with the subnetwork's weights only.
-
-    Args:
-        model: a plain ``nn.Module`` or a supported wrapper (TransformerLens, nnsight,
-            Hugging Face).
-        subnetwork: a :class:`Subnetwork`, or a mapping of canonical name -> mask tensor; a
-            float mask is a soft mask (gradients flow through it).
-        ablation: what stands where the mask is 0 (``"zero"`` or an :class:`Ablation`).
-        strict: check the subnetwork's recorded model fingerprint against ``model``.
-
-    Nested use composes: an inner ``masked`` multiplies its mask onto the outer one (for
-    zero ablation, the intersection of the two subnetworks). On exit, also on exception,
-    every weight is bit-exactly what it was and the ``state_dict`` has its original keys.
-    """
-    adapter = adapters.resolve(model)
-    adapter.check_attachable(model)
-    adapters.fsdp_mesh(model, adapter.root(model))  # validates a sharded model's layout
-    root = adapter.root(model)
-    available = adapter.all_targets(model)
-    if isinstance(subnetwork, Subnetwork):
-        masks: Mapping[str, Tensor] = subnetwork.masks
-        recorded = subnetwork.meta.get("fingerprint")
-    elif isinstance(subnetwork, Mapping):
-        masks, recorded = subnetwork, None
-    else:
-        raise TypeError(
-            f"`subnetwork` must be an si.Subnetwork or a mapping name -> mask tensor, got "
-            f"{type(subnetwork).__name__}."
-        )
-    validate_masks(model, masks, available, root)
-    resolved_ablation = resolve_ablation(ablation)
-    if strict and recorded is not None:
-        check_fingerprint(model, recorded)
-    attachment = Attachment(
-        root, {n: available[n] for n in masks}, resolved_ablation, adapter=adapter, model=model
-    )
-    try:
-        attachment.set_masks(masks)
-        yield model
-        reads = attachment.shadow_reads()
-    finally:
-        attachment.remove()
-    unread = [name for name, count in reads.items() if count == 0]
-    if unread and len(unread) < len(reads):
-        warnings.warn(
-            f"The FSDP-sharded weights of {unread[:6]}{' ...' if len(unread) > 6 else ''} were not "
-            "read through their own module's forward while masked (others were), so their masks "
-            "had no effect: a parent module reads them directly. Results differ from the "
-            "unsharded model's; exclude those targets or run this on the unsharded model.",
-            stacklevel=3,
-        )
-
-
-class _AddDelta(Ablation):
-    """Not an ablation: the parametrization ``weight -> weight + delta`` of ``delta_applied``."""
-
-    name = "delta"
-
-    def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
-        return weight + mask
-
-
-@contextlib.contextmanager
-def delta_applied(
-    model: object, delta: Mapping[str, Tensor], *, scale: float = 1.0
-) -> Iterator[object]:
-    """Context manager: inside it, each target computes with ``weight + scale * delta[name]``.
-
-    ``delta`` maps canonical names to float tensors (e.g. ``FindResult.delta`` of ``lt_sft``);
-    several deltas compose by nesting. Weights are never written: on exit they are bit-exactly
-    what they were.
-    """
-    adapter = adapters.resolve(model)
-    adapter.check_attachable(model)
-    adapters.fsdp_mesh(model, adapter.root(model))  # validates a sharded model's layout
-    root = adapter.root(model)
-    available = adapter.all_targets(model)
-    validate_masks(model, delta, available, root)
-    for name, value in delta.items():
-        if not value.dtype.is_floating_point:
-            raise TypeError(
-                f"delta[{name!r}] has dtype {value.dtype}; a weight delta is a float tensor "
-                "(e.g. `FindResult.delta` of lt_sft). To keep or remove weights by a binary "
-                "mask, use `si.masked` instead."
-            )
-    attachment = Attachment(
-        root, {n: available[n] for n in delta}, _AddDelta(), adapter=adapter, model=model
-    )
-    try:
-        attachment.set_masks({n: scale * d for n, d in delta.items()}, fill=0.0)
-        yield model
-    finally:
-        attachment.remove()
-
-
-__all__ = [
-    "ZERO",
-    "Ablation",
-    "Attachment",
-    "attach",
-    "check_fingerprint",
-    "delta_applied",
-    "masked",
-    "resolve_ablation",
-    "validate_masks",
-]
+__all__ = ["ZERO", "AddDelta", "Ablation", "Attachment", "resolve_ablation"]

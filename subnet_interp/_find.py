@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import _checkpoint, adapters
 from ._fingerprint import fingerprint
 from ._loop import endless
+from ._masked import Prepared, prepare
 from ._registry import check_hparams
 from ._types import NotFoundError, Target, describe_tensor
 from .methods import registry
@@ -33,12 +34,13 @@ def _resolve_method(method: str | Method) -> Method:
     )
 
 
-def _resolve_targets(
-    adapter: adapters.Adapter,
-    model: Any,
+def select_targets(
+    prepared: Prepared,
     targets: str | Iterable[str] | Mapping[str, Target] | None,
 ) -> dict[str, Target]:
-    available = adapter.all_targets(model)
+    """The targets ``si.find``'s ``targets=`` argument selects (patterns, names, or a mapping
+    ``si.targets`` returned) among those of the prepared model; refuses an empty selection."""
+    available = prepared.available
     if isinstance(targets, Mapping):
         chosen = {}
         for name, target in targets.items():
@@ -49,7 +51,7 @@ def _resolve_targets(
                 )
             chosen[name] = target
     else:
-        chosen = adapters.select(available, targets, family=adapter.family)
+        chosen = adapters.select(available, targets, family=prepared.adapter.family)
     if not chosen:
         raise ValueError(
             "No weights selected to mask: the target selection is empty. Available: "
@@ -216,13 +218,12 @@ def find(
             )
     if not (isinstance(extra_lr, (int, float)) and extra_lr > 0):
         raise ValueError(f"`extra_lr` must be a positive number, got {extra_lr!r}.")
-    adapter = adapters.resolve(model)
-    adapter.check_attachable(model)
-    mesh = adapters.fsdp_mesh(model, adapter.root(model))
+    prepared = prepare(model)
+    adapter, mesh = prepared.adapter, prepared.mesh
     if mesh is not None:
         _check_sharded_run(resolved, device, mask_optimizer)
-    chosen = _resolve_targets(adapter, model, targets)
-    owned = {id(p) for p in adapter.root(model).parameters()}
+    chosen = select_targets(prepared, targets)
+    owned = {id(p) for p in prepared.root.parameters()}
     if any(id(t) in owned for t in extras):
         raise ValueError(
             "`extra_parameters` include parameters of the model itself; the model's weights "

@@ -16,9 +16,9 @@ from jaxtyping import Float
 from torch import Tensor, nn
 
 from . import adapters
-from ._attach import masked
 from ._find import to_device
 from ._hidden import _device, _evaluating, read_hidden
+from ._masked import masked
 from ._subnetwork import Subnetwork
 
 LEVELS = ("token", "sequence")

@@ -50,9 +50,10 @@ import torch
 from torch import Tensor
 
 from . import adapters
-from ._find import _resolve_targets, find, to_device
+from ._find import find, select_targets, to_device
 from ._fingerprint import fingerprint
 from ._hidden import CapturedHidden, _device, _evaluating, capture_hidden, read_hidden
+from ._masked import prepare
 from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and _features are re-exported)
     IGNORE_INDEX,
     LEVELS,
@@ -146,7 +147,7 @@ def _method(
         registry.get(method)  # an unknown name fails here, listing the registered ones
         settings = dict(hparams)
         if method == "hard_concrete":
-            chosen = _resolve_targets(adapters.resolve(model), model, targets)
+            chosen = select_targets(prepare(model), targets)
             mean_size = sum(t.numel for t in chosen.values()) / len(chosen)
             # dataset_size = mean target size turns hard_concrete's penalty,
             # l0_lambda / dataset_size * (expected open gates), into

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import adapters
 from .._ablations import (
     Ablation,
     Forward,
@@ -24,7 +23,7 @@ from .._ablations import (
     ResampleAblation,
     resolve_ablation,
 )
-from .._attach import Attachment, check_fingerprint, validate_masks
+from .._masked import prepare
 from .._subnetwork import Subnetwork
 from ..methods.random import random_like
 
@@ -192,12 +191,10 @@ def ablation_effect(
     batches = list(data)
     if not batches:
         raise ValueError("`data` yielded no batches.")
-    adapter = adapters.resolve(model)
-    root = adapter.root(model)
-    available = adapter.all_targets(model)
-    validate_masks(model, subnetwork.masks, available, root)
-    if strict and "fingerprint" in subnetwork.meta:
-        check_fingerprint(model, subnetwork.meta["fingerprint"])
+    prepared = prepare(
+        model, subnetwork.masks, recorded_fingerprint=subnetwork.meta.get("fingerprint"),
+        strict=strict,
+    )  # fmt: skip
     gen = generator if generator is not None else torch.Generator().manual_seed(0)
     control_masks = [
         random_like(subnetwork, gen, within=~subnetwork if control_kind == "complement" else None)
@@ -218,10 +215,9 @@ def ablation_effect(
                     values.append(metric.fn(model, batch))
         return float(torch.stack([v.detach().float() for v in values]).mean())
 
-    targets = {n: available[n] for n in subnetwork.masks}
     resolved = resolve_ablation(ablation)
     full = evaluate()
-    attachment = Attachment(root, targets, resolved, adapter=adapter, model=model)
+    attachment = prepared.attachment(subnetwork.masks, resolved)
     try:
         empty_masks = {n: torch.zeros_like(m) for n, m in subnetwork.masks.items()}
         attachment.set_masks(empty_masks)

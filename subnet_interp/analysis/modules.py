@@ -241,7 +241,7 @@ def module_lesions(
     ``evaluate(model) -> float`` is a loss (higher is worse) run under ``si.masked``; the model
     is unchanged afterwards.
     """
-    from .._attach import masked
+    from .._masked import masked
 
     if n_random < 1:
         raise ValueError(f"n_random must be at least 1, got {n_random}.")

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import adapters
-from .._attach import masked
 from .._find import find
 from .._fingerprint import fingerprint, read_canonical
+from .._masked import masked
 from .._subnetwork import Subnetwork
 from .._targets import targets as resolve_targets
 from ._common import check_unchanged, fail, state_copy

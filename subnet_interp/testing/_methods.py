@@ -13,10 +13,10 @@ from typing import Any
 
 import torch
 
-from .._attach import masked
 from .._checkpoint import jsonable
 from .._find import find
 from .._fingerprint import fingerprint
+from .._masked import masked
 from .._subnetwork import Subnetwork
 from ..methods import FindResult, MaskMethod, Method
 from ..tasks.planted import PlantedTask, planted_delta, planted_mlp, planted_teacher
