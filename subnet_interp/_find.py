@@ -133,8 +133,8 @@ def find(
         mask_dtype: dtype of the mask parameters of learnable methods, and so of their
             gradients and optimiser state: ``torch.float32`` (16 bytes per gate with Adam) or
             ``torch.bfloat16`` (8 bytes; see benchmarks/mask_memory.py for what fits).
-        mask_optimizer: ``"paper"`` (the method's own optimiser, Adam for all learnable
-            methods) or ``"adafactor"`` (``torch.optim.Adafactor`` at the method's learning rate:
+        mask_optimizer: ``"paper"`` (the method's own optimiser: Adam, or SGD with
+            momentum for ``continuous_sparsification`` as Savarese et al.) or ``"adafactor"`` (``torch.optim.Adafactor`` at the method's learning rate:
             factored second moments and no first moment, so almost no per-gate state). Both
             memory options are off the papers' recipes; the conformance tests show the planted
             subnetwork is still recovered.

@@ -93,10 +93,14 @@ def _demo(args: argparse.Namespace) -> int:
     try:
         from subnet_interp.analysis import plot_ablation, plot_densities
 
-        written.append(os.path.join(args.out, "heads.png"))
-        plot_densities(model, sub, by="head", path=written[-1])
-        written.append(os.path.join(args.out, "ablation.png"))
-        plot_ablation(report, path=written[-1])
+        heads, ablation = (
+            os.path.join(args.out, "heads.png"),
+            os.path.join(args.out, "ablation.png"),
+        )
+        plot_densities(model, sub, by="head", path=heads)
+        written.append(heads)  # only once it exists: the plot raises without matplotlib
+        plot_ablation(report, path=ablation)
+        written.append(ablation)
     except ImportError:
         print("   (install subnet_interp[plots] for the figures)")
     print("5. wrote " + ", ".join(written))

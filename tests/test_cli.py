@@ -47,6 +47,17 @@ def test_help_and_unknown_command():
     assert result.returncode == 2 and "invalid choice" in result.stderr
 
 
+def test_demo_without_matplotlib_names_only_files_it_wrote(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises
+    assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "install subnet_interp[plots]" in out
+    wrote = next(line for line in out.splitlines() if "wrote" in line)
+    assert "induction_subnetwork.safetensors" in wrote and ".png" not in wrote
+    assert not list(tmp_path.glob("*.png"))
+
+
 def test_demo_fast_mode_writes_its_files(tmp_path, capsys):
     pytest.importorskip("transformers")
     assert main(["demo", "--fast", "--out", str(tmp_path)]) == 0

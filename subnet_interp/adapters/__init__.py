@@ -106,7 +106,7 @@ def is_conv1d(module: object) -> bool:
 def real_tensor(module: nn.Module, attribute: str):
     """The unmasked tensor ``module.<attribute>``, also while it is parametrized; ``None`` if
     the module has no such parameter. On an FSDP-sharded model this is the local shard's
-    DTensor (see :func:`full_tensor`)."""
+    DTensor (``DTensor.full_tensor()`` gathers it)."""
     parametrizations = getattr(module, "parametrizations", None)
     if parametrizations is not None and attribute in parametrizations:
         return parametrizations[attribute].original

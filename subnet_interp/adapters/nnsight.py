@@ -59,6 +59,3 @@ class NNsightAdapter(Adapter):
         wrapper passed instead is unwrapped)."""
         module = self.root(root) if self.matches(root) else root
         resolve(module).reinitialize(module)
-
-    def describe(self, model: object) -> str:
-        return f"nnsight wrapper of a {self._wrapped(model).family} model"

@@ -7,6 +7,9 @@ builds one, and ``@si.methods.register`` adds a new one. One file per method in 
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 from .._registry import methods as registry
 from ._base import FindContext, FindResult, MaskMethod, Method, TrainState
 
@@ -16,17 +19,17 @@ names = registry.names
 get = registry.get
 create = registry.create
 
-# Importing a method's module registers it.
-from . import (  # noqa: E402
-    continuous_sparsification,
-    continuous_sparsification_lepori,
-    gumbel_sigmoid,
-    hard_concrete,
-    lottery_ticket,
-    lt_sft,
-    magnitude,
-    random,
-)
+
+def _import_every_method() -> None:
+    """Import (and so register) every public module of this folder: a new method is one new
+    file, with no list here to forget to extend."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_every_method()
+
 from .random import random_like  # noqa: E402
 
 __all__ = [
@@ -35,16 +38,8 @@ __all__ = [
     "MaskMethod",
     "Method",
     "TrainState",
-    "continuous_sparsification",
-    "continuous_sparsification_lepori",
     "create",
     "get",
-    "gumbel_sigmoid",
-    "hard_concrete",
-    "lottery_ticket",
-    "lt_sft",
-    "magnitude",
-    "random",
     "random_like",
     "names",
     "register",
