@@ -330,3 +330,12 @@ def test_unmatched_encoder_layout_names_what_it_looked_for():
     model.encoder.layer[0].attention.self.query = torch.nn.Identity()
     with pytest.raises(ValueError, match=r"encoder\.layer\.0\.attention\.self\.query"):
         si.targets(model)
+
+
+@pytest.mark.parametrize("kind", ["bert_mlm", "roberta_cls", "vit_cls"])
+def test_encoders_pass_the_conformance_kit(kind):
+    report = si.testing.check_adapter(
+        build(kind), PIXELS if kind.startswith("vit") else TOKENS,
+        forward=lambda model, batch: outputs(kind, model, batch),
+    )  # fmt: skip
+    assert "blocks.1.attn.W_O" in report.targets and report.passed[-1] == "find"

@@ -136,3 +136,8 @@ def test_blocks_block_output_and_reinitialize_are_the_hooked_transformers_own():
     assert all(torch.equal(first[k], same[k]) for k in first)  # deterministic under a seed
     assert not torch.equal(first["blocks.0.attn.W_Q"], model.blocks[0].attn.W_Q)
     assert not torch.equal(first["blocks.0.attn.W_Q"], other["blocks.0.attn.W_Q"])
+
+
+def test_hooked_transformer_passes_the_conformance_kit():
+    report = si.testing.check_adapter(hooked_from(gpt2()), TOKENS)
+    assert report.targets == tuple(si.targets(gpt2())) and report.passed[-1] == "find"

@@ -15,6 +15,7 @@ from .._fingerprint import fingerprint, read_canonical
 from .._masked import masked
 from .._subnetwork import Subnetwork
 from .._targets import targets as resolve_targets
+from ..methods.continuous_sparsification_lepori import ContinuousSparsificationLepori
 from ._common import check_unchanged, fail, state_copy
 
 
@@ -181,10 +182,10 @@ def _check_gradients(model, found, forward, inputs, seed: int) -> None:
 
     def loss(m, batch):
         output = forward(m, batch)
-        return (output.float() * projection.to(output.device)).mean()
+        return (output.float() * projection.to(output.device)).sum()
 
-    result = find(model, "continuous_sparsification_lepori", loss, [inputs], steps=2,
-                  targets=found, progress=False)  # fmt: skip
+    method = ContinuousSparsificationLepori(l0_lambda=0.0)  # no penalty: the loss alone moves s
+    result = find(model, method, loss, [inputs], steps=2, targets=found, progress=False)
     dead = [n for n in found if not bool(result.subnetwork[n].any())]
     if dead:
         fail(
