@@ -115,6 +115,7 @@ def capture_hidden(model: Any, layer: int | str, *, stop: bool = False) -> Itera
 
 
 def _run(root: nn.Module, inputs: Any) -> Any:
+    """``root`` called on a tensor, a tuple of positional arguments or a mapping of keywords."""
     if isinstance(inputs, Mapping):
         return root(**inputs)
     if isinstance(inputs, (tuple, list)):
@@ -146,6 +147,7 @@ def read_hidden(model: Any, layer: int | str, inputs: Any) -> Float[Tensor, "bat
 
 @contextlib.contextmanager
 def _evaluating(root: nn.Module) -> Iterator[None]:
+    """Context manager: ``root`` in eval mode, each module's own mode restored afterwards."""
     modes = {name: module.training for name, module in root.named_modules()}
     root.eval()
     try:
@@ -157,6 +159,7 @@ def _evaluating(root: nn.Module) -> Iterator[None]:
 
 
 def _device(root: nn.Module) -> torch.device:
+    """The device of ``root``'s first parameter (CPU if it has none)."""
     first = next(root.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 
