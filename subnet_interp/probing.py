@@ -69,10 +69,10 @@ from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and _features are re-
     probe_loss,
 )
 from ._subnetwork import Subnetwork
-from ._train import MaskMethod, endless
+from ._loop import endless
 from ._types import Target
 from .methods import registry
-from .methods._base import Method
+from .methods._base import MaskMethod, Method
 
 # Cao et al. 2021 (stevenxcao/subnetwork-probing): gates start at 0.9, i.e.
 # log_alpha = logit((0.9 - gamma) / (zeta - gamma)) = log 5, which is hard_concrete's init for
