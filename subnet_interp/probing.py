@@ -53,6 +53,7 @@ from . import adapters
 from ._find import find, select_targets, to_device
 from ._fingerprint import fingerprint
 from ._hidden import CapturedHidden, _device, _evaluating, capture_hidden, read_hidden
+from ._loop import endless
 from ._masked import prepare
 from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and _features are re-exported)
     IGNORE_INDEX,
@@ -69,7 +70,6 @@ from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and _features are re-
     probe_loss,
 )
 from ._subnetwork import Subnetwork
-from ._loop import endless
 from ._types import Target
 from .methods import registry
 from .methods._base import MaskMethod, Method
