@@ -129,12 +129,14 @@ def _numeric_kind(hint: Any) -> type | None:
     return None
 
 
-def check_hparams(method: Any, *, kind: str = "method") -> None:
+def check_hparams(method: Any, *, kind: str = "method", types_only: bool = False) -> None:
     """Raise if a numeric hyper-parameter of ``method`` has the wrong type or a meaningless value.
 
     Types come from the dataclass annotations; ranges from the conventional names in
     ``_RANGES`` (learning rates and temperatures positive, penalties non-negative, target
     densities in (0, 1], counts at least 1). ``None`` passes where the field allows it.
+    ``types_only`` checks the types alone: a method's ``__post_init__`` calls it first, so its
+    own range checks (with their own messages) never compare a string.
     """
     cls = type(method)
     if not dataclasses.is_dataclass(cls):
@@ -156,6 +158,8 @@ def check_hparams(method: Any, *, kind: str = "method") -> None:
                 f"{kind} {name!r}: hyper-parameter `{field.name}` must be {expected}, got "
                 f"{type(value).__name__} {value!r}. Pass {expected}{default}."
             )
+        if types_only:
+            continue
         if isinstance(value, numbers.Real) and not math.isfinite(value):
             raise ValueError(
                 f"{kind} {name!r}: hyper-parameter `{field.name}` must be finite, got {value!r}."

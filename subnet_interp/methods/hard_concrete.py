@@ -80,7 +80,7 @@ class HardConcrete(MaskMethod):
     granularity: str = "weight"
 
     def __post_init__(self) -> None:
-        check_hparams(self)  # types first, so a range check below never compares a str
+        check_hparams(self, types_only=True)  # so the range checks below never compare a str
         if not 0.0 < self.droprate_init < 1.0:
             raise ValueError(
                 f"hard_concrete: droprate_init must be in (0, 1), got {self.droprate_init}; "

@@ -85,7 +85,7 @@ class LotteryTicket(Method):
     checkpoint_dir: str | None = None
 
     def __post_init__(self) -> None:
-        check_hparams(self)  # types first, so a range check below never compares a str
+        check_hparams(self, types_only=True)  # so the range checks below never compare a str
         if not 0.0 < self.prune_fraction < 1.0:
             raise ValueError(
                 f"lottery_ticket: prune_fraction must be in (0, 1), got {self.prune_fraction}; "

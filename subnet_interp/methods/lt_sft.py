@@ -42,7 +42,7 @@ class LotteryTicketSparseFineTuning(Method):
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        check_hparams(self)  # types first, so a range check below never compares a str
+        check_hparams(self, types_only=True)  # so the range checks below never compare a str
         check_density(self.density)
         if self.num_params is not None and self.num_params < 0:
             raise ValueError(

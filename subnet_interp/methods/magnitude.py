@@ -62,7 +62,7 @@ class Magnitude(Method):
     scope: str = "global"
 
     def __post_init__(self) -> None:
-        check_hparams(self)  # types first, so a range check below never compares a str
+        check_hparams(self, types_only=True)  # so the range checks below never compare a str
         check_density(self.density)
         if self.scope not in ("global", "per_target"):
             raise ValueError(

@@ -84,7 +84,7 @@ class Random(Method):
     density: float = 0.2
 
     def __post_init__(self) -> None:
-        check_hparams(self)  # types first, so a range check below never compares a str
+        check_hparams(self, types_only=True)  # so the range checks below never compare a str
         check_density(self.density)
 
     def run(self, context: FindContext) -> FindResult:
