@@ -146,7 +146,7 @@ def read_hidden(model: Any, layer: int | str, inputs: Any) -> Float[Tensor, "bat
 
 
 @contextlib.contextmanager
-def _evaluating(root: nn.Module) -> Iterator[None]:
+def evaluating(root: nn.Module) -> Iterator[None]:
     """Context manager: ``root`` in eval mode, each module's own mode restored afterwards."""
     modes = {name: module.training for name, module in root.named_modules()}
     root.eval()
@@ -158,7 +158,7 @@ def _evaluating(root: nn.Module) -> Iterator[None]:
                 module.training = modes[name]
 
 
-def _device(root: nn.Module) -> torch.device:
+def device_of(root: nn.Module) -> torch.device:
     """The device of ``root``'s first parameter (CPU if it has none)."""
     first = next(root.parameters(), None)
     return first.device if first is not None else torch.device("cpu")

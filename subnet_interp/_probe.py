@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import adapters
 from ._find import to_device
-from ._hidden import _device, _evaluating, read_hidden
+from ._hidden import device_of, evaluating, read_hidden
 from ._masked import masked
 from ._subnetwork import Subnetwork
 
@@ -72,7 +72,7 @@ class Probe(nn.Module):
         return self.net(x)
 
 
-def _split_batch(batch: Any) -> tuple[Any, Tensor]:
+def split_probe_batch(batch: Any) -> tuple[Any, Tensor]:
     if not isinstance(batch, (tuple, list)) or len(batch) != 2 or not isinstance(batch[1], Tensor):
         raise TypeError(
             "Probing data must yield (inputs, labels) pairs, with labels a tensor of class "
@@ -83,7 +83,7 @@ def _split_batch(batch: Any) -> tuple[Any, Tensor]:
     return batch[0], batch[1]
 
 
-def _check_level(level: str, position: int | None) -> None:
+def check_level(level: str, position: int | None) -> None:
     if level not in LEVELS:
         raise ValueError(f"`level` must be 'token' or 'sequence', got {level!r}.")
     if position is not None and level != "sequence":
@@ -92,7 +92,7 @@ def _check_level(level: str, position: int | None) -> None:
         )
 
 
-def _features(hidden: Tensor, inputs: Any, level: str, position: int | None) -> Tensor:
+def probe_features(hidden: Tensor, inputs: Any, level: str, position: int | None) -> Tensor:
     """What the probe reads: every token, one token, or the mean over (unpadded) tokens."""
     if level == "token" or hidden.dim() == 2:
         return hidden
@@ -105,10 +105,10 @@ def _features(hidden: Tensor, inputs: Any, level: str, position: int | None) -> 
     return hidden.mean(1)
 
 
-def _logits_and_labels(
+def logits_and_labels(
     hidden: Tensor, inputs: Any, labels: Tensor, probe: Probe, level: str, position: int | None
 ) -> tuple[Tensor, Tensor]:
-    features = _features(hidden, inputs, level, position)
+    features = probe_features(hidden, inputs, level, position)
     expected = tuple(features.shape[:-1])
     if tuple(labels.shape) != expected:
         want = "[batch, seq]" if level == "token" else "[batch]"
@@ -122,7 +122,7 @@ def _logits_and_labels(
     return logits.reshape(-1, probe.n_classes), labels.reshape(-1).to(logits.device)
 
 
-def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     # sum / count rather than the mean, so a batch whose labels are all ignored gives 0, not NaN
     total = nn.functional.cross_entropy(
         logits.float(), labels.long(), ignore_index=IGNORE_INDEX, reduction="sum"
@@ -141,9 +141,9 @@ def probe_loss(
 ) -> Tensor:
     """Cross-entropy of ``probe`` on the hidden state after block ``layer`` for one
     ``(inputs, labels)`` batch; labels ``-100`` are ignored."""
-    inputs, labels = _split_batch(batch)
+    inputs, labels = split_probe_batch(batch)
     hidden = read_hidden(model, layer, inputs)
-    return _cross_entropy(*_logits_and_labels(hidden, inputs, labels, probe, level, position))
+    return cross_entropy(*logits_and_labels(hidden, inputs, labels, probe, level, position))
 
 
 def probe_accuracy(
@@ -159,17 +159,17 @@ def probe_accuracy(
     """Accuracy of ``probe`` on ``data`` (``(inputs, labels)`` batches), reading the hidden
     state after block ``layer`` while the model computes with ``subnetwork`` (``None``: the
     full model). Labels ``-100`` are not counted; the model is in eval mode meanwhile."""
-    _check_level(level, position)
+    check_level(level, position)
     root = adapters.resolve(model).root(model)
-    device = _device(root)
+    device = device_of(root)
     correct = torch.zeros((), dtype=torch.long)
     counted = 0
     context = masked(model, subnetwork) if subnetwork is not None else contextlib.nullcontext()
-    with torch.no_grad(), _evaluating(root), context:
+    with torch.no_grad(), evaluating(root), context:
         for batch in data:
-            inputs, labels = _split_batch(to_device(batch, device))
+            inputs, labels = split_probe_batch(to_device(batch, device))
             hidden = read_hidden(model, layer, inputs)
-            logits, flat = _logits_and_labels(hidden, inputs, labels, probe, level, position)
+            logits, flat = logits_and_labels(hidden, inputs, labels, probe, level, position)
             keep = flat != IGNORE_INDEX
             correct += (logits.argmax(-1)[keep] == flat[keep]).sum().cpu()
             counted += int(keep.sum())
@@ -178,7 +178,7 @@ def probe_accuracy(
     return float(correct) / counted
 
 
-def _seed(generator: torch.Generator) -> int:
+def probe_seed(generator: torch.Generator) -> int:
     return int(torch.randint(2**62, (1,), generator=generator, device=generator.device))
 
 
@@ -188,7 +188,7 @@ def _first_batch(data: Iterable[Any]) -> Any:
     raise ValueError("`data` yielded no batches; pass a list of (inputs, labels) batches.")
 
 
-def _make_probe(
+def make_probe(
     model: Any,
     layer: int | str,
     data: Iterable[Any],
@@ -197,11 +197,11 @@ def _make_probe(
     seed: int,
 ) -> Probe:
     root = adapters.resolve(model).root(model)
-    inputs, _ = _split_batch(to_device(_first_batch(data), _device(root)))
-    with torch.no_grad(), _evaluating(root):
+    inputs, _ = split_probe_batch(to_device(_first_batch(data), device_of(root)))
+    with torch.no_grad(), evaluating(root):
         width = read_hidden(model, layer, inputs).shape[-1]
     probe = Probe(int(width), n_classes, hidden, generator=torch.Generator().manual_seed(seed))
-    return probe.to(_device(root))
+    return probe.to(device_of(root))
 
 
 __all__ = ["IGNORE_INDEX", "LEVELS", "Probe", "probe_accuracy", "probe_loss"]

@@ -52,22 +52,22 @@ from torch import Tensor
 from . import adapters
 from ._find import find, select_targets, to_device
 from ._fingerprint import fingerprint
-from ._hidden import CapturedHidden, _device, _evaluating, capture_hidden, read_hidden
+from ._hidden import CapturedHidden, capture_hidden, device_of, evaluating, read_hidden
 from ._loop import endless
 from ._masked import prepare
-from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and _features are re-exported)
+from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and probe_features are re-exported)
     IGNORE_INDEX,
     LEVELS,
     Probe,
-    _check_level,
-    _cross_entropy,
-    _features,
-    _logits_and_labels,
-    _make_probe,
-    _seed,
-    _split_batch,
+    check_level,
+    cross_entropy,
+    logits_and_labels,
+    make_probe,
     probe_accuracy,
+    probe_features,
     probe_loss,
+    probe_seed,
+    split_probe_batch,
 )
 from ._subnetwork import Subnetwork
 from ._types import Target
@@ -223,9 +223,9 @@ def subnetwork_probe(
     Returns:
         :class:`ProbeResult`; the model is left bit-exactly as it was.
     """
-    _check_level(level, position)
+    check_level(level, position)
     source = generator if generator is not None else torch.Generator().manual_seed(0)
-    probe = _make_probe(model, layer, data, n_classes, hidden, _seed(source))  # checks layer
+    probe = make_probe(model, layer, data, n_classes, hidden, probe_seed(source))  # checks layer
     chosen = targets if targets is not None else _default_targets(layer)
     resolved = _method(method, model, chosen, method_hparams)
 
@@ -271,23 +271,23 @@ def train_probe(
 
     Arguments as in :func:`subnetwork_probe`; the returned ``subnetwork`` is ``None``.
     """
-    _check_level(level, position)
+    check_level(level, position)
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
     source = generator if generator is not None else torch.Generator().manual_seed(0)
-    probe = _make_probe(model, layer, data, n_classes, hidden, _seed(source))
+    probe = make_probe(model, layer, data, n_classes, hidden, probe_seed(source))
     root = adapters.resolve(model).root(model)
-    device = _device(root)
+    device = device_of(root)
     optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
     history: dict[str, list[float]] = {"step": [], "loss": []}
     batches = endless(data)
-    with _evaluating(root):
+    with evaluating(root):
         for step in range(steps):
-            inputs, labels = _split_batch(to_device(next(batches), device))
+            inputs, labels = split_probe_batch(to_device(next(batches), device))
             with torch.no_grad():  # the model is frozen: no graph through it
                 hidden_state = read_hidden(model, layer, inputs)
-            loss = _cross_entropy(
-                *_logits_and_labels(hidden_state, inputs, labels, probe, level, position)
+            loss = cross_entropy(
+                *logits_and_labels(hidden_state, inputs, labels, probe, level, position)
             )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -324,7 +324,7 @@ def reinitialized(model: Any, generator: torch.Generator | None = None) -> Any:
     root = adapter.root(fresh)
     devices = sorted({p.device.index or 0 for p in root.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(_seed(source))
+        torch.manual_seed(probe_seed(source))
         adapter.reinitialize(root)
     if fingerprint(fresh) == fingerprint(model):
         raise RuntimeError(
@@ -357,7 +357,7 @@ def probe_baselines(
     ``probe_options`` go to :func:`subnetwork_probe` (``method``, ``targets``, hyper-parameters).
     """
     source = generator if generator is not None else torch.Generator().manual_seed(0)
-    seeds = [_seed(source) for _ in range(3)]
+    seeds = [probe_seed(source) for _ in range(3)]
     shared: dict[str, Any] = {
         "level": level,
         "hidden": hidden,
@@ -407,7 +407,7 @@ def complexity_curve(
     if hparam in probe_options:
         raise ValueError(f"`{hparam}` is swept by `strengths`; do not also pass it.")
     source = generator if generator is not None else torch.Generator().manual_seed(0)
-    seed = _seed(source)
+    seed = probe_seed(source)
     points = []
     for strength in strengths:
         result = subnetwork_probe(

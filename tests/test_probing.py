@@ -116,11 +116,13 @@ def test_sequence_level_at_a_position_and_a_hidden_layer_probe(trained):
 def test_sequence_mean_pools_over_the_attention_mask():
     hidden = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
     attention = torch.tensor([[1, 1, 0], [1, 1, 1]])
-    pooled = probing._features(hidden, {"attention_mask": attention}, "sequence", None)
+    pooled = probing.probe_features(hidden, {"attention_mask": attention}, "sequence", None)
     torch.testing.assert_close(pooled[0], hidden[0, :2].mean(0))
     torch.testing.assert_close(pooled[1], hidden[1].mean(0))
-    torch.testing.assert_close(probing._features(hidden, hidden, "sequence", None), hidden.mean(1))
-    torch.testing.assert_close(probing._features(hidden, hidden, "sequence", 0), hidden[:, 0])
+    torch.testing.assert_close(
+        probing.probe_features(hidden, hidden, "sequence", None), hidden.mean(1)
+    )
+    torch.testing.assert_close(probing.probe_features(hidden, hidden, "sequence", 0), hidden[:, 0])
 
 
 def test_sequence_level_mean_with_mapping_inputs(trained):

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .._types import NotFoundError
-from .overlap import OverlapStats, _hypergeometric_pmf
+from .overlap import OverlapStats, hypergeometric_pmf
 
 _NODE = re.compile(r"^(?:embed|unembed|blocks\.(\d+)\.(?:attn\.head\.(\d+)|mlp))$")
 _PORT = re.compile(r"^(blocks\.\d+\.attn\.head\.\d+)\.([qkv])$")
@@ -120,12 +120,12 @@ def all_edges(
 
 def edge_universe(circuit: Circuit) -> list[tuple[str, str]]:
     """The complete edge set of the circuit's model (ported if the circuit's head edges are)."""
-    n_layers, n_heads = _need_shape(circuit, "The complete edge set")
+    n_layers, n_heads = need_shape(circuit, "The complete edge set")
     ported = not any("attn.head" in d and node_of(d) == d for _, d in circuit.edges)
     return all_edges(n_layers, n_heads, ports=ported)
 
 
-def _need_shape(circuit: Circuit, what: str) -> tuple[int, int]:
+def need_shape(circuit: Circuit, what: str) -> tuple[int, int]:
     if circuit.n_layers is None or circuit.n_heads is None:
         raise ValueError(
             f"{what} needs the model's shape; this circuit has n_layers={circuit.n_layers}, "
@@ -379,7 +379,7 @@ def _overlap_stats(a: set, b: set, universe: int) -> dict[str, float | int]:
     out = _OverlapDict(OverlapStats(universe, len(a), len(b), len(a & b)).as_dict())
     out["expected"] = len(a) * len(b) / universe if universe else float("nan")
     if universe and len(a) and len(b):
-        low, pmf = _hypergeometric_pmf(universe, len(a), len(b))
+        low, pmf = hypergeometric_pmf(universe, len(a), len(b))
         out["p_value"] = min(1.0, float(pmf[max(0, len(a & b) - low) :].sum()))
     else:
         out["p_value"] = float("nan")
@@ -446,7 +446,7 @@ def _compare(scores: Tensor, labels: Tensor, k: int | None, what: str) -> Circui
     top[scores.argsort(descending=True, stable=True)[:k]] = True
     overlap = int((top & labels).sum())
     total = scores.numel()
-    low, pmf = _hypergeometric_pmf(total, size, k)
+    low, pmf = hypergeometric_pmf(total, size, k)
     p_value = float(pmf[max(0, overlap - low) :].sum())
     return CircuitComparison(
         auc=roc_auc(scores, labels),

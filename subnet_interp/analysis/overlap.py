@@ -148,7 +148,7 @@ def _log_choose(n: Tensor, k: Tensor) -> Tensor:
     return torch.lgamma(n + 1) - torch.lgamma(k + 1) - torch.lgamma(n - k + 1)
 
 
-def _hypergeometric_pmf(n: int, size_a: int, size_b: int) -> tuple[int, Tensor]:
+def hypergeometric_pmf(n: int, size_a: int, size_b: int) -> tuple[int, Tensor]:
     low, high = max(0, size_a + size_b - n), min(size_a, size_b)
     k = torch.arange(low, high + 1, dtype=torch.float64)
     n_t, a_t, b_t = (torch.tensor(float(v), dtype=torch.float64) for v in (n, size_a, size_b))
@@ -209,7 +209,7 @@ def overlap_test(
         for n, size_a, size_b in zip(
             sizes.tolist(), counts[:, 0].tolist(), counts[:, 1].tolist(), strict=True
         ):
-            low, target_pmf = _hypergeometric_pmf(n, size_a, size_b)
+            low, target_pmf = hypergeometric_pmf(n, size_a, size_b)
             offset, pmf = offset + low, _convolve(pmf, target_pmf)
         index = observed - offset
         upper = float(pmf[max(index, 0) :].sum()) if index < pmf.numel() else 0.0

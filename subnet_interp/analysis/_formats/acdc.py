@@ -11,10 +11,10 @@ from ..circuits import (
     EMBED,
     UNEMBED,
     Circuit,
-    _need_shape,
     all_edges,
     head_node,
     mlp_node,
+    need_shape,
     node_of,
     node_position,
 )
@@ -187,7 +187,7 @@ def to_acdc(circuit: Circuit, *, complete: bool = False) -> dict[tuple, bool]:
         for edge in sorted(circuit.edges):
             add(edge, True)
         return out
-    n_layers, n_heads = _need_shape(circuit, "A complete ACDC graph")
+    n_layers, n_heads = need_shape(circuit, "A complete ACDC graph")
     for edge in all_edges(n_layers, n_heads):
         add(edge, edge in circuit.edges)
     absent = {

@@ -15,9 +15,9 @@ from ..circuits import (
     EMBED,
     UNEMBED,
     Circuit,
-    _need_shape,
     head_node,
     mlp_node,
+    need_shape,
     node_of,
     node_position,
     sources,
@@ -147,7 +147,7 @@ def to_auto_circuit(circuit: Circuit, *, scores: bool = True) -> dict[str, Tenso
     """auto-circuit ``PruneScores`` for the complete graph: each edge's score from
     ``edge_scores`` (``scores=True``; edges without a score get 1 in the circuit, 0 outside) or
     circuit membership as 1 / 0 (``scores=False``)."""
-    n_layers, n_heads = _need_shape(circuit, "auto-circuit prune scores")
+    n_layers, n_heads = need_shape(circuit, "auto-circuit prune scores")
     attn_only = bool(circuit.metadata.get("auto_circuit_attn_only", False))
     srcs = sources(n_layers, n_heads, attn_only=attn_only)
     position = {s: i for i, s in enumerate(srcs)}

@@ -13,10 +13,10 @@ from ..circuits import (
     EMBED,
     UNEMBED,
     Circuit,
-    _need_shape,
     all_edges,
     head_node,
     mlp_node,
+    need_shape,
     node_of,
     node_position,
     sources,
@@ -125,7 +125,7 @@ def to_eap(
 ) -> dict[str, Any]:
     """Write as EAP-IG's ``Graph.to_json`` dict: every node and edge of the complete graph for
     ``circuit.n_layers`` x ``circuit.n_heads``; returned, and saved to ``path`` if given."""
-    n_layers, n_heads = _need_shape(circuit, "Writing an EAP-IG graph")
+    n_layers, n_heads = need_shape(circuit, "Writing an EAP-IG graph")
     cfg = dict(circuit.metadata.get("eap_cfg", {}))
     cfg.update(n_layers=n_layers, n_heads=n_heads)
     cfg.setdefault("parallel_attn_mlp", False)
