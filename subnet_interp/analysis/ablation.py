@@ -84,6 +84,45 @@ def logit_difference(forward: Callable[[Any, Any], tuple[Tensor, Tensor, Tensor]
     return Metric(fn, higher_is_better=True, name="logit_difference")
 
 
+# ------------------------------------------------------- shared evaluation
+def as_metric(
+    metric: Metric | Callable[[Any, Any], Tensor], higher_is_better: bool | None
+) -> Metric:
+    """``metric`` as a :class:`Metric`; a plain function needs ``higher_is_better``."""
+    if isinstance(metric, Metric):
+        return metric
+    if higher_is_better is None:
+        raise ValueError(
+            "A plain metric function needs `higher_is_better=True/False` (or pass "
+            "si.analysis.loss(...), accuracy(...), kl_to_full(...), logit_difference(...))."
+        )
+    return Metric(
+        metric, higher_is_better=higher_is_better, name=getattr(metric, "__name__", "metric")
+    )
+
+
+def evaluator(model: Any, metric: Metric, batches: list[Any]) -> Callable[[], float]:
+    """A function giving the metric's mean over ``batches`` on ``model`` as it is when called
+    (masks attached or not). A metric that needs a reference runs the unmasked model on every
+    batch now, once, so call this before attaching masks."""
+    references = None
+    if metric.needs_reference:
+        with torch.no_grad():
+            references = [metric.forward(model, batch).detach() for batch in batches]
+
+    def evaluate() -> float:
+        values = []
+        with torch.no_grad():
+            for index, batch in enumerate(batches):
+                if metric.needs_reference:
+                    values.append(metric.fn(model, batch, references[index]))
+                else:
+                    values.append(metric.fn(model, batch))
+        return float(torch.stack([v.detach().float() for v in values]).mean())
+
+    return evaluate
+
+
 # ------------------------------------------------------------- ablation_effect
 @dataclass(frozen=True)
 class AblationReport:
@@ -167,15 +206,7 @@ def ablation_effect(
     All configurations reuse one attachment (masks are swapped, nothing is re-validated), so
     the cost is one pass over ``data`` per configuration.
     """
-    if not isinstance(metric, Metric):
-        if higher_is_better is None:
-            raise ValueError(
-                "A plain metric function needs `higher_is_better=True/False` (or pass "
-                "si.analysis.loss(...), accuracy(...), kl_to_full(...), logit_difference(...))."
-            )
-        metric = Metric(
-            metric, higher_is_better=higher_is_better, name=getattr(metric, "__name__", "metric")
-        )
+    metric = as_metric(metric, higher_is_better)
     if control_kind not in ("random", "complement"):
         raise ValueError(f"control_kind must be 'random' or 'complement', got {control_kind!r}.")
     if not isinstance(controls, int) or controls < 0:
@@ -200,21 +231,7 @@ def ablation_effect(
         random_like(subnetwork, gen, within=~subnetwork if control_kind == "complement" else None)
         for _ in range(controls)
     ]
-    references = None
-    if metric.needs_reference:
-        with torch.no_grad():
-            references = [metric.forward(model, batch).detach() for batch in batches]
-
-    def evaluate() -> float:
-        values = []
-        with torch.no_grad():
-            for index, batch in enumerate(batches):
-                if metric.needs_reference:
-                    values.append(metric.fn(model, batch, references[index]))
-                else:
-                    values.append(metric.fn(model, batch))
-        return float(torch.stack([v.detach().float() for v in values]).mean())
-
+    evaluate = evaluator(model, metric, batches)
     resolved = resolve_ablation(ablation)
     full = evaluate()
     attachment = prepared.attachment(subnetwork.masks, resolved)
