@@ -27,9 +27,22 @@ from .circuits import (
     roc_auc,
 )
 from .components import edge_scores, graph_edge_scores, head_scores, neuron_scores, top_heads
+from .faithfulness import (
+    MIB_DENSITIES,
+    FaithfulnessCurve,
+    faithfulness_areas,
+    faithfulness_curve,
+)
 from .modules import Lesion, Modules, module_enrichment, module_lesions, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
-from .plots import head_densities, per_layer_densities, plot_ablation, plot_densities, plot_overlap
+from .plots import (
+    head_densities,
+    per_layer_densities,
+    plot_ablation,
+    plot_densities,
+    plot_faithfulness,
+    plot_overlap,
+)
 from .subspaces import head_ov, retained_energy, subspace_angles
 
 __all__ = [
@@ -57,6 +70,10 @@ __all__ = [
     "retained_energy",
     "subspace_angles",
     "Metric",
+    "MIB_DENSITIES",
+    "FaithfulnessCurve",
+    "faithfulness_areas",
+    "faithfulness_curve",
     "Overlap",
     "OverlapStats",
     "OverlapTest",
@@ -69,6 +86,7 @@ __all__ = [
     "per_layer_densities",
     "plot_ablation",
     "plot_densities",
+    "plot_faithfulness",
     "plot_overlap",
     "top_heads",
     "accuracy",

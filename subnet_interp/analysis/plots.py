@@ -17,6 +17,7 @@ from .._types import block_position
 from ._order import model_then_subnetwork
 from .ablation import AblationReport
 from .components import head_scores
+from .faithfulness import FaithfulnessCurve
 from .overlap import overlap_matrix
 
 
@@ -163,10 +164,28 @@ def plot_ablation(report: AblationReport, *, path: str | None = None):
     return _finish(fig, path)
 
 
+def plot_faithfulness(curve: FaithfulnessCurve, *, path: str | None = None):
+    """Faithfulness against circuit size (fraction of scored weights, log x-axis as MIB's
+    figures show it; a density of 0 is left out of a log axis), with the ideal ``f = 1`` and the
+    empty circuit's ``f = 0`` dashed, and CPR / CMD in the title."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    points = [(d, f) for d, f in zip(curve.densities, curve.faithfulness, strict=True) if d > 0]
+    ax.plot([d for d, _ in points], [f for _, f in points], marker="o", color="tab:blue")
+    ax.axhline(1.0, color="grey", linestyle="--", linewidth=1)
+    ax.axhline(0.0, color="lightgrey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("circuit size (fraction of scored weights)")
+    ax.set_ylabel(f"faithfulness ({curve.metric})")
+    ax.set_title(f"{curve.ablation} ablation: CPR {curve.cpr:.3f}, CMD {curve.cmd:.3f}")
+    return _finish(fig, path)
+
+
 __all__ = [
     "head_densities",
     "per_layer_densities",
     "plot_ablation",
     "plot_densities",
+    "plot_faithfulness",
     "plot_overlap",
 ]
