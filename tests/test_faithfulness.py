@@ -158,6 +158,9 @@ def test_errors_say_what_was_given_and_the_fix(planted):
         faithfulness_curve(
             planted.model, {"0.weight": planted.planted.masks["0.weight"]}, data, metric
         )
+    # the tests' beartype hook refuses it first; without it the message says how to convert
+    with pytest.raises(TypeError, match="Subnetwork"):
+        faithfulness_curve(planted.model, planted.planted, data, metric)
     with pytest.raises(ValueError, match="higher_is_better"):
         faithfulness_curve(planted.model, scores, data, planted.loss_fn)
     assert not any(m._forward_hooks for m in planted.model.modules())

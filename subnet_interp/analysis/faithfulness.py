@@ -36,6 +36,7 @@ from torch import Tensor
 from .._ablations import Ablation, resolve_ablation
 from .._masked import prepare
 from .._ranking import kept_count, ranks
+from .._subnetwork import Subnetwork
 from .ablation import Metric, as_metric, evaluator
 
 MIB_DENSITIES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -177,6 +178,12 @@ def faithfulness_curve(
     """
     metric = as_metric(metric, higher_is_better)
     points = _check_densities(densities)
+    if isinstance(scores, Subnetwork):
+        raise TypeError(
+            "`scores` must be a mapping of target name -> float scores, got a Subnetwork. Pass "
+            "{name: mask.float() for name, mask in subnetwork.masks.items()} (its weights "
+            "first, ties broken by position) or FindResult.scores."
+        )
     order = ranks(scores, per_target=per_target)  # checks the mapping, dtypes and NaNs
     batches = list(data)
     if not batches:
