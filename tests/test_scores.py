@@ -265,3 +265,30 @@ def test_from_scores_errors_say_what_was_given_and_how_to_fix():
         si.Subnetwork.from_scores([torch.ones(3)], count=1)
     with pytest.raises(ValueError, match="NaN"):
         si.Subnetwork.from_scores({"a": torch.tensor([0.0, float("nan")])}, count=1)
+
+
+def test_lottery_ticket_scores_resume_from_its_checkpoints(tmp_path):
+    from subnet_interp import _checkpoint
+
+    def run(folder):
+        task = TASKS["teacher"](generator=torch.Generator().manual_seed(0))
+        method = si.methods.create(
+            "lottery_ticket", lr=1e-2, rounds=3, target_density=None, retrain_final=False,
+            checkpoint_dir=str(folder),
+        )  # fmt: skip
+        return si.find(task.model, method, task.loss_fn, task.batches(64), steps=8,
+                       progress=False)  # fmt: skip
+
+    full = run(tmp_path / "full")
+    first = _checkpoint.round_file(tmp_path / "full", 1)
+    tensors, header = _checkpoint.read_file(first)
+    _checkpoint.write(_checkpoint.round_file(tmp_path / "resumed", 1), tensors, header)
+    resumed = run(tmp_path / "resumed")  # rounds 2 and 3 after the saved round 1
+    assert resumed.subnetwork == full.subnetwork
+    assert all(torch.equal(resumed.scores[n], s) for n, s in full.scores.items())
+    # a checkpoint written before scores existed: the mask is unchanged, still their top
+    old = {k: v for k, v in tensors.items() if k.startswith(("keep/", "rewind/"))}
+    _checkpoint.write(_checkpoint.round_file(tmp_path / "old", 1), old, header)
+    from_old = run(tmp_path / "old")
+    assert from_old.subnetwork == full.subnetwork
+    assert_threshold_of_scores(from_old)
