@@ -303,7 +303,22 @@ def find(
         "subnet_interp_version": _version(),
     }
     subnetwork = result.subnetwork.to(model_device).with_meta(**meta)
-    return dataclasses.replace(result, subnetwork=subnetwork)
+    scores = _scores_like(result.scores, subnetwork, resolved.name)
+    return dataclasses.replace(result, subnetwork=subnetwork, scores=scores)
+
+
+def _scores_like(scores: Any, subnetwork: Any, method: str) -> dict[str, torch.Tensor] | None:
+    """A method's scores as float32 on the masks' device, checked against the masks' layout."""
+    if scores is None:
+        return None
+    if list(scores) != list(subnetwork.names) or any(
+        tuple(scores[n].shape) != tuple(subnetwork[n].shape) for n in subnetwork.names
+    ):
+        raise RuntimeError(
+            f"Method {method!r} returned scores whose targets or shapes differ from its masks'; "
+            "this is a bug in the method (scores are laid out like the masks). Please report it."
+        )
+    return {n: s.detach().to(subnetwork.device, torch.float32) for n, s in scores.items()}
 
 
 def _check_sharded_run(method: Method, device: Any, mask_optimizer: str) -> None:

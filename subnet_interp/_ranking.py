@@ -75,4 +75,37 @@ def kept_count(total: int, *, density: float | None = None, count: int | None = 
     return round(density * total)
 
 
-__all__ = ["kept_count", "ranks"]
+def top_masks(
+    scores: Mapping[str, Tensor],
+    *,
+    density: float | None = None,
+    count: int | None = None,
+    per_target: bool = False,
+) -> dict[str, Tensor]:
+    """Bool masks keeping exactly the top-ranked weights (see ``Subnetwork.from_scores``)."""
+    if not isinstance(per_target, bool):
+        raise TypeError(f"`per_target` must be True or False, got {per_target!r}.")
+    if density is None and count is None:
+        raise ValueError(
+            "Pass the size of the mask: density=<fraction in [0, 1]> (keeps round(density * N) "
+            "weights) or count=<number of weights>; got neither."
+        )
+    if density is not None and count is not None:
+        raise ValueError(
+            f"Pass only one of `density` and `count`, got density={density!r} and "
+            f"count={count!r}; drop one of them."
+        )
+    if per_target and count is not None:
+        raise ValueError(
+            f"per_target=True takes a `density` (each target keeps round(density * its size)), "
+            f"got count={count!r}; targets differ in size, so pass density=..., or per_target="
+            "False for a count over all targets."
+        )
+    rank = ranks(scores, per_target=per_target)
+    if per_target:
+        return {n: r < kept_count(r.numel(), density=density) for n, r in rank.items()}
+    keep = kept_count(sum(r.numel() for r in rank.values()), density=density, count=count)
+    return {n: r < keep for n, r in rank.items()}
+
+
+__all__ = ["kept_count", "ranks", "top_masks"]

@@ -227,6 +227,39 @@ class Subnetwork:
             {n: torch.ones(s, dtype=torch.bool, device=device) for n, s in shapes.items()}, meta
         )
 
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Mapping[str, Tensor],
+        *,
+        density: float | None = None,
+        count: int | None = None,
+        per_target: bool = False,
+        meta: Mapping[str, Any] | None = None,
+    ) -> Subnetwork:
+        """The subnetwork of the top-scored weights, of an exact size (as Edge Pruning cuts
+        its masks at a searched threshold rather than at 0.5; Bhaskar et al. 2024).
+
+        Args:
+            scores: target name -> float tensor (e.g. ``FindResult.scores``); higher keeps.
+            density: keep exactly ``round(density * N)`` weights of all ``N``; with
+                ``per_target``, ``round(density * n)`` of each target's ``n``.
+            count: keep exactly ``count`` weights over all targets (not with ``per_target``:
+                targets differ in size, so a per-target size is a density).
+            per_target: rank within each target instead of across all of them.
+            meta: recorded in ``meta``, plus ``cut_from_scores=True``, ``density_requested``,
+                ``count_requested`` and ``per_target``.
+
+        Exactly one of ``density`` and ``count``. Ties are broken by position (targets in
+        the mapping's order, then row-major), so equal scores always give the same mask.
+        """
+        from ._ranking import top_masks
+
+        masks = top_masks(scores, density=density, count=count, per_target=per_target)
+        cut = {"cut_from_scores": True, "density_requested": density}
+        cut |= {"count_requested": count, "per_target": per_target}
+        return cls(masks, {**dict(meta or {}), **cut})
+
     def __eq__(self, other: object) -> bool:
         """Equal when the two cover the same targets with identical masks (meta is ignored)."""
         if not isinstance(other, Subnetwork):

@@ -355,8 +355,21 @@ def _final_masks(plan: _Plan, run: RunState) -> dict[str, Tensor]:
         }
 
 
+def _final_scores(plan: _Plan, run: RunState) -> dict[str, Tensor]:
+    """The method's continuous scores of the parameters now (float32, the targets' shapes)."""
+    targets = plan.context.targets
+    with torch.no_grad():
+        return {
+            name: _distributed.full(plan.method.scores(params))
+            .to(torch.float32)
+            .expand(targets[name].shape)
+            .clone()
+            for name, params in run.params.items()
+        }
+
+
 def _finish(plan: _Plan, run: RunState) -> FindResult:
-    """The run's result: final masks, the history as floats, a ticket's weights."""
+    """The run's result: final masks and scores, the history as floats, a ticket's weights."""
     masks = _final_masks(plan, run)
     floats = {k: torch.stack(v).cpu().tolist() if v else [] for k, v in run.history.items()}
     weights = None
@@ -364,7 +377,7 @@ def _finish(plan: _Plan, run: RunState) -> FindResult:
         weights = run.rewound
         if weights is None:
             weights = canonical_copy(plan.context.root, plan.context.targets)
-    return FindResult(Subnetwork(masks), floats, weights)
+    return FindResult(Subnetwork(masks), floats, weights, scores=_final_scores(plan, run))
 
 
 def _sampler(

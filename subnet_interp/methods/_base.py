@@ -19,6 +19,7 @@ import abc
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -76,6 +77,13 @@ class FindResult:
             subnetwork), to apply with ``si.delta_applied`` or compose with other deltas.
         state: for methods that train weights, the full ``state_dict`` matching ``weights``
             (biases and norms included), to load into a copy of the model.
+        scores: the continuous score every weight ends with (float32, keyed and shaped like
+            ``subnetwork.masks``, on the same device; per-gate scores of ``granularity="neuron"``
+            or ``"head"`` expanded to every weight of the gate). Higher means more important;
+            each method's docstring (``scores`` / ``_scores``) says what it is and whether its
+            mask is the top ``subnetwork.kept()`` of them. ``si.find`` fills it for every
+            registered method; cut masks of any size from it with :meth:`at_density`,
+            :meth:`at_count` or ``si.Subnetwork.from_scores``.
     """
 
     subnetwork: Subnetwork
@@ -83,6 +91,33 @@ class FindResult:
     weights: Mapping[str, Tensor] | None = None
     delta: Mapping[str, Tensor] | None = None
     state: Mapping[str, Tensor] | None = None
+    scores: Mapping[str, Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.scores is not None:
+            object.__setattr__(self, "scores", MappingProxyType(dict(self.scores)))
+
+    def at_density(self, density: float, *, per_target: bool = False) -> Subnetwork:
+        """The subnetwork of exactly ``round(density * N)`` top-scored weights (``N`` all the
+        weights; with ``per_target``, ``round(density * n)`` of each target's ``n``), ties
+        broken by position (``si.Subnetwork.from_scores``). Its meta is the found
+        subnetwork's plus ``cut_from_scores=True``, ``density_requested``,
+        ``count_requested`` (``None``) and ``per_target``."""
+        return self._cut(density=density, per_target=per_target)
+
+    def at_count(self, count: int) -> Subnetwork:
+        """The subnetwork of exactly the ``count`` top-scored weights over all targets
+        (ties broken by position); meta as :meth:`at_density`'s, with ``count_requested``."""
+        return self._cut(count=count)
+
+    def _cut(self, **size: Any) -> Subnetwork:
+        if self.scores is None:
+            raise ValueError(
+                "This FindResult has no `scores` (it was built without them, e.g. by a method "
+                "written before scores existed); cut a mask from scores with "
+                "si.Subnetwork.from_scores(your_scores, density=...) instead."
+            )
+        return Subnetwork.from_scores(self.scores, meta=self.subnetwork.meta, **size)
 
 
 class Method(abc.ABC):
@@ -180,6 +215,13 @@ class MaskMethod(Method):
     @abc.abstractmethod
     def final_mask(self, params: Tensor) -> Tensor:
         """The binary mask (bool, gate shape) the parameters stand for."""
+
+    def scores(self, params: Tensor) -> Tensor:
+        """The continuous score of each gate (float, gate shape; higher keeps sooner), filled
+        into ``FindResult.scores``. Override with the method's own (a probability, an
+        expected gate); ``final_mask`` should be ``scores(params) > threshold``. Default: the
+        final mask as 0.0 / 1.0, which ranks kept gates first but orders nothing else."""
+        return self.final_mask(params).to(torch.float32)
 
     @abc.abstractmethod
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:

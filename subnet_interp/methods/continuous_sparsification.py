@@ -52,6 +52,10 @@ class ContinuousSparsification(MaskMethod):
     trained weights can absorb: to find a subnetwork of a frozen model use
     ``continuous_sparsification_lepori``. The penalty counts the un-rescaled soft mask, as the
     paper's Eq. 6 writes it (the code multiplies it by ``1 / sigmoid(s0)``, a constant factor).
+
+    Scores (``FindResult.scores``): ``s`` after the last round. The soft mask ``sigmoid(beta
+    * s)`` orders weights the same way but saturates in float32 at the final ``beta = 200``;
+    ``s`` does not. The mask is ``score > 0``, exactly its top ``kept()`` weights.
     """
 
     name = "continuous_sparsification"
@@ -107,6 +111,9 @@ class ContinuousSparsification(MaskMethod):
 
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0
+
+    def scores(self, params: Tensor) -> Tensor:
+        return params.float()
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.SGD(

@@ -31,6 +31,11 @@ class ContinuousSparsificationLepori(MaskMethod):
     Where it differs from Savarese et al. 2020 (``continuous_sparsification``): no rescaling by
     ``1 / sigmoid(s0)`` (so at ``s0 = 0`` the initial network has every weight halved), a single
     round with no rewinding of ``s``, Adam instead of SGD, and frozen weights.
+
+    Scores (``FindResult.scores``): ``s`` itself. ``sigmoid(T_final * s)`` orders the weights
+    the same way but in float32 rounds to 1.0 for ``s > 17 / T_final`` (0.09 at ``T = 200``),
+    tying most kept weights; ``s`` keeps every distinction. The mask is ``score > 0``, exactly
+    its top ``kept()`` weights.
     """
 
     name = "continuous_sparsification_lepori"
@@ -59,6 +64,9 @@ class ContinuousSparsificationLepori(MaskMethod):
 
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0
+
+    def scores(self, params: Tensor) -> Tensor:
+        return params.float()
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr)

@@ -45,6 +45,12 @@ class GumbelSigmoid(MaskMethod):
     official code divides by the batch size next to a mean-reduced task loss, and so do we with
     ``per_example_penalty=True``), pushing unused weights out. Adam, ``lr = 1e-2``, gradient norm
     clipped to 1.0. The weights are frozen. Final mask: ``l > 0``.
+
+    Scores (``FindResult.scores``): the keep probability ``sigmoid(l)`` (a hard sample keeps a
+    weight iff ``l + g1 - g0 > 0``, and ``g1 - g0`` is logistic, so ``P(keep) = sigmoid(l)``
+    at any temperature). The mask is ``score > 0.5``, i.e. its top ``kept()`` weights, except
+    where float32 rounds ``sigmoid(l)`` to exactly 0.5 (``|l| < 3e-8``); in float32 the
+    score also saturates at 1.0 for ``l > 17``, where such weights tie (broken by position).
     """
 
     name = "gumbel_sigmoid"
@@ -81,6 +87,9 @@ class GumbelSigmoid(MaskMethod):
 
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0
+
+    def scores(self, params: Tensor) -> Tensor:
+        return torch.sigmoid(params.float())
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr)

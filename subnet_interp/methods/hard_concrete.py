@@ -61,6 +61,13 @@ class HardConcrete(MaskMethod):
 
     Adam, ``lr = 1e-2`` (Edge Pruning's default for ``log_alpha``). Final mask: deterministic
     gate ``> final_threshold = 0.5`` (NeuroSurgeon's and Edge Pruning's discretisation).
+
+    Scores (``FindResult.scores``): the probability of a non-zero gate ``P(z > 0) =
+    sigmoid(log_alpha - beta * log(-gamma / zeta))`` (Louizos et al. Eq. 12, the quantity
+    their L0 penalty sums; Edge Pruning ranks by ``log_alpha``, which orders the same). Both
+    the score and the deterministic gate are increasing in ``log_alpha``, so the mask is its
+    top ``kept()`` weights (``score > P`` at the ``log_alpha`` where the gate crosses
+    ``final_threshold``), up to float32 rounding of weights right at that threshold.
     """
 
     name = "hard_concrete"
@@ -185,6 +192,9 @@ class HardConcrete(MaskMethod):
 
     def final_mask(self, params: Tensor) -> Tensor:
         return deterministic_gate(params, self.gamma, self.zeta) > self.final_threshold
+
+    def scores(self, params: Tensor) -> Tensor:
+        return expected_l0(params.float(), self.beta, self.gamma, self.zeta)
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr)

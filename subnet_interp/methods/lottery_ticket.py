@@ -70,6 +70,14 @@ class LotteryTicket(Method):
     hyper-parameters resumes after the last saved round, at the data position an uninterrupted
     run has there. The files are ``subnet_interp._checkpoint`` files (atomic writes; another
     run's files are refused).
+
+    Scores (``FindResult.scores``): a kept weight scores its ``|w|`` after the last round's
+    training, the magnitude the last pruning ranked by (``>= 0``). A weight pruned in round
+    ``r`` of ``R`` scores ``(r - R) + |w_r| / (1 + |w_r|)``, in ``[r - R, r - R + 1)``, with
+    ``|w_r|`` its magnitude when it was pruned: negative, and the later it was pruned the
+    higher (within a round, by magnitude). So kept weights score above all pruned ones and the
+    mask is exactly the top ``kept()`` scores (ties only between kept weights of equal
+    ``|w|``, at most one of which can sit at the cut when the cut is ``kept()``).
     """
 
     name = "lottery_ticket"
@@ -128,10 +136,15 @@ class LotteryTicket(Method):
         rewind_state = plain_state_dict(root)
         history: dict[str, list[float]] = {"round": [], "loss": [], "density": []}
         start_round = 0
+        # what the scores are made of: each weight's |w| when it was last ranked, and the
+        # round it was pruned in (-1 while kept)
+        magnitude = {n: w.abs().float() for n, w in canonical_weights(context).items()}
+        pruned_in = {n: torch.full_like(m, -1.0) for n, m in magnitude.items()}
         resumed = self._resume(context, identity)
         if resumed is not None:
-            start_round, keep, rewind_state, history = resumed
+            start_round, keep, rewind_state, history, ranked = resumed
             root.load_state_dict(rewind_state)
+            magnitude, pruned_in = _resumed_ranking(ranked, keep, magnitude, start_round)
 
         def snapshot_at(step: int) -> None:
             nonlocal rewind_state
@@ -150,9 +163,13 @@ class LotteryTicket(Method):
             )
             with torch.no_grad():
                 weights = canonical_weights(context)
-                keep = prune_smallest(
+                new_keep = prune_smallest(
                     weights, keep, self.prune_fraction, target_density, self.scope
                 )
+                for n, w in weights.items():
+                    magnitude[n] = torch.where(keep[n], w.abs().float(), magnitude[n])
+                    pruned_in[n] = torch.where(keep[n] & ~new_keep[n], round_index, pruned_in[n])
+                keep = new_keep
                 root.load_state_dict(rewind_state)
             density = sum(int(k.sum()) for k in keep.values()) / total
             history["round"].append(float(round_index))
@@ -160,7 +177,9 @@ class LotteryTicket(Method):
             history["density"].append(density)
             _loop.report(round_index, {"loss": float(loss), "density": density}, context.callbacks)
             round_index += 1
-            self._save(identity, round_index, keep, rewind_state, history)
+            ranked = {"magnitude": magnitude, "pruned_in": pruned_in}
+            self._save(identity, round_index, keep, rewind_state, history, ranked)
+        scores = _scores(keep, magnitude, pruned_in, round_index)
         rewound = canonical_weights(context)
         state = plain_state_dict(root)
         if self.retrain_final:
@@ -168,7 +187,7 @@ class LotteryTicket(Method):
                 context, context.steps, self.optimizer, keep=keep, description="final ticket"
             )
             history["final_ticket_loss"] = [float(loss)]
-        return FindResult(Subnetwork(keep), history, weights=rewound, state=state)
+        return FindResult(Subnetwork(keep), history, weights=rewound, state=state, scores=scores)
 
     def _done(self, round_index: int, keep: dict[str, Tensor], total: int) -> bool:
         if self.rounds is not None and round_index >= self.rounds:
@@ -191,19 +210,21 @@ class LotteryTicket(Method):
             }
         )
 
-    def _save(self, identity, round_index, keep, rewind_state, history) -> None:
+    def _save(self, identity, round_index, keep, rewind_state, history, ranked) -> None:
         """Checkpoint the run after ``round_index`` finished rounds (with ``checkpoint_dir``)."""
         if self.checkpoint_dir is None:
             return
         tensors = {f"keep/{n}": m for n, m in keep.items()}
+        for kind, values in ranked.items():  # the scores' parts (files before scores lack them)
+            tensors.update({f"{kind}/{n}": v for n, v in values.items()})
         tensors.update({f"rewind/{k}": v for k, v in rewind_state.items()})
         header = {"identity": identity, "round": round_index, "history": history}
         path = _checkpoint.round_file(self.checkpoint_dir, round_index)
         _checkpoint.write(path, tensors, _checkpoint.jsonable(header))
 
     def _resume(self, context: FindContext, identity):
-        """``(rounds done, keep, rewind state, history)`` of the last checkpoint; ``None``
-        without one. The batches are advanced past the rounds done."""
+        """``(rounds done, keep, rewind state, history, score parts)`` of the last checkpoint;
+        ``None`` without one. The batches are advanced past the rounds done."""
         if self.checkpoint_dir is None:
             return None
         path = _checkpoint.last_round_file(self.checkpoint_dir)
@@ -222,6 +243,32 @@ class LotteryTicket(Method):
             for k, v in tensors.items()
             if k.startswith("rewind/")
         }
+        ranked = {
+            kind: {n: tensors[f"{kind}/{n}"].to(context.device) for n in context.targets}
+            for kind in ("magnitude", "pruned_in")
+            if all(f"{kind}/{n}" in tensors for n in context.targets)
+        }
         rounds = int(header["round"])
         _loop.skip(context.batches, rounds * context.steps)
-        return rounds, keep, rewind, {k: list(v) for k, v in header["history"].items()}
+        history = {k: list(v) for k, v in header["history"].items()}
+        return rounds, keep, rewind, history, ranked
+
+
+def _resumed_ranking(ranked, keep, magnitude, rounds):
+    """The score parts of a resumed run; a checkpoint written before scores existed has none,
+    and then every weight it pruned counts as pruned in its last round, at its initial |w|."""
+    if len(ranked) == 2:
+        return ranked["magnitude"], ranked["pruned_in"]
+    pruned_in = {n: torch.where(keep[n], -1.0, rounds - 1.0) for n in magnitude}
+    return magnitude, pruned_in
+
+
+def _scores(keep, magnitude, pruned_in, rounds) -> dict[str, Tensor]:
+    """Kept weights: ``|w|``; pruned in round ``r`` of ``rounds``: ``r - rounds + |w| / (1 + |w|)``
+    (computed in float64 so that it stays below 0 in float32)."""
+    scores = {}
+    for n, kept in keep.items():
+        m = magnitude[n].double()
+        pruned = pruned_in[n].double() - rounds + m / (1.0 + m)
+        scores[n] = torch.where(kept, m, pruned).float()
+    return scores

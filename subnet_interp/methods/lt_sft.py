@@ -30,6 +30,11 @@ class LotteryTicketSparseFineTuning(Method):
     subnetwork), ``FindResult.weights`` the fine-tuned target weights ``theta_0 + delta`` and
     ``FindResult.state`` the fine-tuned ``state_dict``. Apply the delta to the original model with
     ``si.delta_applied(model, result.delta)``.
+
+    Scores (``FindResult.scores``): the phase-1 change ``|theta_1 - theta_0|`` the selection
+    ranks by; the mask is its top ``kept()`` weights (``torch.topk`` and the positional
+    tie-break of ``from_scores`` may pick different weights among ties at the cut, e.g.
+    weights phase 1 left unchanged).
     """
 
     name = "lt_sft"
@@ -79,4 +84,7 @@ class LotteryTicketSparseFineTuning(Method):
             "density": [1.0, sum(int(k.sum()) for k in keep.values()) / total],
         }
         state = plain_state_dict(root)
-        return FindResult(Subnetwork(keep), history, weights=weights, delta=delta, state=state)
+        scores = {n: c.abs().float() for n, c in change.items()}
+        return FindResult(
+            Subnetwork(keep), history, weights=weights, delta=delta, state=state, scores=scores
+        )

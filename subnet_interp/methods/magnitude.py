@@ -52,6 +52,11 @@ class Magnitude(Method):
     ``round(density * n)`` weights of largest absolute value, over all targets at once
     (``scope="global"``) or within each target (``scope="per_target"``). No training; ``steps`` is
     ignored. A baseline for every learned mask.
+
+    Scores (``FindResult.scores``): ``|w|``. The mask is the top ``kept()`` of them (with
+    ``scope="per_target"``, the top ``round(density * n)`` of each target:
+    ``from_scores(scores, density=density, per_target=True)``), except that ``torch.topk``
+    and the positional tie-break may pick different weights among ties at the cut.
     """
 
     name = "magnitude"
@@ -73,4 +78,5 @@ class Magnitude(Method):
         with torch.no_grad():
             weights = {n: read_canonical(context.root, t) for n, t in context.targets.items()}
             masks = top_magnitude_masks(weights, self.density, self.scope)
-        return FindResult(Subnetwork(masks), {})
+            scores = {n: w.abs().float() for n, w in weights.items()}
+        return FindResult(Subnetwork(masks), {}, scores=scores)

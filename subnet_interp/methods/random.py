@@ -19,9 +19,11 @@ def random_masks(
     generator: torch.Generator,
     device: torch.device | str = "cpu",
     within: Mapping[str, torch.Tensor] | None = None,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """For each target, a mask with exactly ``counts[name]`` kept weights, placed uniformly
-    (among the ``True`` positions of ``within[name]`` when given)."""
+    (among the ``True`` positions of ``within[name]`` when given). A dict passed as ``scores``
+    receives ``1 - key`` of every weight: the mask is each target's top ``counts`` of them."""
     masks = {}
     for name, shape in shapes.items():
         numel = 1
@@ -43,6 +45,8 @@ def random_masks(
         if count:
             mask[torch.topk(keys, count, largest=False, sorted=False).indices] = True
         masks[name] = mask.view(shape).to(device)
+        if scores is not None:
+            scores[name] = (1.0 - keys).view(shape).to(device)
     return masks
 
 
@@ -75,6 +79,11 @@ class Random(Method):
     uniformly placed): the standard density-matched control (e.g. Csordás et al. 2021, Lepori
     et al. 2023). To match another subnetwork's per-target counts use ``si.random_like(sub)``.
     No training; ``steps`` is ignored.
+
+    Scores (``FindResult.scores``): ``1 - u`` for the i.i.d. uniform key ``u`` each weight
+    drew (the mask keeps the smallest keys), so the mask is exactly
+    ``si.Subnetwork.from_scores(scores, density=density, per_target=True)`` unless two keys of
+    a target tie at the cut (``torch.rand`` draws multiples of 2**-24).
     """
 
     name = "random"
@@ -90,5 +99,6 @@ class Random(Method):
     def run(self, context: FindContext) -> FindResult:
         shapes = {n: t.shape for n, t in context.targets.items()}
         counts = {n: round(self.density * t.numel) for n, t in context.targets.items()}
-        masks = random_masks(counts, shapes, context.generator, context.device)
-        return FindResult(Subnetwork(masks), {})
+        scores: dict[str, torch.Tensor] = {}
+        masks = random_masks(counts, shapes, context.generator, context.device, scores=scores)
+        return FindResult(Subnetwork(masks), {}, scores=scores)

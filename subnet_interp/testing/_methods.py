@@ -182,6 +182,15 @@ def _check_result_fields(cls: type, result) -> None:
         for name, tensor in value.items():
             if tensor.shape != result.subnetwork[name].shape:
                 fail(check, f"{cls.name}: result.{attribute}[{name!r}] has the wrong shape.")
+    scores = result.scores
+    if scores is None or list(scores) != list(result.subnetwork.names):
+        fail(check, f"{cls.name}: result.scores must score every target of the subnetwork.")
+    for name, tensor in scores.items():
+        mask = result.subnetwork[name]
+        if tensor.shape != mask.shape or tensor.dtype != torch.float32:
+            fail(
+                check, f"{cls.name}: result.scores[{name!r}] must be float32 shaped like its mask."
+            )
 
 
 def _check_save_load(result, task: PlantedTask) -> None:
