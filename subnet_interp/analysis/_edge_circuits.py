@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 
+from .._types import NotFoundError
 from .circuits import EMBED, UNEMBED, Circuit, node_of, node_position
 
 KINDS = (
@@ -98,6 +99,20 @@ def from_edge_scores(
         heads = [h for _, h in positions if h is not None]
         if n_heads is None and heads:
             n_heads = 1 + max(heads)
+    outside = sorted(
+        {
+            node_of(x)
+            for e in scores
+            for x in e
+            if (p := node_position(x)) is not None
+            and (p[0] >= (n_layers or math.inf) or (p[1] or 0) >= (n_heads or math.inf))
+        }
+    )
+    if outside:
+        raise NotFoundError(
+            f"Scored nodes {outside[:5]} do not exist in a model with n_layers={n_layers}, "
+            f"n_heads={n_heads}; pass the model's shape, or leave them out to infer it."
+        )
     links = set(edges)
     if connect:
         links |= _connections(edges, ported=any(node_of(d) != d for _, d in scores))
