@@ -191,7 +191,10 @@ with tempfile.TemporaryDirectory() as folder:
     found.to_eap(path, d_model=bridge.cfg.d_model)
     again = Circuit.load(path)
 assert again.edges == found.edges
-print("written as EAP-IG JSON and read back:", len(again.edges), "edges")
+print(
+    f"written as EAP-IG JSON and read back: {len(again.edges)} edges "
+    f"({len(found.edge_scores)} scored, the rest embed / unembed links)"
+)
 print("overlap with the ablation circuit's heads:", compare_circuits(found, circuit).nodes)
 
 # %% [markdown]
