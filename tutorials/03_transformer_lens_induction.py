@@ -172,31 +172,29 @@ if not FAST:
 # ## Edges, and a circuit file other tools read
 # `graph_edge_scores` scores every edge between heads (and MLPs) from the masked weights: how
 # strongly what one component writes is read by a later one's query, key or value input
-# (normalised per edge, so compare edges of one kind).
+# (each score is a ratio in [0, 1], normalised per edge; `Circuit.from_edge_scores` can rank
+# within each kind of edge with `per_kind=True`).
 # Induction runs on K-composition, a layer-0 head's output read by a layer-1 head's keys. The
 # strongest edges become a `Circuit`, written in EAP-IG's JSON (which MIB and EAP-IG load) and
 # read back.
 
 # %%
 edges = graph_edge_scores(bridge, sub)
-# scores are comparable within a kind of edge: keep head -> head-input edges (Q/K/V composition)
-edges = {e: v for e, v in edges.items() if ".attn." in e[0] and e[1].endswith((".q", ".k", ".v"))}
-strongest = sorted(edges, key=edges.get, reverse=True)[:6]
+# keep the six strongest head -> head-input edges (Q/K/V composition); connect=True (default)
+# adds embed -> / -> unembed edges so that EAP-IG's pruning keeps the circuit's nodes
+found = Circuit.from_edge_scores(edges, top_k=6, kinds=["head->q", "head->k", "head->v"])
+strongest = sorted(found.edge_scores, key=found.edge_scores.get, reverse=True)
 for source, destination in strongest:
     print(f"  {source} -> {destination}: {edges[(source, destination)]:.3f}")
-found = Circuit(
-    frozenset(),
-    frozenset(strongest),
-    {e: edges[e] for e in strongest},
-    n_layers=n_layers,
-    n_heads=n_heads,
-)
 with tempfile.TemporaryDirectory() as folder:
     path = os.path.join(folder, "induction_circuit.json")
     found.to_eap(path, d_model=bridge.cfg.d_model)
     again = Circuit.load(path)
 assert again.edges == found.edges
-print("written as EAP-IG JSON and read back:", len(again.edges), "edges")
+print(
+    f"written as EAP-IG JSON and read back: {len(again.edges)} edges "
+    f"({len(found.edge_scores)} scored, the rest embed / unembed links)"
+)
 print("overlap with the ablation circuit's heads:", compare_circuits(found, circuit).nodes)
 
 # %% [markdown]

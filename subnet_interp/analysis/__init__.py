@@ -2,6 +2,7 @@
 (overlap with a chance baseline). Vectorised torch on the masks' device."""
 
 from . import circuit_formats
+from ._edge_circuits import edge_kind
 from .ablation import (
     AblationReport,
     MeanAblation,
@@ -54,6 +55,7 @@ __all__ = [
     "compare_circuits",
     "compare_edges",
     "compare_to_circuit",
+    "edge_kind",
     "edge_scores",
     "graph_edge_scores",
     "node_of",

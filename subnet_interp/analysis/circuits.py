@@ -203,6 +203,38 @@ class Circuit:
             )
         )
 
+    @classmethod
+    def from_edge_scores(cls, scores: Mapping[tuple[str, str], float], **kwargs: Any) -> Circuit:
+        """The strongest scored edges as a circuit, e.g. of ``si.analysis.graph_edge_scores``.
+
+        ``from_edge_scores(scores, *, top_k=None, threshold=None, per_kind=False, kinds=None,
+        connect=True, n_layers=None, n_heads=None)``. Exactly one of ``top_k`` (the ``top_k``
+        highest scores; equal scores keep the order of ``scores``, so the count is exact) or
+        ``threshold`` (every score ``>= threshold``); ``nan`` scores are never kept.
+        ``kinds`` keeps only edges of those kinds (``si.analysis.edge_kind``: ``"head->q"``,
+        ``"head->k"``, ``"head->v"``, ``"head->mlp"``, ``"mlp->q"``, ..., ``"mlp->mlp"``);
+        ``per_kind=True`` takes the ``top_k`` of each kind instead of overall.
+
+        Ranking across kinds is meaningful for ``graph_edge_scores``: each score is
+        ``||W_s R_t||_F / (||W_s||_F ||R_t||_F)``, a cosine-like ratio in ``[0, 1]`` that does
+        not depend on the scale of either matrix, whatever the kind. What differs is the rank
+        of the factors (a head writes and reads through ``d_head`` dimensions, an MLP through
+        up to ``d_model``), so the kinds' distributions can still differ on a given model:
+        ``per_kind=True`` ranks within each kind when they do.
+
+        Nodes are the kept edges' ends; the kept edges carry their scores (``edge_scores``).
+        ``connect=True`` also adds, without scores, ``embed -> node`` (each of a head's
+        ``q/k/v``) for every node with no kept incoming edge and ``node -> unembed`` for every
+        node with no kept outgoing one: EAP-IG's ``Graph.prune`` (run before MIB / EAP-IG
+        evaluation) keeps only nodes on a path from input to logits, and the scores have no
+        embed / unembed edges, so without them an exported circuit is pruned to nothing.
+        ``n_layers`` / ``n_heads`` default to one more than the largest layer / head named in
+        ``scores`` (all of them for ``graph_edge_scores`` output).
+        """
+        from ._edge_circuits import from_edge_scores
+
+        return from_edge_scores(scores, **kwargs)
+
     def heads(self) -> list[tuple[int, int]]:
         """The circuit's heads as ``(layer, head)``, sorted."""
         positions = (node_position(node) for node in self.nodes)
