@@ -151,3 +151,8 @@ def test_on_a_tiny_gpt2_with_real_graph_edge_scores():
     assert circuit.nodes - {"embed", "unembed"} <= _reachable(again)
     per_kind = Circuit.from_edge_scores(scores, top_k=1, per_kind=True, connect=False)
     assert len(per_kind.edges) == 8  # head->q/k/v/mlp, mlp->q/k/v/mlp
+
+
+def test_a_threshold_that_is_not_a_number_is_refused():
+    with pytest.raises((TypeError, ValueError), match="threshold"):
+        Circuit.from_edge_scores(SCORES, threshold="high")

@@ -186,3 +186,15 @@ def test_plot_faithfulness(planted, tmp_path):
     assert isinstance(fig, matplotlib.figure.Figure)
     assert fig.axes[0].get_xscale() == "log"
     assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_a_find_result_brings_its_scores_and_its_model_fingerprint(planted):
+    result = si.find(planted.model, "magnitude", planted.loss_fn, planted.batches(128))
+    args = (planted.batches(128), loss(planted.loss_fn))
+    curve = faithfulness_curve(planted.model, result, *args, densities=(0.1, 1.0))
+    same = faithfulness_curve(planted.model, result.scores, *args, densities=(0.1, 1.0))
+    assert curve.values == same.values and curve.counts == same.counts
+    other = planted_mlp(generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match="fingerprint"):
+        faithfulness_curve(other.model, result, *args, densities=(0.1, 1.0))
+    faithfulness_curve(other.model, result, *args, densities=(0.1, 1.0), strict=False)

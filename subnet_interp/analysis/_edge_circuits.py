@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 
 from .._types import NotFoundError
@@ -53,8 +54,14 @@ def from_edge_scores(
         )
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise ValueError(f"top_k must be a non-negative int, got {top_k!r}.")
-    if threshold is not None and (isinstance(threshold, bool) or math.isnan(float(threshold))):
-        raise ValueError(f"threshold must be a number, got {threshold!r}.")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, numbers.Real)
+        or math.isnan(float(threshold))
+    ):
+        raise ValueError(
+            f"threshold must be a number, got {threshold!r}. Pass a float score, e.g. threshold=0.2."
+        )
     if per_kind and top_k is None:
         raise ValueError(
             "per_kind=True keeps the top_k edges of each kind; it takes top_k=, not threshold= "

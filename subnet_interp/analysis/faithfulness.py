@@ -37,6 +37,7 @@ from .._ablations import Ablation, resolve_ablation
 from .._masked import prepare
 from .._ranking import kept_count, ranks
 from .._subnetwork import Subnetwork
+from ..methods._base import FindResult
 from .ablation import Metric, as_metric, evaluator
 
 MIB_DENSITIES: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -138,7 +139,7 @@ def _check_densities(densities: Iterable[float]) -> tuple[float, ...]:
 
 def faithfulness_curve(
     model: Any,
-    scores: Mapping[str, Tensor],
+    scores: Mapping[str, Tensor] | FindResult,
     data: Iterable[Any],
     metric: Metric | Callable[[Any, Any], Tensor],
     *,
@@ -158,8 +159,9 @@ def faithfulness_curve(
     Args:
         model: any supported model.
         scores: canonical target name -> float tensor of the target's shape (e.g.
-            ``FindResult.scores``, or ``{n: m.float() for n, m in subnetwork.masks.items()}``).
-            Targets not in ``scores`` are left unmasked.
+            ``FindResult.scores``, or ``{n: m.float() for n, m in subnetwork.masks.items()}``),
+            or a ``FindResult`` itself (its scores, and the fingerprint of the model it was
+            found on, checked with ``strict``). Targets not in ``scores`` are left unmasked.
         data: evaluation batches (iterated once per configuration).
         metric: a :class:`Metric` or a plain ``fn(model, batch) -> scalar`` (then say
             ``higher_is_better``).
@@ -170,8 +172,8 @@ def faithfulness_curve(
         ablation: what stands where a mask is 0 (``"zero"``, ``MeanAblation(data)``, ...); the
             empty circuit is ablated the same way.
         per_target: keep ``round(d * n_t)`` weights in each target instead of the global top.
-        strict: as in ``ablation_effect``; scores carry no recorded fingerprint, so there is
-            nothing to check yet.
+        strict: as in ``ablation_effect``: a ``FindResult``'s recorded model fingerprint must
+            match ``model`` (a plain mapping of scores records none).
 
     Definitions (MIB, Mueller et al. 2025): see this module's docstring; CPR and CMD integrate
     over the density (linear x-axis) with the trapezoid rule.
@@ -184,11 +186,21 @@ def faithfulness_curve(
             "{name: mask.float() for name, mask in subnetwork.masks.items()} (its weights "
             "first, ties broken by position) or FindResult.scores."
         )
+    recorded = None
+    if isinstance(scores, FindResult):
+        if scores.scores is None:
+            raise ValueError(
+                "This FindResult has no scores (it was built without them); pass a mapping of "
+                "target name -> float scores instead."
+            )
+        recorded = scores.subnetwork.meta.get("fingerprint")
+        scores = scores.scores
     order = ranks(scores, per_target=per_target)  # checks the mapping, dtypes and NaNs
     batches = list(data)
     if not batches:
         raise ValueError("`data` yielded no batches.")
-    prepared = prepare(model, scores, strict=strict)  # checks names, shapes and devices
+    # checks names, shapes, devices and (strict) the model the scores were found on
+    prepared = prepare(model, scores, recorded_fingerprint=recorded, strict=strict)
     sizes = {name: value.numel() for name, value in scores.items()}
     total = sum(sizes.values())
 
