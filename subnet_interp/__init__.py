@@ -5,7 +5,7 @@ nnsight; adapters load their library when a model of that family is first seen.
 """
 
 from . import analysis, methods, probing, testing
-from ._ablations import Ablation, MeanAblation, ReinitAblation, ResampleAblation
+from ._ablations import Ablation, MeanAblation, PatchAblation, ReinitAblation, ResampleAblation
 from ._find import find
 from ._fingerprint import fingerprint
 from ._loop import NonFiniteLossError
@@ -21,6 +21,7 @@ __all__ = [
     "Ablation",
     "MeanAblation",
     "ReinitAblation",
+    "PatchAblation",
     "ResampleAblation",
     "FindResult",
     "NonFiniteLossError",

@@ -44,6 +44,14 @@ class Ablation:
     def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
         return weight * mask
 
+    def on_batch(self, batch: Any) -> None:
+        """Called by ``si.find``, ``ablation_effect`` and ``faithfulness_curve`` before the model
+        runs on each ``batch`` while attached (an ablation that depends on the batch, such as
+        :class:`PatchAblation`, records what it needs here)."""
+
+    def release(self) -> None:
+        """Called once the attachment that prepared this ablation is removed."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -57,9 +65,16 @@ def resolve_ablation(ablation: str | Ablation) -> Ablation:
         return ablation
     if isinstance(ablation, str) and ablation in _ABLATIONS:
         return _ABLATIONS[ablation]
+    hint = {
+        "mean": " Mean ablation needs reference data: si.MeanAblation(data).",
+        "resample": " Resample ablation needs reference data: si.ResampleAblation(data).",
+        "reinit": " Use si.ReinitAblation().",
+        "patch": " Patching needs each batch's twin: si.PatchAblation(counterfactual).",
+        "patching": " Patching needs each batch's twin: si.PatchAblation(counterfactual).",
+    }.get(ablation if isinstance(ablation, str) else "", "")
     raise ValueError(
         f"Unknown ablation {ablation!r}. Pass one of {sorted(_ABLATIONS)} or an `si.Ablation` "
-        "instance."
+        f"instance.{hint}"
     )
 
 
@@ -99,15 +114,7 @@ class _InputAblation(Ablation):
         self, model: object, root: nn.Module, targets: Mapping[str, Target], keep_all: bool
     ) -> None:
         locations = {t.location for t in targets.values()}
-        for module_path, attribute in locations:
-            module = root.get_submodule(module_path)
-            if attribute != "weight" or _module_kind(module) == "other":
-                raise TypeError(
-                    f"{type(self).__name__} needs each target to be the weight of an nn.Linear or "
-                    f"transformers Conv1D layer (inputs are recorded there); {module_path!r}."
-                    f"{attribute} belongs to a {type(module).__name__}. Use zero ablation or "
-                    "ReinitAblation for it, or restrict the targets."
-                )
+        _check_linear_owners(self, root, targets)
         sums: dict[tuple[str, str], Any] = {}
         counts: dict[tuple[str, str], int] = {}
         handles = []
@@ -225,6 +232,153 @@ class ResampleAblation(_InputAblation):
         return hook
 
 
+class PatchAblation(Ablation):
+    """Patching (interchange) ablation with paired counterfactuals: the masked-out weights compute
+    on what their layer received in a run of the model on the batch's counterfactual twin,
+
+        ``y = (m * W) x + ((1 - m) * W) x' + b``,
+
+    with ``x'`` the layer's input in a no-grad forward of the model without this attachment's
+    masks on the counterfactual (e.g. the IOI prompt with the names swapped). This is the
+    interchange ablation that Edge Pruning (Bhaskar et al. 2024) trains under and MIB's circuit
+    track judges with (``--ablation patching``, Mueller et al. 2025), at the level of weights:
+    mask all ones is the clean model, mask all zeros gives every masked layer exactly its output
+    in the counterfactual run. Gradients reach a soft mask through both terms.
+
+    Each batch needs its twin: ``si.find(..., ablation=)``, ``ablation_effect`` and
+    ``faithfulness_curve`` call :meth:`record` with every batch before running the model on it.
+    Inside ``si.masked`` call ``ablation.record(batch)`` yourself first.
+
+    Args:
+        counterfactual: ``counterfactual(model, batch)`` runs ``model`` on the batch's
+            counterfactual twin (e.g. ``lambda model, batch: model(batch["corrupted"])``); or a
+            key or index, which runs ``model(batch[key])``. The twin must give each masked layer
+            an input of the clean input's shape (the same sequence length).
+    """
+
+    name = "patch"
+
+    def __init__(self, counterfactual: object):  # str | int | Forward, checked below
+        if isinstance(counterfactual, (str, int)) and not isinstance(counterfactual, bool):
+            key = counterfactual
+            self.counterfactual: Forward = lambda model, batch: model(batch[key])  # noqa: E731
+        elif callable(counterfactual):
+            self.counterfactual = counterfactual
+        else:
+            raise TypeError(
+                "PatchAblation(counterfactual) takes a function `(model, batch) -> output` that "
+                "runs the model on the batch's counterfactual twin, or the key / index of the "
+                f"twin's input in each batch; got {type(counterfactual).__name__}."
+            )
+        self._model: object = None
+        self._slots: Mapping[tuple[str, str], _Slot] = {}
+        self._inputs: dict[tuple[str, str], list[Tensor]] = {}
+        self._calls: dict[tuple[str, str], int] = {}
+        self._recording = False
+
+    def prepare(self, model, root, targets) -> None:
+        if self._slots:
+            raise RuntimeError(
+                "This PatchAblation is already in use by another attachment (e.g. a nested "
+                "si.masked); give each attachment its own PatchAblation."
+            )
+        _check_linear_owners(self, root, targets)
+        self._model = model
+        self._inputs, self._calls = {}, {}
+
+    def hooks(self, root, slots):
+        self._slots = dict(slots)
+        handles = []
+        for location, slot in slots.items():
+            module = root.get_submodule(location[0])
+            handles.append(module.register_forward_pre_hook(self._recorder(location)))
+            handles.append(module.register_forward_hook(self._make_hook(location, slot)))
+        return handles
+
+    def release(self) -> None:
+        self._slots, self._model = {}, None
+        self._inputs, self._calls = {}, {}
+
+    def on_batch(self, batch: Any) -> None:
+        self.record(batch)
+
+    def record(self, batch: Any) -> None:
+        """Run the counterfactual twin of ``batch`` (no grad, this attachment's masks off) and
+        keep every masked layer's input for the next forward passes."""
+        if not self._slots:
+            raise RuntimeError(
+                "PatchAblation.record needs the ablation attached: call it inside "
+                "`si.masked(model, subnetwork, ablation=this)` (si.find, ablation_effect and "
+                "faithfulness_curve call it for you)."
+            )
+        saved = [(slot, slot.mask, slot.compute) for slot in self._slots.values()]
+        for slot, _, _ in saved:
+            slot.mask, slot.compute = None, None
+        self._inputs = {location: [] for location in self._slots}
+        self._recording = True
+        try:
+            with torch.no_grad():
+                self.counterfactual(self._model, batch)
+        finally:
+            self._recording = False
+            for slot, mask, compute in saved:
+                slot.mask, slot.compute = mask, compute
+        missing = [location[0] for location, seen in self._inputs.items() if not seen]
+        if missing:
+            self._inputs = {}
+            raise ValueError(
+                f"PatchAblation: the counterfactual run never called {missing[:4]}; check that "
+                "`counterfactual` runs the whole model."
+            )
+        self._calls = dict.fromkeys(self._inputs, 0)
+
+    def _recorder(self, location):
+        def hook(module, args):
+            if self._recording:
+                self._inputs[location].append(args[0].detach())
+
+        return hook
+
+    def _make_hook(self, location, slot):
+        def hook(module, args, output):
+            if slot.mask is None or self._recording:
+                return output
+            recorded = self._inputs.get(location)
+            if not recorded:
+                raise RuntimeError(
+                    f"PatchAblation has no counterfactual input for {location[0]!r}: call "
+                    "`ablation.record(batch)` before running the model on `batch` (si.find, "
+                    "ablation_effect and faithfulness_curve do this for every batch)."
+                )
+            call = self._calls[location]
+            self._calls[location] = call + 1
+            x, twin = args[0], recorded[call % len(recorded)]  # layers called k times per run
+            if twin.shape != x.shape:
+                raise ValueError(
+                    f"PatchAblation at {location[0]!r}: the counterfactual run gave this layer an "
+                    f"input of shape {tuple(twin.shape)}, the clean run {tuple(x.shape)}. Pair "
+                    "each batch with a twin of the same shape (batch size and sequence length)."
+                )
+            return output + _masked_out_term(module, location[1], slot.mask, twin)
+
+        return hook
+
+
+def _check_linear_owners(
+    ablation: Ablation, root: nn.Module, targets: Mapping[str, Target]
+) -> None:
+    """Input-based ablations need ``y = W x`` owners: nn.Linear or transformers' Conv1D weights."""
+    for module_path, attribute in {t.location for t in targets.values()}:
+        module = root.get_submodule(module_path)
+        if attribute != "weight" or _module_kind(module) == "other":
+            raise TypeError(
+                f"{type(ablation).__name__} needs each target to be the weight of an nn.Linear or "
+                f"transformers Conv1D layer (inputs are recorded there); {module_path!r}."
+                f"{attribute} belongs to a {type(module).__name__}. Use zero ablation or "
+                "ReinitAblation for it, or restrict the targets."
+            )
+
+
 class ReinitAblation(Ablation):
     """Re-initialisation ablation (Lepori et al. 2023): masked weights are replaced by a fresh
     draw from the layer's initial distribution, ``W' = m * W + (1 - m) * R``. ``R`` is drawn once
@@ -269,6 +423,7 @@ __all__ = [
     "ZERO",
     "Ablation",
     "MeanAblation",
+    "PatchAblation",
     "ReinitAblation",
     "ResampleAblation",
     "resolve_ablation",

@@ -221,6 +221,11 @@ class Attachment:
                 continue
             loc.slot.mask = _real_mask(loc, loc.real, masks, present, fill) if present else None
 
+    def on_batch(self, batch: object) -> None:
+        """Tell the ablation the model is about to run on ``batch`` (``PatchAblation`` runs the
+        batch's counterfactual twin here); loops call it before every forward."""
+        self.ablation.on_batch(batch)
+
     def shadow_reads(self) -> dict[str, int]:
         """How often each FSDP-sharded target's weight was read since the last call (the
         forward hooks count); resets the counts."""
@@ -268,6 +273,10 @@ class Attachment:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        try:
+            self.ablation.release()
+        except BaseException as error:
+            errors.append(error)
         for loc in reversed(self._locations):
             try:
                 _remove_one(loc)

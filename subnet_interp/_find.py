@@ -14,6 +14,8 @@ import torch
 from torch import Tensor, nn
 
 from . import _checkpoint, adapters
+from ._ablations import ZERO, Ablation, resolve_ablation
+from ._attach import AddDelta
 from ._fingerprint import fingerprint
 from ._loop import endless
 from ._masked import Prepared, prepare
@@ -107,6 +109,7 @@ def find(
     checkpoint_every: int = 100,
     extra_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
     extra_lr: float = 1e-3,
+    ablation: str | Ablation = "zero",
 ) -> FindResult:
     """Find a subnetwork of ``model`` with a registered method.
 
@@ -158,6 +161,16 @@ def find(
             their own Adam (``extra_lr``), from the same loss: e.g. a probe that ``loss_fn``
             applies to the model's activations (``subnet_interp.probing``). They are trained in
             place and must not belong to the model (its weights stay frozen).
+        ablation: what the removed weights compute while the mask trains: ``"zero"`` (the
+            default), ``si.MeanAblation(reference_data)``, ``si.ResampleAblation(...)``,
+            ``si.ReinitAblation()`` or ``si.PatchAblation(counterfactual)`` (each batch's
+            counterfactual twin runs, without grad, before the masked forward; the removed part
+            of every masked weight computes on its layer's input in that run). Judge the mask
+            under the same ablation (``ablation_effect`` / ``faithfulness_curve`` /
+            ``si.masked`` take the same objects). Applies to the methods that learn from the
+            loss; ``lt_sft`` removes no weight (its subnetwork is a sparse weight difference)
+            and takes only ``"zero"``. For ``lottery_ticket`` the pruned weights keep their
+            values and compute on the ablation's input.
 
     Returns:
         ``FindResult(subnetwork, history)``; ``subnetwork.meta`` records the method, its
@@ -218,10 +231,11 @@ def find(
             )
     if not (isinstance(extra_lr, (int, float)) and extra_lr > 0):
         raise ValueError(f"`extra_lr` must be a positive number, got {extra_lr!r}.")
+    resolved_ablation = _check_ablation(ablation, resolved)
     prepared = prepare(model)
     adapter, mesh = prepared.adapter, prepared.mesh
     if mesh is not None:
-        _check_sharded_run(resolved, device, mask_optimizer)
+        _check_sharded_run(resolved, device, mask_optimizer, resolved_ablation)
     chosen = select_targets(prepared, targets)
     owned = {id(p) for p in prepared.root.parameters()}
     if any(id(t) in owned for t in extras):
@@ -240,6 +254,8 @@ def find(
         "fingerprint": print_before,
         "targets": list(chosen),
     }
+    if resolved_ablation is not ZERO:  # (absent for zero: checkpoints written before it resume)
+        run["ablation"] = resolved_ablation.name
     user_model = model
     if resolved.trains_weights and not inplace:
         model = _copy_model(model)
@@ -279,6 +295,7 @@ def find(
             checkpoint=checkpoint,
             checkpoint_every=checkpoint_every,
             mesh=mesh,
+            ablation=resolved_ablation,
             run_identity=_checkpoint.jsonable(
                 {**run, "extra_parameters": [list(t.shape) for t in extras]}
             ),
@@ -299,6 +316,7 @@ def find(
         **run,
         "recompute_masks": recompute_masks or mesh is not None,  # always so when sharded
         "family": adapter.family,
+        "ablation": resolved_ablation.name,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "subnet_interp_version": _version(),
     }
@@ -321,8 +339,38 @@ def _scores_like(scores: Any, subnetwork: Any, method: str) -> dict[str, torch.T
     return {n: s.detach().to(subnetwork.device, torch.float32) for n, s in scores.items()}
 
 
-def _check_sharded_run(method: Method, device: Any, mask_optimizer: str) -> None:
+def _check_ablation(ablation: Any, method: Method) -> Ablation:
+    """``si.find``'s ``ablation=``, resolved; refused where the method has no removed weights."""
+    resolved = resolve_ablation(ablation)
+    if resolved is ZERO:
+        return resolved
+    if isinstance(resolved, AddDelta):
+        raise TypeError("`ablation` must be an si.Ablation that stands in for removed weights.")
+    if not method.learns_from_loss:
+        raise ValueError(
+            f"{method.name!r} does not train: its mask does not depend on `ablation` "
+            f"({resolved!r}). Leave ablation='zero' here, and judge the mask under that ablation "
+            "with ablation_effect(..., ablation=) or faithfulness_curve(..., ablation=)."
+        )
+    if method.returns_delta:
+        raise ValueError(
+            f"{method.name!r} removes no weight while it trains (its subnetwork is a sparse "
+            "difference of weights, and every other weight keeps its pretrained value), so "
+            f"ablation={resolved!r} does not apply; use ablation='zero'."
+        )
+    return resolved
+
+
+def _check_sharded_run(
+    method: Method, device: Any, mask_optimizer: str, ablation: Ablation = ZERO
+) -> None:
     """What an FSDP2-sharded model supports (see ``_train.train_masks``)."""
+    if ablation is not ZERO:
+        raise ValueError(
+            f"ablation={ablation!r} does not work on FSDP-sharded models (the removed weights' "
+            "input terms need the whole weight); train under zero ablation, or run on the "
+            "unsharded model."
+        )
     supported = [
         n
         for n in registry.names()

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import _checkpoint, _distributed, _loop
-from ._attach import ZERO, Attachment
+from ._attach import Attachment
 from ._checkpoint import RunState
 from ._checkpoint import save as _save  # a module global, looked up at each save
 from ._fingerprint import canonical_copy, read_canonical
@@ -37,7 +37,11 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     # everything that can fail before training is above: from here on the model is modified
     # and the `finally` below restores it
     attachment = Attachment(
-        context.root, context.targets, ZERO, adapter=context.adapter, model=context.model
+        context.root,
+        context.targets,
+        context.ablation,
+        adapter=context.adapter,
+        model=context.model,
     )
     bar = _loop.progress_bar(context.steps, method.name, show=context.progress, rank=plan.rank)
     try:
@@ -253,6 +257,7 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     loss_sum = torch.zeros((), device=context.device)
     for chunk in chunks:
         _attach_samples(plan, run, attachment)
+        attachment.on_batch(chunk)
         loss = context.loss_fn(context.model, chunk)
         if plan.unchecked_reads:
             reads = attachment.shadow_reads()

@@ -2,8 +2,8 @@
 metrics it measures and its report.
 
 The ablations themselves (what stands where a mask is 0) live beside the attach code in
-``subnet_interp/_ablations.py``; ``MeanAblation``, ``ResampleAblation`` and ``ReinitAblation``
-are re-exported here.
+``subnet_interp/_ablations.py``; ``MeanAblation``, ``ResampleAblation``, ``ReinitAblation`` and
+``PatchAblation`` are re-exported here.
 """
 
 from __future__ import annotations
@@ -19,10 +19,12 @@ from .._ablations import (
     Ablation,
     Forward,
     MeanAblation,
+    PatchAblation,
     ReinitAblation,
     ResampleAblation,
     resolve_ablation,
 )
+from .._attach import Attachment
 from .._masked import prepare
 from .._subnetwork import Subnetwork
 from ..methods.random import random_like
@@ -110,10 +112,13 @@ def evaluator(model: Any, metric: Metric, batches: list[Any]) -> Callable[[], fl
         with torch.no_grad():
             references = [metric.forward(model, batch).detach() for batch in batches]
 
-    def evaluate() -> float:
+    def evaluate(attachment: Attachment | None = None) -> float:
+        """The metric's mean; with ``attachment``, its ablation sees every batch first."""
         values = []
         with torch.no_grad():
             for index, batch in enumerate(batches):
+                if attachment is not None:
+                    attachment.on_batch(batch)
                 if metric.needs_reference:
                     values.append(metric.fn(model, batch, references[index]))
                 else:
@@ -238,15 +243,15 @@ def ablation_effect(
     try:
         empty_masks = {n: torch.zeros_like(m) for n, m in subnetwork.masks.items()}
         attachment.set_masks(empty_masks)
-        empty = evaluate()
+        empty = evaluate(attachment)
         attachment.set_masks(subnetwork.masks)
-        kept = evaluate()
+        kept = evaluate(attachment)
         attachment.set_masks((~subnetwork).masks)
-        removed = evaluate()
+        removed = evaluate(attachment)
         control_values = []
         for control in control_masks:
             attachment.set_masks(control.masks)
-            control_values.append(evaluate())
+            control_values.append(evaluate(attachment))
     finally:
         attachment.remove()
     control_tensor = torch.tensor(control_values, dtype=torch.float64)
@@ -279,6 +284,7 @@ __all__ = [
     "MeanAblation",
     "Metric",
     "ReinitAblation",
+    "PatchAblation",
     "ResampleAblation",
     "ablation_effect",
     "accuracy",

@@ -220,11 +220,11 @@ def faithfulness_curve(
         attachment.set_masks(
             {name: torch.zeros_like(r, dtype=torch.bool) for name, r in order.items()}
         )
-        empty = evaluate()
+        empty = evaluate(attachment)
         for density in points:
             masks, count = masks_at(density)
             attachment.set_masks(masks)
-            values.append(evaluate())
+            values.append(evaluate(attachment))
             counts.append(count)
     finally:
         attachment.remove()

@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .._ablations import ZERO, Ablation
 from .._subnetwork import Subnetwork
 from .._types import Target
 
@@ -59,6 +60,8 @@ class FindContext:
     # what a checkpoint must match to be resumed (method, hyper-parameters, steps, targets,
     # model fingerprint, ...): JSON values; a checkpoint with another identity is refused
     run_identity: Mapping[str, Any] = field(default_factory=dict)
+    # what removed weights compute while the mask trains (si.Ablation; zero ablation by default)
+    ablation: Ablation = ZERO
 
 
 @dataclass(frozen=True)

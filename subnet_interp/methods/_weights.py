@@ -86,12 +86,17 @@ def train_weights(
 
     Args:
         keep: canonical bool masks; weights outside them are removed from the forward pass
-            (zero ablation), as a pruned network computes.
+            as ``context.ablation`` says (zero ablation: as a pruned network computes; other
+            ablations: they keep their values and compute on the ablation's input).
         trainable: canonical bool masks; only these entries of the targets receive gradient
             updates, every other parameter is frozen (gradient masking, as in LT-SFT).
     """
     root = context.root
     params, hooks = _trained_parameters(context, trainable)
+    if keep is not None and context.ablation is not ZERO:
+        # removed weights still compute (on the mean / counterfactual input): they keep their
+        # values, as a pruned weight keeps its zero under zero ablation
+        hooks += _freeze_removed(context, keep, params)
     flags = {id(p): p.requires_grad for p in root.parameters()}
     chosen = {id(p) for p in params}
     for p in root.parameters():
@@ -100,14 +105,14 @@ def train_weights(
     attachment = None
     if keep is not None:
         attachment = Attachment(
-            root, context.targets, ZERO, adapter=context.adapter, model=context.model
+            root, context.targets, context.ablation, adapter=context.adapter, model=context.model
         )
         attachment.set_masks(keep)
     recent: list[Tensor] = []
     bar = _loop.progress_bar(steps, description, show=context.progress)
     try:
         for step in range(steps):
-            recent.append(_weight_step(context, optimizer, step, keep, trainable))
+            recent.append(_weight_step(context, optimizer, step, keep, trainable, attachment))
             if len(recent) > context.log_every:
                 recent.pop(0)
             if on_step is not None:
@@ -140,15 +145,32 @@ def _trained_parameters(
     return params, hooks
 
 
+def _freeze_removed(
+    context: FindContext, keep: Mapping[str, Tensor], params: Sequence[Tensor]
+) -> list[Any]:
+    """Gradient hooks that leave the weights outside ``keep`` unchanged."""
+    grad_masks = real_location_masks(context, keep, 1.0)
+    trained = {id(p) for p in params}
+    return [
+        p.register_hook(_gradient_mask(grad_masks[id(p)]))
+        for p in context.root.parameters()
+        if id(p) in grad_masks and id(p) in trained
+    ]
+
+
 def _weight_step(
     context: FindContext,
     optimizer: torch.optim.Optimizer,
     step: int,
     keep: Mapping[str, Tensor] | None,
     trainable: Mapping[str, Tensor] | None,
+    attachment: Attachment | None,
 ) -> Tensor:
     """One optimiser step on the next batch; returns the (detached) loss."""
-    loss = context.loss_fn(context.model, next(context.batches))
+    batch = next(context.batches)
+    if attachment is not None:
+        attachment.on_batch(batch)
+    loss = context.loss_fn(context.model, batch)
     _loop.check_loss(loss, step)
     _loop.stop_unless_finite(
         loss, step, None, lambda: _current_subnetwork(context, keep, trainable)
