@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
@@ -14,8 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from . import _checkpoint, adapters
-from ._ablations import ZERO, Ablation, resolve_ablation
-from ._attach import AddDelta
+from ._ablations import ZERO, Ablation
+from ._find_checks import (
+    check_ablation,
+    check_loss_fn,
+    check_sharded_run,
+    digest,
+    init_probabilities,
+)
 from ._fingerprint import fingerprint
 from ._loop import endless
 from ._masked import Prepared, prepare
@@ -110,6 +115,7 @@ def find(
     extra_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
     extra_lr: float = 1e-3,
     ablation: str | Ablation = "zero",
+    init_scores: Mapping[str, Tensor] | FindResult | None = None,
 ) -> FindResult:
     """Find a subnetwork of ``model`` with a registered method.
 
@@ -171,6 +177,13 @@ def find(
             loss; ``lt_sft`` removes no weight (its subnetwork is a sparse weight difference)
             and takes only ``"zero"``. For ``lottery_ticket`` the pruned weights keep their
             values and compute on the ablation's input.
+        init_scores: warm-start a learnable-mask method from scores (e.g. the ``scores`` of
+            an ``attribution`` run, as MIB submissions warm-started mask learning with EAP-IG),
+            a mapping over exactly the selected targets or a ``FindResult``. The weights are
+            ranked (highest first, ties by position) and each starts kept with probability
+            ``0.05 + 0.9 * q``, ``q`` its rank quantile (1 for the best, 0 for the worst); a
+            neuron or head gate starts at the mean over its weights. Each method inverts its
+            own keep probability (``MaskMethod.params_for_probability``).
 
     Returns:
         ``FindResult(subnetwork, history)``; ``subnetwork.meta`` records the method, its
@@ -194,7 +207,7 @@ def find(
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
     check_hparams(resolved)
-    _check_loss_fn(loss_fn)
+    check_loss_fn(loss_fn)
     if mask_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
             f"`mask_dtype` must be torch.float32, torch.bfloat16 or torch.float16, got {mask_dtype!r}."
@@ -231,11 +244,11 @@ def find(
             )
     if not (isinstance(extra_lr, (int, float)) and extra_lr > 0):
         raise ValueError(f"`extra_lr` must be a positive number, got {extra_lr!r}.")
-    resolved_ablation = _check_ablation(ablation, resolved)
+    resolved_ablation = check_ablation(ablation, resolved)
     prepared = prepare(model)
     adapter, mesh = prepared.adapter, prepared.mesh
     if mesh is not None:
-        _check_sharded_run(resolved, device, mask_optimizer, resolved_ablation)
+        check_sharded_run(resolved, device, mask_optimizer, resolved_ablation)
     chosen = select_targets(prepared, targets)
     owned = {id(p) for p in prepared.root.parameters()}
     if any(id(t) in owned for t in extras):
@@ -244,6 +257,7 @@ def find(
             "stay frozen while masks train. Keep the probe outside the model and apply it in "
             "loss_fn."
         )
+    probabilities = init_probabilities(init_scores, resolved, chosen)
     print_before = fingerprint(model)
     run = {  # what defines the run: recorded in the result's meta and checked on resume
         "method": resolved.name,
@@ -256,6 +270,8 @@ def find(
     }
     if resolved_ablation is not ZERO:  # (absent for zero: checkpoints written before it resume)
         run["ablation"] = resolved_ablation.name
+    if probabilities is not None:  # (likewise absent without it)
+        run["init_scores"] = digest(probabilities)
     user_model = model
     if resolved.trains_weights and not inplace:
         model = _copy_model(model)
@@ -296,6 +312,7 @@ def find(
             checkpoint_every=checkpoint_every,
             mesh=mesh,
             ablation=resolved_ablation,
+            init_probabilities=probabilities,
             run_identity=_checkpoint.jsonable(
                 {**run, "extra_parameters": [list(t.shape) for t in extras]}
             ),
@@ -337,82 +354,6 @@ def _scores_like(scores: Any, subnetwork: Any, method: str) -> dict[str, torch.T
             "this is a bug in the method (scores are laid out like the masks). Please report it."
         )
     return {n: s.detach().to(subnetwork.device, torch.float32) for n, s in scores.items()}
-
-
-def _check_ablation(ablation: Any, method: Method) -> Ablation:
-    """``si.find``'s ``ablation=``, resolved; refused where the method has no removed weights."""
-    resolved = resolve_ablation(ablation)
-    if resolved is ZERO:
-        return resolved
-    if isinstance(resolved, AddDelta):
-        raise TypeError("`ablation` must be an si.Ablation that stands in for removed weights.")
-    if not method.learns_from_loss:
-        raise ValueError(
-            f"{method.name!r} does not train: its mask does not depend on `ablation` "
-            f"({resolved!r}). Leave ablation='zero' here, and judge the mask under that ablation "
-            "with ablation_effect(..., ablation=) or faithfulness_curve(..., ablation=)."
-        )
-    if method.returns_delta:
-        raise ValueError(
-            f"{method.name!r} removes no weight while it trains (its subnetwork is a sparse "
-            "difference of weights, and every other weight keeps its pretrained value), so "
-            f"ablation={resolved!r} does not apply; use ablation='zero'."
-        )
-    return resolved
-
-
-def _check_sharded_run(
-    method: Method, device: Any, mask_optimizer: str, ablation: Ablation = ZERO
-) -> None:
-    """What an FSDP2-sharded model supports (see ``_train.train_masks``)."""
-    if ablation is not ZERO:
-        raise ValueError(
-            f"ablation={ablation!r} does not work on FSDP-sharded models (the removed weights' "
-            "input terms need the whole weight); train under zero ablation, or run on the "
-            "unsharded model."
-        )
-    supported = [
-        n
-        for n in registry.names()
-        if issubclass(registry.get(n), MaskMethod) and not registry.get(n).trains_weights
-    ]
-    if device is not None:
-        raise ValueError(
-            f"`device={device!r}` cannot move an FSDP2-sharded model: FSDP placed its shards. "
-            "Leave `device` unset."
-        )
-    if method.name == "random":  # reads no weight: the same masks on every rank, by the seed
-        return
-    if not isinstance(method, MaskMethod) or method.trains_weights:
-        raise ValueError(
-            f"The model is sharded with FSDP2 (fully_shard); on sharded models si.find runs the "
-            f"learnable-mask methods that keep the weights frozen, {supported}, and the "
-            f"'random' baseline; {method.name!r} is not one of them. Run it on the unsharded "
-            "model."
-        )
-    if mask_optimizer != "paper":
-        raise ValueError(
-            f"`mask_optimizer={mask_optimizer!r}` is not supported on FSDP2-sharded models; use "
-            "the default 'paper' optimizer."
-        )
-
-
-def _check_loss_fn(loss_fn: Any) -> None:
-    if not callable(loss_fn):
-        raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
-    try:
-        signature = inspect.signature(loss_fn)
-    except (TypeError, ValueError):  # builtins and some C callables have no signature
-        return
-    try:
-        signature.bind(None, None)
-    except TypeError:
-        name = getattr(loss_fn, "__qualname__", type(loss_fn).__qualname__)
-        raise TypeError(
-            f"`loss_fn` is called as loss_fn(model, batch), but {name}{signature} cannot take "
-            "those two positional arguments. Give it that signature, e.g. "
-            "`lambda model, batch: my_loss(model(batch))`."
-        ) from None
 
 
 def _copy_model(model: Any) -> Any:

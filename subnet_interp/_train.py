@@ -143,12 +143,22 @@ def _initial_parameters(method: MaskMethod, context: FindContext) -> dict[str, T
         weight = read_canonical(context.root, target).detach()
         gate_shape = target.gate_shape(method.granularity)
         init = method.init_parameters(target, gate_shape, weight, context.generator)
+        if context.init_probabilities is not None:
+            init = method.params_for_probability(
+                _gate_mean(context.init_probabilities[name].to(weight.device), gate_shape)
+            ).to(init.dtype)
         init = init.to(device=context.device, dtype=context.mask_dtype)
         del weight  # a gathered copy under FSDP2: freed before the next target's
         if context.mesh is not None:
             init = _distributed.shard(init, context.mesh)
         params[name] = init.requires_grad_(True)
     return params
+
+
+def _gate_mean(values: Tensor, gate_shape: tuple[int, ...]) -> Tensor:
+    """Per-weight values averaged over the weights each gate covers (gate shape)."""
+    dims = [d for d, (v, g) in enumerate(zip(values.shape, gate_shape, strict=True)) if g == 1 != v]
+    return values.mean(dim=dims, keepdim=True) if dims else values
 
 
 def _trained_weights(method: MaskMethod, context: FindContext) -> list[Tensor]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import subnet_interp as si
-from subnet_interp.tasks import planted_delta, planted_mlp, planted_teacher
+from subnet_interp.tasks import planted_delta, planted_mlp, planted_sensitivity, planted_teacher
 
 # Per method: which planted task suits it, hyper-parameters that make it converge in a few
 # hundred steps on that task (its defaults are the paper's, tuned to much longer runs and
@@ -14,7 +14,14 @@ from subnet_interp.tasks import planted_delta, planted_mlp, planted_teacher
 #   frozen: weights fixed at a solution; the planted weights are necessary, the rest irrelevant.
 #   teacher: random-init student, sparse linear teacher (methods that train weights).
 #   delta: a pretrained map whose fine-tuning task changes a planted sparse set (LT-SFT).
-TASKS = {"frozen": planted_mlp, "teacher": planted_teacher, "delta": planted_delta}
+#   sensitivity: the frozen task with shifted targets (loss off its minimum), for one-shot
+#   gradient methods, which see nothing on a task solved exactly.
+TASKS = {
+    "frozen": planted_mlp,
+    "teacher": planted_teacher,
+    "delta": planted_delta,
+    "sensitivity": planted_sensitivity,
+}
 SETTINGS = {
     "gumbel_sigmoid": dict(task="frozen", hparams={}, steps=300, iou=0.95),
     "continuous_sparsification_lepori": dict(task="frozen", hparams={}, steps=300, iou=0.95),
@@ -28,6 +35,8 @@ SETTINGS = {
         task="teacher", hparams=dict(lr=1e-2, target_density=0.25), steps=200, iou=0.9
     ),
     "lt_sft": dict(task="delta", hparams=dict(lr=1e-2, density=0.05), steps=200, iou=0.95),
+    # one-shot attribution; the planted density is 0.16, so the mask can equal the planted set
+    "attribution": dict(task="sensitivity", hparams=dict(density=0.16), steps=8, iou=1.0),
     # baselines: no planted recovery expected (iou=None); the rest of the suite applies
     "magnitude": dict(task="frozen", hparams={}, steps=None, iou=None),
     "random": dict(task="frozen", hparams={}, steps=None, iou=None),
@@ -95,7 +104,15 @@ def test_keeps_task_loss_low(outcome):
     name, task, result = outcome["name"], outcome["task"], outcome["result"]
     if SETTINGS[name]["iou"] is None:
         pytest.skip("baseline: not expected to solve the task")
-    if SETTINGS[name]["task"] == "frozen":
+    if SETTINGS[name]["task"] == "sensitivity":  # the mask alone is as good as the dense net
+        with si.masked(task.model, result.subnetwork):
+            masked_loss = task.loss()
+        with si.masked(task.model, ~result.subnetwork):
+            ablated_loss = task.loss()
+        assert (
+            masked_loss == pytest.approx(task.loss(), rel=1e-4) and ablated_loss > 2 * masked_loss
+        )
+    elif SETTINGS[name]["task"] == "frozen":
         with si.masked(task.model, result.subnetwork):
             masked_loss = task.loss()
         with si.masked(task.model, ~task.planted):

@@ -294,3 +294,82 @@ def test_find_refuses_ablations_that_do_not_apply():
         si.find(model, "lt_sft", task, data, steps=2, ablation=si.MeanAblation(data))
     with pytest.raises(ValueError, match=r"si.PatchAblation\(counterfactual\)"):
         si.find(model, "gumbel_sigmoid", task, data, steps=2, ablation="patch")
+
+
+# ------------------------------------------------------------------ attribution and warm starts
+def two_layer():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    gen = torch.Generator().manual_seed(3)
+    data = [(torch.randn(6, 4, generator=gen), torch.randn(6, 4, generator=gen)) for _ in range(3)]
+    return model, data
+
+
+def attribution_loss(model, batch):
+    return model(batch[0]).square().mean()
+
+
+@pytest.mark.parametrize("accumulate", ["signed", "absolute"])
+def test_attribution_under_zero_ablation_is_w_times_grad(accumulate):
+    model, data = two_layer()
+    method = si.methods.create("attribution", accumulate=accumulate, density=0.3)
+    result = si.find(model, method, attribution_loss, data, steps=3, progress=False)
+    per_batch = []
+    for batch in data:
+        model.zero_grad()
+        attribution_loss(model, batch).backward()
+        per_batch.append({n: (p * p.grad).detach() for n, p in model.named_parameters()})
+    for name in ("0.weight", "2.weight"):
+        terms = torch.stack([b[name] for b in per_batch])
+        expected = terms.mean(0).abs() if accumulate == "signed" else terms.abs().mean(0)
+        torch.testing.assert_close(result.scores[name], expected)
+    assert result.subnetwork == si.Subnetwork.from_scores(result.scores, density=0.3)
+
+
+def test_attribution_under_patching_is_weight_level_attribution_patching():
+    model, data = two_layer()
+    patch = si.PatchAblation(lambda m, b: m(b[1]))
+    result = si.find(model, "attribution", attribution_loss, data, steps=3, progress=False,
+                     ablation=patch)  # fmt: skip
+    expected = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for clean, twin in data:
+        # hand-written: dL/dm = W * (dL/dy)^T (x - x') per layer, x and x' the layer's inputs
+        h = model[0](clean)
+        h.retain_grad()
+        a = torch.tanh(h)
+        out = model[2](a)
+        out.retain_grad()
+        out.square().mean().backward()
+        a_twin = torch.tanh(model[0](twin)).detach()
+        expected["0.weight"] += model[0].weight.detach() * einsum(
+            h.grad, clean - twin, "n o, n i -> o i"
+        )
+        expected["2.weight"] += model[2].weight.detach() * einsum(
+            out.grad, a.detach() - a_twin, "n o, n i -> o i"
+        )
+        model.zero_grad()
+    for name in ("0.weight", "2.weight"):
+        torch.testing.assert_close(result.scores[name], (expected[name] / 3).abs())
+
+
+def test_init_scores_start_each_gate_at_its_rank_quantile():
+    model, data = two_layer()
+    scores = {"0.weight": torch.rand(5, 4), "2.weight": torch.rand(2, 5)}
+    method = si.methods.create("gumbel_sigmoid", lr=1e-12)
+    result = si.find(model, method, attribution_loss, data, steps=1, progress=False,
+                     init_scores=scores)  # fmt: skip
+    # after one step of a vanishing learning rate the logits are where they started: the mask
+    # is the top half of the 30 scores (0.05 + 0.9 q > 0.5 <=> q = 1 - rank / 29 > 0.5)
+    assert result.subnetwork == si.Subnetwork.from_scores(scores, count=15)
+    ranked = si.Subnetwork.from_scores(result.scores, count=7)
+    assert ranked == si.Subnetwork.from_scores(scores, count=7)
+    lowest = min(float(s.min()) for s in result.scores.values())
+    assert lowest == pytest.approx(0.05, abs=1e-4)
+    assert "init_scores" in result.subnetwork.meta
+    with pytest.raises(ValueError, match="must score exactly the selected targets"):
+        si.find(model, "gumbel_sigmoid", attribution_loss, data, steps=1, progress=False,
+                init_scores={"0.weight": scores["0.weight"]})  # fmt: skip
+    with pytest.raises(ValueError, match="has none"):
+        si.find(model, "magnitude", attribution_loss, data, init_scores=scores)
+    neuron = si.methods.create("hard_concrete", granularity="neuron", lr=1e-12)
+    si.find(model, neuron, attribution_loss, data, steps=1, progress=False, init_scores=scores)

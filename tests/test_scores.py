@@ -17,6 +17,7 @@ SHORT = {
     "continuous_sparsification": (40, {}),
     "lottery_ticket": (20, {}),
     "lt_sft": (20, {}),
+    "attribution": (8, {}),
     "magnitude": (None, {}),
     "random": (None, {}),
 }

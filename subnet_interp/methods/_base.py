@@ -62,6 +62,9 @@ class FindContext:
     run_identity: Mapping[str, Any] = field(default_factory=dict)
     # what removed weights compute while the mask trains (si.Ablation; zero ablation by default)
     ablation: Ablation = ZERO
+    # si.find's init_scores: per target, the keep probability each weight starts with (float,
+    # the target's shape); None: the method's own initialisation
+    init_probabilities: Mapping[str, Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,9 @@ class Method(abc.ABC):
     needs_steps: ClassVar[bool] = True  # takes ``steps``; False for one-shot methods
     learns_from_loss: ClassVar[bool] = True  # False for baselines that never read the loss
     returns_delta: ClassVar[bool] = False  # returns a sparse ``delta`` (sparse fine-tuning)
+    # scores weights by the loss gradient at the given weights, without training (one-shot
+    # attribution): tested on a task whose loss is off its minimum, where gradients are non-zero
+    scores_from_gradient: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(self, context: FindContext) -> FindResult:
@@ -204,6 +210,16 @@ class MaskMethod(Method):
         generator: torch.Generator,
     ) -> Tensor:
         """Initial mask parameters for one target (a float tensor of ``gate_shape``)."""
+
+    def params_for_probability(self, probability: Tensor) -> Tensor:
+        """Mask parameters whose gates start kept with ``probability`` (float, gate shape, in
+        (0, 1)): how ``si.find(..., init_scores=)`` warm-starts the method from scores. The
+        registered methods invert their own keep probability; a method without one refuses."""
+        raise TypeError(
+            f"{self.name} does not say how a keep probability maps to its mask parameters, so "
+            "it cannot start from `init_scores`; override `params_for_probability`, or leave "
+            "init_scores unset."
+        )
 
     @abc.abstractmethod
     def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:

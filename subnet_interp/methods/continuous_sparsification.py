@@ -109,6 +109,9 @@ class ContinuousSparsification(MaskMethod):
                 p.copy_(torch.clamp(state.temperature * p, max=float(self.mask_init)))
         state.temperature = 1.0
 
+    def params_for_probability(self, probability: Tensor) -> Tensor:
+        return torch.logit(probability)  # the gate at the first temperature (1) is sigmoid(s)
+
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0
 

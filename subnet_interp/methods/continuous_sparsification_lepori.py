@@ -62,6 +62,9 @@ class ContinuousSparsificationLepori(MaskMethod):
     ) -> Tensor:
         return self.l0_lambda * sigmoid_penalty(params, weights, state.temperature)
 
+    def params_for_probability(self, probability: Tensor) -> Tensor:
+        return torch.logit(probability)  # the gate at the first temperature (1) is sigmoid(s)
+
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0
 

@@ -85,6 +85,9 @@ class GumbelSigmoid(MaskMethod):
         scale = self.alpha / state.batch_size if self.per_example_penalty else self.alpha
         return scale * total
 
+    def params_for_probability(self, probability: Tensor) -> Tensor:
+        return torch.logit(probability)  # the keep probability is sigmoid(l)
+
     def final_mask(self, params: Tensor) -> Tensor:
         return params > 0
 

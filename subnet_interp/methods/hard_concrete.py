@@ -190,6 +190,10 @@ class HardConcrete(MaskMethod):
         state.aux["lagrange_optimizer"].load_state_dict(saved["lagrange_optimizer"])
         state.aux["total"] = saved["total"]
 
+    def params_for_probability(self, probability: Tensor) -> Tensor:
+        # P(z > 0) = sigmoid(log_alpha - beta * log(-gamma / zeta)) (Louizos et al. Eq. 12)
+        return torch.logit(probability) + self.beta * math.log(-self.gamma / self.zeta)
+
     def final_mask(self, params: Tensor) -> Tensor:
         return deterministic_gate(params, self.gamma, self.zeta) > self.final_threshold
 

@@ -9,7 +9,7 @@ from .induction import (
     repeated_tokens,
     tiny_gpt2,
 )
-from .planted import PlantedTask, planted_delta, planted_mlp, planted_teacher
+from .planted import PlantedTask, planted_delta, planted_mlp, planted_sensitivity, planted_teacher
 from .previous_token import previous_token_classes
 from .regression import two_outputs
 from .templates import VOCAB, ioi_accuracy, ioi_batches, ioi_logits, ioi_loss
@@ -32,6 +32,7 @@ __all__ = [
     "next_token_loss",
     "planted_delta",
     "planted_mlp",
+    "planted_sensitivity",
     "planted_teacher",
     "predictable_positions",
     "previous_token_classes",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -123,7 +125,18 @@ def planted_mlp(
     return PlantedTask(model, planted, inputs, targets, task_outputs)
 
 
-__all__ = ["PlantedTask", "planted_delta", "planted_mlp", "planted_teacher"]
+def planted_sensitivity(**kwargs: Any) -> PlantedTask:
+    """:func:`planted_mlp` (same arguments) with every target shifted by +1: the dense model,
+    and the planted subnetwork alone, are off by exactly 1 on every task output, so the loss
+    (1.0) is not at a minimum and every planted weight has a non-zero loss gradient, while
+    every other weight still has no effect on the task (its gradient, or the weight itself, is
+    0). For one-shot gradient methods (``attribution``), which see nothing on a task solved
+    exactly."""
+    task = planted_mlp(**kwargs)
+    return dataclasses.replace(task, targets=task.targets + 1.0)
+
+
+__all__ = ["PlantedTask", "planted_delta", "planted_mlp", "planted_sensitivity", "planted_teacher"]
 
 
 def planted_teacher(

@@ -19,7 +19,13 @@ from .._fingerprint import fingerprint
 from .._masked import masked
 from .._subnetwork import Subnetwork
 from ..methods import FindResult, MaskMethod, Method
-from ..tasks.planted import PlantedTask, planted_delta, planted_mlp, planted_teacher
+from ..tasks.planted import (
+    PlantedTask,
+    planted_delta,
+    planted_mlp,
+    planted_sensitivity,
+    planted_teacher,
+)
 from ._common import check_unchanged, fail, state_copy
 
 
@@ -57,6 +63,8 @@ def _iou(a: Subnetwork, b: Subnetwork) -> float:
 def _task_kind(cls: type) -> tuple[str, Callable[..., PlantedTask]]:
     if getattr(cls, "returns_delta", False):
         return "delta", planted_delta
+    if getattr(cls, "scores_from_gradient", False):
+        return "sensitivity", planted_sensitivity
     if getattr(cls, "trains_weights", False):
         return "teacher", planted_teacher
     return "frozen", planted_mlp
