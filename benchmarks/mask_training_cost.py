@@ -121,11 +121,19 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
         # callbacks (and the history's density reduction) run only at the warm-up boundary and
         # the last step, as in normal use with a large log_every
         total = warmup + steps
+        loss_fn, data, ablation = lm_loss, batches, "zero"
+        if "patch" in variants:  # each batch paired with a counterfactual twin (another batch)
+            data = [(b, batches[(i + 1) % len(batches)]) for i, b in enumerate(batches)]
+            loss_fn = lambda model, pair: lm_loss(model, pair[0])  # noqa: E731
+            ablation = si.PatchAblation(lambda model, pair: model(pair[1]))
+        elif "mean" in variants:
+            ablation = si.MeanAblation(batches[:1])
         si.find(
             model,
             si.methods.create(method, **hparams),
-            lm_loss,
-            batches,
+            loss_fn,
+            data,
+            ablation=ablation,
             steps=total,
             callbacks=[timer],
             log_every=warmup,
@@ -204,11 +212,17 @@ def main(argv=None) -> int:
         configs = args.configs
     elif args.quick:
         configs = ["finetune", "gumbel_sigmoid", "continuous_sparsification_lepori"]
+        configs += ["continuous_sparsification_lepori:patch"]
     else:
         configs = ["finetune", *METHODS, "gumbel_sigmoid:1sample"]
         configs += [
             "continuous_sparsification_lepori:recompute",
             "gumbel_sigmoid:1sample+recompute",
+        ]
+        configs += [  # training under patching / mean ablation (one extra no-grad forward)
+            "continuous_sparsification_lepori:patch",
+            "gumbel_sigmoid:1sample+patch",
+            "continuous_sparsification_lepori:mean",
         ]
         configs += ["neurosurgeon"] if _has_neurosurgeon() else []
     rows = []
@@ -246,6 +260,19 @@ def main(argv=None) -> int:
         print(
             f"{row['config']:42s} {row['seconds_per_step']:9.4f} {row['time_ratio']:10.3f} {row['memory_ratio']:15.3f}"
         )
+    by_config = {row["config"]: row for row in rows}
+    for row in rows:  # an ablation variant against the same method under zero ablation
+        method, _, variant = row["config"].partition(":")
+        parts = set(variant.split("+")) if variant else set()
+        for kind in ("patch", "mean"):
+            if kind in parts:
+                rest = "+".join(sorted(parts - {kind}))
+                zero = by_config.get(f"{method}:{rest}" if rest else method)
+                if zero is not None:
+                    row[f"{kind}_vs_zero"] = row["seconds_per_step"] / zero["seconds_per_step"]
+                    print(
+                        f"{row['config']:42s} step time / zero ablation: {row[f'{kind}_vs_zero']:.3f}"
+                    )
     os.makedirs(args.out, exist_ok=True)
     record = {
         "benchmark": "mask_training_cost",
