@@ -1,9 +1,10 @@
 """What stands in for a weight where its mask is 0, for ``si.masked`` and ``ablation_effect``.
 
 Zero ablation (the :class:`Ablation` base class), :class:`MeanAblation`,
-:class:`ResampleAblation` and :class:`ReinitAblation`, and the input recording the first two
-need. They live beside the attach code (``_attach.py``) that calls them; the public names are
-``si.Ablation``, ``si.MeanAblation``, ... (also re-exported by ``si.analysis``).
+:class:`ResampleAblation`, :class:`PatchAblation` and :class:`ReinitAblation`, and the input
+recording the input-based ones need (at each weight's linear site, ``_sites.py``). They live
+beside the attach code (``_attach.py``) that calls them; the public names are ``si.Ablation``,
+``si.MeanAblation``, ... (also re-exported by ``si.analysis``).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import adapters
-from ._types import Target
+from . import _sites, adapters
+from ._sites import masked_out_term, module_kind
+from ._types import LinearSite, Target
 
 if TYPE_CHECKING:
     from ._attach import _Slot
@@ -85,56 +87,42 @@ def _default_forward(model: Any, batch: Any) -> Any:
     return model(batch)
 
 
-def _module_kind(module: nn.Module) -> str:
-    if isinstance(module, nn.Linear):
-        return "linear"
-    if adapters.is_conv1d(module):
-        return "conv1d"
-    return "other"
-
-
-def _masked_out_term(module: nn.Module, attribute: str, mask: Tensor, inputs: Tensor) -> Tensor:
-    """``inputs`` through the masked-out part of the weight: ``((1 - m) * W)`` applied, no bias."""
-    weight = module.parametrizations[attribute].original
-    removed = weight * (1 - mask)
-    if _module_kind(module) == "linear":
-        return torch.nn.functional.linear(inputs, removed)
-    return inputs @ removed  # transformers' Conv1D stores [in, out]
-
-
 class _InputAblation(Ablation):
-    """Shared machinery of mean and resample ablation: the masked-out weights see other inputs."""
+    """Shared machinery of mean and resample ablation: the masked-out weights see other inputs,
+    recorded at each weight's linear site (the layer's input for an ``nn.Linear`` / ``Conv1D``;
+    what the adapter names otherwise, e.g. a ``HookedTransformer`` attention's ``query_input``)."""
+
+    _needs_input = True  # whether the hooks need the current input (resample: its shape)
 
     def __init__(self, data: Iterable[Any], forward: Forward | None = None):
         self.data = data
         self.forward = forward or _default_forward
         self._inputs: dict[tuple[str, str], Tensor] = {}
+        self._sites: dict[tuple[str, str], LinearSite] = {}
 
     def _capture(
         self, model: object, root: nn.Module, targets: Mapping[str, Target], keep_all: bool
     ) -> None:
-        locations = {t.location for t in targets.values()}
-        _check_linear_owners(self, root, targets)
+        self._sites = sites = _sites.linear_sites(self, model, root, targets)
         sums: dict[tuple[str, str], Any] = {}
         counts: dict[tuple[str, str], int] = {}
-        handles = []
 
-        def recorder(location):
-            def hook(module, args):
-                x = args[0].detach()
+        def recorder(location, features):
+            def record(x):
+                x = x.detach()
                 if keep_all:
                     sums.setdefault(location, []).append(x)
-                else:
-                    flat = x.reshape(-1, x.shape[-1])
+                else:  # the mean over every leading dimension, per feature
+                    flat = x.reshape(-1, *x.shape[x.dim() - features :])
                     sums[location] = sums.get(location, 0) + flat.double().sum(0)
                     counts[location] = counts.get(location, 0) + flat.shape[0]
 
-            return hook
+            return record
 
-        for location in locations:
-            handles.append(
-                root.get_submodule(location[0]).register_forward_pre_hook(recorder(location))
-            )
+        handles = [
+            _sites.input_hook(root, site, recorder(location, site.feature_dims))
+            for location, site in sites.items()
+        ]
         try:
             with torch.no_grad():
                 seen = 0
@@ -146,23 +134,25 @@ class _InputAblation(Ablation):
                 handle.remove()
         if not seen:
             raise ValueError(f"{type(self).__name__}: the reference `data` yielded no batches.")
-        for location in locations:
+        for location, site in sites.items():
             if location not in sums:
                 raise ValueError(
-                    f"{type(self).__name__}: {location[0]!r} was never called while running the "
-                    "reference data; check `forward`."
+                    f"{type(self).__name__}: {site.input_module!r} was never called while "
+                    "running the reference data; check `forward`."
                 )
             if keep_all:
                 self._inputs[location] = torch.cat(sums[location])
             else:
-                weight_dtype = root.get_submodule(location[0]).weight.dtype
-                self._inputs[location] = (sums[location] / counts[location]).to(weight_dtype)
+                weight = adapters.real_tensor(root.get_submodule(location[0]), location[1])
+                self._inputs[location] = (sums[location] / counts[location]).to(weight.dtype)
 
     def hooks(self, root, slots):
         handles = []
         for location, slot in slots.items():
-            module = root.get_submodule(location[0])
-            handles.append(module.register_forward_hook(self._make_hook(location, slot)))
+            hook = self._make_hook(root.get_submodule(location[0]), location, slot)
+            handles += _sites.watch(
+                root, self._sites[location], hook, needs_input=self._needs_input
+            )
         return handles
 
 
@@ -177,15 +167,19 @@ class MeanAblation(_InputAblation):
     """
 
     name = "mean"
+    _needs_input = False
 
     def prepare(self, model, root, targets) -> None:
         self._capture(model, root, targets, keep_all=False)
 
-    def _make_hook(self, location, slot):
-        def hook(module, args, output):
+    def _make_hook(self, owner, location, slot):
+        equation = self._sites[location].equation
+
+        def hook(x, output):
             if slot.mask is None:
                 return output
-            return output + _masked_out_term(module, location[1], slot.mask, self._inputs[location])
+            mean = self._inputs[location]
+            return output + masked_out_term(owner, location[1], equation, slot.mask, mean)
 
         return hook
 
@@ -211,23 +205,23 @@ class ResampleAblation(_InputAblation):
     def prepare(self, model, root, targets) -> None:
         self._capture(model, root, targets, keep_all=True)
 
-    def _make_hook(self, location, slot):
-        def hook(module, args, output):
+    def _make_hook(self, owner, location, slot):
+        equation = self._sites[location].equation
+
+        def hook(x, output):
             if slot.mask is None:
                 return output
-            x = args[0]
             pool = self._inputs[location]
             if pool.shape[1:] != x.shape[1:]:
                 raise ValueError(
-                    f"ResampleAblation at {location[0]!r}: reference inputs have shape "
+                    f"ResampleAblation at {_sites.label(location)!r}: reference inputs have shape "
                     f"{tuple(pool.shape[1:])} per example but the model now gets "
                     f"{tuple(x.shape[1:])}; use reference data of the same shape (e.g. the same "
                     "sequence length)."
                 )
             index = torch.randint(pool.shape[0], (x.shape[0],), generator=self.generator)
-            return output + _masked_out_term(
-                module, location[1], slot.mask, pool[index.to(pool.device)]
-            )
+            twin = pool[index.to(pool.device)]
+            return output + masked_out_term(owner, location[1], equation, slot.mask, twin)
 
         return hook
 
@@ -271,6 +265,7 @@ class PatchAblation(Ablation):
                 f"twin's input in each batch; got {type(counterfactual).__name__}."
             )
         self._model: object = None
+        self._sites: dict[tuple[str, str], LinearSite] = {}
         self._slots: Mapping[tuple[str, str], _Slot] = {}
         self._inputs: dict[tuple[str, str], list[Tensor]] = {}
         self._calls: dict[tuple[str, str], int] = {}
@@ -282,7 +277,7 @@ class PatchAblation(Ablation):
                 "This PatchAblation is already in use by another attachment (e.g. a nested "
                 "si.masked); give each attachment its own PatchAblation."
             )
-        _check_linear_owners(self, root, targets)
+        self._sites = _sites.linear_sites(self, model, root, targets)
         self._model = model
         self._inputs, self._calls = {}, {}
 
@@ -290,13 +285,12 @@ class PatchAblation(Ablation):
         self._slots = dict(slots)
         handles = []
         for location, slot in slots.items():
-            module = root.get_submodule(location[0])
-            handles.append(module.register_forward_pre_hook(self._recorder(location)))
-            handles.append(module.register_forward_hook(self._make_hook(location, slot)))
+            hook = self._make_hook(root.get_submodule(location[0]), location, slot)
+            handles += _sites.watch(root, self._sites[location], hook)
         return handles
 
     def release(self) -> None:
-        self._slots, self._model = {}, None
+        self._slots, self._model, self._sites = {}, None, {}
         self._inputs, self._calls = {}, {}
 
     def on_batch(self, batch: Any) -> None:
@@ -323,7 +317,7 @@ class PatchAblation(Ablation):
             self._recording = False
             for slot, mask, compute in saved:
                 slot.mask, slot.compute = mask, compute
-        missing = [location[0] for location, seen in self._inputs.items() if not seen]
+        missing = [_sites.label(loc) for loc, seen in self._inputs.items() if not seen]
         if missing:
             self._inputs = {}
             raise ValueError(
@@ -332,51 +326,34 @@ class PatchAblation(Ablation):
             )
         self._calls = dict.fromkeys(self._inputs, 0)
 
-    def _recorder(self, location):
-        def hook(module, args):
-            if self._recording:
-                self._inputs[location].append(args[0].detach())
+    def _make_hook(self, owner, location, slot):
+        equation, name = self._sites[location].equation, _sites.label(location)
 
-        return hook
-
-    def _make_hook(self, location, slot):
-        def hook(module, args, output):
-            if slot.mask is None or self._recording:
+        def hook(x, output):
+            if self._recording:  # the twin's input at this weight's site
+                self._inputs[location].append(x.detach())
+                return output
+            if slot.mask is None:
                 return output
             recorded = self._inputs.get(location)
             if not recorded:
                 raise RuntimeError(
-                    f"PatchAblation has no counterfactual input for {location[0]!r}: call "
+                    f"PatchAblation has no counterfactual input for {name!r}: call "
                     "`ablation.record(batch)` before running the model on `batch` (si.find, "
                     "ablation_effect and faithfulness_curve do this for every batch)."
                 )
             call = self._calls[location]
             self._calls[location] = call + 1
-            x, twin = args[0], recorded[call % len(recorded)]  # layers called k times per run
+            twin = recorded[call % len(recorded)]  # layers called k times per run
             if twin.shape != x.shape:
                 raise ValueError(
-                    f"PatchAblation at {location[0]!r}: the counterfactual run gave this layer an "
+                    f"PatchAblation at {name!r}: the counterfactual run gave this layer an "
                     f"input of shape {tuple(twin.shape)}, the clean run {tuple(x.shape)}. Pair "
                     "each batch with a twin of the same shape (batch size and sequence length)."
                 )
-            return output + _masked_out_term(module, location[1], slot.mask, twin)
+            return output + masked_out_term(owner, location[1], equation, slot.mask, twin)
 
         return hook
-
-
-def _check_linear_owners(
-    ablation: Ablation, root: nn.Module, targets: Mapping[str, Target]
-) -> None:
-    """Input-based ablations need ``y = W x`` owners: nn.Linear or transformers' Conv1D weights."""
-    for module_path, attribute in {t.location for t in targets.values()}:
-        module = root.get_submodule(module_path)
-        if attribute != "weight" or _module_kind(module) == "other":
-            raise TypeError(
-                f"{type(ablation).__name__} needs each target to be the weight of an nn.Linear or "
-                f"transformers Conv1D layer (inputs are recorded there); {module_path!r}."
-                f"{attribute} belongs to a {type(module).__name__}. Use zero ablation or "
-                "ReinitAblation for it, or restrict the targets."
-            )
 
 
 class ReinitAblation(Ablation):
@@ -409,7 +386,7 @@ class ReinitAblation(Ablation):
             ):
                 fan_in = math.prod(shape[1:])
                 draw = (torch.rand(shape, generator=self.generator) * 2 - 1) / math.sqrt(fan_in)
-            elif _module_kind(module) == "conv1d":
+            elif module_kind(module) == "conv1d":
                 draw = torch.randn(shape, generator=self.generator) * self.initializer_range
             else:
                 draw = torch.randn(shape, generator=self.generator) * float(weight.float().std())

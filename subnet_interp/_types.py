@@ -159,6 +159,52 @@ class Target:
         return (self.module, self.attribute)
 
 
+@dataclass(frozen=True)
+class LinearSite:
+    """Where the model computes one weight's linear map ``y = W x``: where it reads ``x`` and
+    which output is ``y``. The input-based ablations (mean, resample, patching) record ``x``
+    there and add the masked-out term ``((1 - m) * W) x'`` to ``y``.
+
+    Attributes:
+        input_module: dotted path (under the adapter's root) of the module where ``x`` is read.
+        input_from: ``"input"`` (the module's first argument), ``"output"`` (what the module
+            returns, e.g. a hook point's value) or the name of a keyword argument of the
+            module's ``forward`` (``"query_input"``).
+        output_module: dotted path of the module whose output is ``y``; the masked-out term
+            is added to what it returns.
+        equation: the map as a ``torch.einsum`` equation ``"x, W -> y"`` over the real tensor
+            ``W``; ``...`` stands for the leading (batch, position) dimensions of ``x`` and
+            ``y``, and the letters after it in ``x`` are its feature dimensions
+            (``"...d,hde->...he"`` for a ``HookedTransformer``'s ``W_Q``).
+    """
+
+    input_module: str
+    input_from: str
+    output_module: str
+    equation: str
+
+    def __post_init__(self) -> None:
+        operands, _, result = self.equation.replace(" ", "").partition("->")
+        parts = operands.split(",")
+        if (
+            len(parts) != 2
+            or not parts[0].startswith("...")
+            or not result.startswith("...")
+            or "..." in parts[1]
+        ):
+            raise ValueError(
+                f"LinearSite equation {self.equation!r} must read 'x, W -> y' with '...' "
+                "leading x and y (the batch and position dimensions) and not in W, e.g. "
+                "'...d,hde->...he'."
+            )
+
+    @property
+    def feature_dims(self) -> int:
+        """How many trailing dimensions of ``x`` the weight contracts or keeps per feature
+        (a mean over the inputs keeps these)."""
+        return len(self.equation.replace(" ", "").split(",")[0]) - 3
+
+
 def describe_tensor(tensor: Tensor) -> str:
     """Short description used in error messages: shape, dtype, device."""
     return f"shape {tuple(tensor.shape)}, dtype {tensor.dtype}, device {tensor.device}"
@@ -181,6 +227,7 @@ def model_class(obj: object) -> type:
 __all__ = [
     "IDENTITY",
     "Layout",
+    "LinearSite",
     "NotFoundError",
     "Target",
     "block_position",

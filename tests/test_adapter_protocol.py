@@ -1,6 +1,7 @@
 """What every adapter answers beyond targets: ``blocks(model)`` (the block modules the forward pass
 runs, in order), ``block_output``, ``reinitialize(root)`` (the family's own init, deterministic
-under a seed) and ``inner(model)``; and the errors when a family's blocks are unknown."""
+under a seed), ``inner(model)`` and ``linear_site``; and the errors when a family's blocks are
+unknown."""
 
 from __future__ import annotations
 
@@ -163,6 +164,63 @@ def test_an_adapter_without_blocks_says_so():
 
     with pytest.raises(TypeError, match=r"'custom' adapter .* implements `blocks\(model\)`"):
         Custom().blocks(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ linear_site
+class Heads(torch.nn.Module):
+    """An einsum owner: ``y = x W + b`` per head, ``x W`` made at ``hook``."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(torch.randn(2, 3, 4, generator=gen))
+        self.b = torch.nn.Parameter(torch.randn(2, 4, generator=gen))
+        self.hook = torch.nn.Identity()
+
+    def forward(self, x):
+        return self.hook(torch.einsum("bd,hde->bhe", x, self.W)) + self.b
+
+
+class HeadsAdapter(adapters.Adapter):
+    family = "test.heads"
+
+    def matches(self, model):
+        return isinstance(model, Heads)
+
+    def all_targets(self, model):
+        return {"W": si.Target("W", "", "W", (2, 3, 4), ("head", "d_model", "d_head"))}
+
+    def linear_site(self, root, location):
+        return adapters.LinearSite("", "input", "hook", "...d,hde->...he")
+
+
+@pytest.fixture
+def heads_adapter():
+    adapter = adapters.register_adapter(HeadsAdapter())
+    try:
+        yield adapter
+    finally:
+        adapters._ADAPTERS.remove(adapter)
+
+
+def test_input_based_ablations_use_the_adapters_linear_site(heads_adapter):
+    gen = torch.Generator().manual_seed(1)
+    model, x, twin = Heads(), torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    mask = torch.rand(2, 3, 4, generator=gen)
+    W, b = model.W.detach(), model.b.detach()
+    part = lambda inputs, m: torch.einsum("...d,hde->...he", inputs, m * W)  # noqa: E731
+    patch = si.PatchAblation(lambda m, batch: m(batch[1]))
+    with torch.no_grad(), si.masked(model, {"W": mask}, ablation=patch):
+        patch.record((x, twin))
+        torch.testing.assert_close(model(x), part(x, mask) + part(twin, 1 - mask) + b)
+    with torch.no_grad(), si.masked(model, {"W": mask}, ablation=si.MeanAblation([twin])):
+        torch.testing.assert_close(model(x), part(x, mask) + part(twin.mean(0), 1 - mask) + b)
+    assert not model._forward_hooks and not model.hook._forward_hooks
+    assert adapters.resolve(torch.nn.Linear(2, 2)).linear_site(model, ("", "W")) is None
+    nnsight = pytest.importorskip("nnsight")  # the wrapper asks the wrapped module's adapter
+    wrapped = nnsight.NNsight(model)
+    with torch.no_grad(), si.masked(wrapped, {"W": mask}, ablation=si.MeanAblation([twin])):
+        torch.testing.assert_close(model(x), part(x, mask) + part(twin.mean(0), 1 - mask) + b)
 
 
 # ------------------------------------------------------------------ reinitialize

@@ -20,7 +20,7 @@ from torch import nn
 # fsdp_mesh / is_dtensor / reshard (in _distributed) and model_class (in _types) are
 # re-exported: the adapters and their callers use them from here
 from .._distributed import fsdp_mesh, is_dtensor, reshard
-from .._types import NotFoundError, Target, model_class
+from .._types import LinearSite, NotFoundError, Target, model_class
 
 
 class Adapter(abc.ABC):
@@ -55,6 +55,14 @@ class Adapter(abc.ABC):
 
     def on_detach(self, model: object) -> None:
         """Called after masks were removed; undoes :meth:`on_attach`."""
+        return None
+
+    def linear_site(self, root: nn.Module, location: tuple[str, str]) -> LinearSite | None:
+        """Where the model computes the linear map of the weight at ``location`` (module path
+        under ``root``, attribute): what mean, resample and patch ablation need for a weight
+        that is not an ``nn.Linear`` / ``Conv1D`` layer's ``weight`` (those are handled without
+        asking). ``None`` (the default): the weight has no such map these ablations can use;
+        an adapter raises ``TypeError`` itself to say why a known weight cannot have one."""
         return None
 
     def inner(self, model: object) -> nn.Module:
@@ -250,6 +258,7 @@ _register_builtin()
 
 __all__ = [
     "Adapter",
+    "LinearSite",
     "fsdp_mesh",
     "is_dtensor",
     "model_class",

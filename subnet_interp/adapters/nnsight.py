@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._types import Target
+from .._types import LinearSite, Target
 from . import Adapter, model_class, resolve
 
 
@@ -37,6 +37,10 @@ class NNsightAdapter(Adapter):
     def all_targets(self, model: object) -> dict[str, Target]:
         module = self.root(model)
         return self._wrapped(model).all_targets(module)
+
+    def linear_site(self, root: nn.Module, location: tuple[str, str]) -> LinearSite | None:
+        """The wrapped module's family's linear site (``root`` is the wrapped module)."""
+        return resolve(root).linear_site(root, location)
 
     def check_attachable(self, model: object) -> None:
         self._wrapped(model).check_attachable(self.root(model))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._types import Layout, Target
+from .._types import Layout, LinearSite, Target
 from . import Adapter, is_conv1d, model_class, real_tensor
 from ._hf_common import TRANSPOSE, init_weights, outermost_pretrained
 
@@ -233,6 +233,17 @@ class TransformerBridgeAdapter(Adapter):
             object.__setattr__(root, "_subnet_interp_attached", depth)
 
 
+_ATTN_WEIGHTS = ("W_Q", "W_K", "W_V", "_W_K", "_W_V", "W_O")
+
+
+def _no_site(name: str, why: str) -> str:
+    return (
+        f"Mean, resample and patch ablation cannot run on {name}: {why}, so its masked-out term "
+        "has no place in the forward pass. Zero ablation and ReinitAblation work on it; or "
+        "exclude it from the targets."
+    )
+
+
 class HookedTransformerAdapter(Adapter):
     """Legacy ``HookedTransformer`` (transformer-lens < 4): weights are canonical already."""
 
@@ -304,6 +315,63 @@ class HookedTransformerAdapter(Adapter):
 
     def blocks(self, model: object) -> list[nn.Module]:
         return _blocks(self.root(model))
+
+    def linear_site(self, root: nn.Module, location: tuple[str, str]) -> LinearSite | None:
+        """Where a HookedTransformer computes each weight's map (its components' forwards):
+        ``W_Q`` / ``W_K`` / ``W_V`` read the attention's ``query_input`` / ``key_input`` /
+        ``value_input`` (``[b, p, h, d]`` with ``use_split_qkv_input`` or ``use_attn_in``) and
+        make ``hook_q`` / ``hook_k`` / ``hook_v``; ``W_O`` reads ``hook_z`` and makes the
+        attention's output (``hook_result``, per head, with ``use_attn_result``);
+        ``mlp.W_in`` / ``mlp.W_gate`` read the MLP's input and make ``hook_pre`` (a gated MLP's
+        ``W_in``: ``hook_pre_linear``); ``mlp.W_out`` reads ``hook_post`` and makes the MLP's
+        output; ``unembed.W_U`` reads the unembedding's input and makes ``hook_out``.
+        Embeddings have none."""
+        path, attribute = location
+        owner = root.get_submodule(path)
+        cfg = root.cfg
+        kind = model_class(owner).__name__
+        name = f"{path}.{attribute}"
+        is_attn = path.endswith(".attn") and attribute in _ATTN_WEIGHTS
+        is_mlp = path.endswith(".mlp") and attribute in ("W_in", "W_gate", "W_out")
+        if not (is_attn or is_mlp or (path == "unembed" and attribute == "W_U")):
+            return None
+        if getattr(cfg, "load_in_4bit", False):
+            raise TypeError(_no_site(name, "the model is loaded in 4 bits (load_in_4bit)"))
+        if path == "unembed":
+            out = "unembed.hook_out" if hasattr(owner, "hook_out") else "unembed"
+            return LinearSite(path, "input", out, "...d,dv->...v")
+        if is_attn:
+            letter = attribute[-1].lower()
+            if attribute == "W_O":
+                if getattr(cfg, "use_attn_result", False):
+                    result = f"{path}.hook_result"  # per head, summed after the hook
+                    return LinearSite(f"{path}.hook_z", "output", result, "...he,hed->...hd")
+                return LinearSite(f"{path}.hook_z", "output", path, "...he,hed->...d")
+            if attribute.startswith("_") and getattr(cfg, "ungroup_grouped_query_attention", 0):
+                raise TypeError(
+                    _no_site(
+                        name,
+                        "ungroup_grouped_query_attention repeats the key/value heads before "
+                        f"hook_{letter}; build the model with it off",
+                    )
+                )
+            if not hasattr(owner, f"hook_{letter}"):
+                raise TypeError(_no_site(name, f"its {kind} has no hook_{letter}"))
+            split = getattr(cfg, "use_split_qkv_input", False) or getattr(cfg, "use_attn_in", 0)
+            equation = "...hd,hde->...he" if split else "...d,hde->...he"
+            inputs = {"q": "query_input", "k": "key_input", "v": "value_input"}[letter]
+            return LinearSite(path, inputs, f"{path}.hook_{letter}", equation)
+        if kind not in ("MLP", "GatedMLP"):
+            raise TypeError(_no_site(name, f"its MLP is a {kind}, not an MLP or GatedMLP"))
+        if attribute == "W_out":
+            return LinearSite(f"{path}.hook_post", "output", path, "...n,nd->...d")
+        if attribute == "W_in" and kind == "GatedMLP":
+            if cfg.is_layer_norm_activation():
+                raise TypeError(
+                    _no_site(name, f"a GatedMLP with act_fn={cfg.act_fn!r} does not use W_in")
+                )
+            return LinearSite(path, "input", f"{path}.hook_pre_linear", "...d,dn->...n")
+        return LinearSite(path, "input", f"{path}.hook_pre", "...d,dn->...n")
 
     def block_output(self, model: object, block: nn.Module) -> nn.Module:
         """The block's ``hook_resid_post``."""
