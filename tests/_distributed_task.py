@@ -7,9 +7,11 @@ import sys
 
 import torch
 
+import subnet_interp as si
 from subnet_interp.tasks import planted_mlp
 
 METHOD = os.environ.get("SI_TEST_METHOD", "continuous_sparsification_lepori")
+ABLATION = os.environ.get("SI_TEST_ABLATION", "zero")
 
 
 def task():
@@ -28,12 +30,22 @@ def wrapped_model():
 
 
 def data(rank: int, world_size: int):
-    """Each global batch of 64 split into ``world_size`` equal shards; this rank's shard."""
-    return [(x.chunk(world_size)[rank], y.chunk(world_size)[rank]) for x, y in task().batches(64)]
+    """Each global batch of 64 split into ``world_size`` equal shards; this rank's shard, each
+    input with its counterfactual twin (the global batch rolled by one example)."""
+    return [
+        (x.chunk(world_size)[rank], y.chunk(world_size)[rank],
+         x.roll(1, 0).chunk(world_size)[rank])
+        for x, y in task().batches(64)
+    ]  # fmt: skip
 
 
 def loss(net, batch):
-    return task_loss(net, batch)
+    return task_loss(net, batch[:2])
+
+
+def ablation(kind: str):
+    """``"zero"``, or patching with each input's twin."""
+    return si.PatchAblation(lambda net, batch: net(batch[2])) if kind == "patch" else "zero"
 
 
 _TASK = task()
@@ -44,15 +56,13 @@ def main(out: str, steps: int) -> None:
     """Run si.find on this rank's shard and save this rank's mask (to compare ranks)."""
     import torch.distributed as dist
 
-    import subnet_interp as si
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
     result = si.find(
         model(), METHOD, loss, data(rank, world), steps=steps, progress=False,
-        generator=torch.Generator().manual_seed(0),
+        generator=torch.Generator().manual_seed(0), ablation=ablation(ABLATION),
     )  # fmt: skip
     result.subnetwork.save(f"{out}.rank{rank}.safetensors")
     if world > 1:

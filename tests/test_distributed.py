@@ -37,23 +37,27 @@ def iou(a, b):
     return inter / union
 
 
-@pytest.mark.parametrize("method", ["continuous_sparsification_lepori", "hard_concrete"])
-def test_two_processes_find_the_single_process_mask(method, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "method,ablation",
+    [("continuous_sparsification_lepori", "zero"), ("hard_concrete", "zero"),
+     ("continuous_sparsification_lepori", "patch")],
+)  # fmt: skip
+def test_two_processes_find_the_single_process_mask(method, ablation, tmp_path, monkeypatch):
     out = tmp_path / "mask"
     done = torchrun(
         str(HERE / "_distributed_task.py"), str(out), str(STEPS),
-        env_extra={"SI_TEST_METHOD": method},
+        env_extra={"SI_TEST_METHOD": method, "SI_TEST_ABLATION": ablation},
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [si.Subnetwork.load(tmp_path / f"mask.rank{r}.safetensors") for r in (0, 1)]
     assert ranks[0] == ranks[1]  # identical masks on all ranks
-    monkeypatch.setenv("SI_TEST_METHOD", method)
     sys.path.insert(0, str(HERE))
     import _distributed_task as task_module
 
     single = si.find(
         task_module.model(), method, task_module.loss, task_module.data(0, 1), steps=STEPS,
         progress=False, generator=torch.Generator().manual_seed(0),
+        ablation=task_module.ablation(ablation),
     ).subnetwork  # fmt: skip
     # all-reduce sums in another order than one process: a gate at the threshold may flip
     assert iou(ranks[0], single) >= 0.99
@@ -207,6 +211,8 @@ assert control == si.find(unsharded, si.methods.create("random", density=0.3), t
 untouched()
 refused(ValueError, "cannot move an FSDP2-sharded model", lambda: find(device="cpu"))
 refused(ValueError, "mask_optimizer='adafactor'", lambda: find(mask_optimizer="adafactor"))
+refused(ValueError, r"ablation=PatchAblation\(\) does not work on FSDP-sharded models",
+        lambda: find(ablation=si.PatchAblation(lambda m, b: m(b[0]))))
 found = si.find(model, "hard_concrete", task.loss_fn, batches, steps=2, progress=False).subnetwork
 untouched()
 def fails_after_forward(net, batch):  # FSDP keeps the root's parameters gathered then
@@ -287,7 +293,7 @@ def test_fsdp_unsupported_uses_are_refused_clearly(tmp_path):
     script.write_text(FSDP_ERRORS)
     done = torchrun(str(script))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("ok") == 2 * 14
+    assert done.stdout.count("ok") == 2 * 15
 
 
 FSDP_RESUME = r"""

@@ -373,3 +373,35 @@ def test_init_scores_start_each_gate_at_its_rank_quantile():
         si.find(model, "magnitude", attribution_loss, data, init_scores=scores)
     neuron = si.methods.create("hard_concrete", granularity="neuron", lr=1e-12)
     si.find(model, neuron, attribution_loss, data, steps=1, progress=False, init_scores=scores)
+
+
+def test_patching_runs_resume_from_checkpoints_and_recompute_masks_exactly(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    batches = [(x := torch.randn(8, 6, generator=gen), x.flip(0), (x[:, 0] > 0).long())
+               for _ in range(3)]  # fmt: skip
+    task_loss = lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[2])  # noqa: E731
+
+    def go(**kw):
+        return si.find(model, "hard_concrete", task_loss, batches, steps=20, progress=False,
+                       ablation=si.PatchAblation(lambda m, b: m(b[1])), log_every=1, **kw)  # fmt: skip
+
+    whole = go()
+    assert go(recompute_masks=True).subnetwork == whole.subnetwork
+
+    class Stop(Exception):
+        pass
+
+    def stop(step, record):
+        if step == 10:
+            raise Stop
+
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(Stop):
+        go(checkpoint=path, checkpoint_every=5, callbacks=[stop])
+    resumed = go(checkpoint=path, checkpoint_every=5)
+    assert resumed.subnetwork == whole.subnetwork
+    assert resumed.history["loss"] == whole.history["loss"]
+    with pytest.raises(ValueError, match="ablation"):  # a zero-ablation run is another run
+        si.find(model, "hard_concrete", task_loss, batches, steps=20, progress=False,
+                checkpoint=path)  # fmt: skip
