@@ -160,3 +160,52 @@ def test_graph_edge_scores_match_dense_products(kind):
     assert len(scores) == len(
         [e for e in si.analysis.circuit_formats.all_edges(LAYERS, HEADS) if "embed" not in str(e)]
     )
+
+
+def test_structural_zeros_do_not_count_by_default():
+    """A unit that is mostly exact zeros, whose every non-zero weight the mask keeps, against a
+    dense unit the mask keeps half of: counting the zeros ranks the used unit below the noise
+    (it looks 10% kept); the default counts only non-zero weights and ranks it first."""
+    model = BUILDERS["gpt2"]()
+    targets = si.targets(model)
+    gen = torch.Generator().manual_seed(0)
+    masks = {}
+    with torch.no_grad():
+        for name in ("blocks.0.attn.W_Q", "blocks.0.attn.W_K", "blocks.0.attn.W_V"):
+            target = targets[name]
+            weight = target.layout.to_canonical(model.get_submodule(target.module).weight)
+            zero = torch.rand(weight[0].shape, generator=gen) < 0.9  # weight: [head, d, dh]
+            weight[0][zero] = 0.0  # head 0: sparse (in place), fully kept where non-zero
+            mask = torch.rand(weight.shape, generator=gen) < 0.5  # other heads: half kept
+            mask[0] = weight[0] != 0
+            masks[name] = mask
+        target = targets["blocks.0.mlp.W_in"]  # [d_model, neuron]
+        w_in = target.layout.to_canonical(model.get_submodule(target.module).weight)
+        w_in[:, :8][torch.rand(w_in[:, :8].shape, generator=gen) < 0.9] = 0.0
+        mask = torch.rand(w_in.shape, generator=gen) < 0.5
+        mask[:, :8] = w_in[:, :8] != 0
+        masks["blocks.0.mlp.W_in"] = mask
+    sub = si.Subnetwork(masks)
+    old = head_scores(model, sub, count_zeros=True)
+    new = head_scores(model, sub)
+    assert old[0, 0] < old[0, 1:].min()  # inverted: the used head looks emptiest
+    assert float(new[0, 0]) == 1.0 and new[0, 0] > new[0, 1:].max()
+    torch.testing.assert_close(new[0, 1:], old[0, 1:], atol=0.02, rtol=0)  # dense: unchanged
+    assert torch.all(head_scores(model, sub, weighted=True)[0, 0] > 0.99)
+    old_n = neuron_scores(model, sub, count_zeros=True)[0]
+    new_n = neuron_scores(model, sub)[0]
+    assert old_n[:8].max() < old_n[8:].min()
+    assert torch.all(new_n[:8] == 1.0) and new_n[:8].min() > new_n[8:].max()
+    with pytest.raises(ValueError, match="count_zeros"):
+        head_scores(model, sub, weighted=True, count_zeros=True)
+
+
+def test_a_unit_of_only_zeros_scores_nan_unless_zeros_count():
+    model = BUILDERS["gpt2"]()
+    target = si.targets(model)["blocks.0.mlp.W_out"]  # [neuron, d_model]
+    with torch.no_grad():
+        target.layout.to_canonical(model.get_submodule(target.module).weight)[3] = 0.0
+    sub = si.Subnetwork({"blocks.0.mlp.W_out": torch.ones(target.shape, dtype=torch.bool)})
+    assert torch.isnan(neuron_scores(model, sub)[0, 3])
+    assert float(neuron_scores(model, sub, count_zeros=True)[0, 3]) == 1.0
+    assert float(neuron_scores(model, sub)[0, 4]) == 1.0

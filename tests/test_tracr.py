@@ -13,6 +13,7 @@ pytest.importorskip("transformer_lens")
 import subnet_interp as si  # noqa: E402
 from subnet_interp.analysis import compare_to_circuit, head_node, head_scores, mlp_node  # noqa: E402
 from subnet_interp.tasks.tracr import compile_program, plant_noise  # noqa: E402
+from subnet_interp.tasks.tracr_library import program_names  # noqa: E402
 
 
 def program():
@@ -79,3 +80,28 @@ def test_a_mask_trained_on_the_task_recovers_the_compiled_heads(compiled):
     accuracy = (predicted[defined] == reference[defined]).float().mean()
     # the mask keeps the program working and drops most of the planted noise that hurts it
     assert accuracy > 0.95 and accuracy > (noisy[defined] == reference[defined]).float().mean()
+
+
+@pytest.mark.parametrize("name", program_names())
+def test_each_library_program_compiles_to_a_bridge_that_computes_what_tracr_computes(name):
+    from subnet_interp.tasks.tracr_library import library_task
+
+    # one compile per program (2-4 s each on a free CPU); few inputs per length
+    task = library_task(name, noise=0.1, max_per_length=64)
+    assert task.batches and all(len(set(b[0].shape[1:])) == 1 for b in task.batches)
+    defined = sum(int(b[2].sum()) for b in task.batches)
+    total = sum(b[2][:, 1:].numel() for b in task.batches)
+    assert defined > 0.5 * total
+    # the compiled weights alone are the compiled model: the noise sits where it had zeros
+    compiled = si.Subnetwork(task.used_weights)
+    with si.masked(task.bridge, compiled), torch.no_grad():
+        for tokens, target, keep in task.batches:
+            out = task.bridge(tokens)
+            if task.numerical:
+                assert (out[..., 0][keep] - target[keep]).abs().max() < 1e-4
+            else:
+                assert torch.equal(out.argmax(-1)[keep], target[keep])
+    assert task.evaluate(compiled)["accuracy"] == 1.0
+    assert not (task.planted.nodes & task.model.circuit.nodes)
+    assert task.model.circuit.nodes and torch.all(task.live_neurons >= task.used_neurons)
+    assert task.used_neurons.any()

@@ -7,6 +7,16 @@ Scores use the adapters' canonical axes (``head`` / ``kv_head`` / ``neuron``), s
 every supported family. A head's weights are its slices of ``W_Q``, ``W_K``, ``W_V`` (for
 grouped-query attention, the shared K/V head counts for every query head that reads it) and
 ``W_O``; a neuron's are its ``W_in`` (and ``W_gate``) column and its ``W_out`` row.
+
+What counts in :func:`head_scores` / :func:`neuron_scores`: by default each weight that is not
+exactly zero counts once, and exact zeros do not count at all. A weight that is 0 can be dropped
+for free (masking it changes nothing), so whether a mask keeps it says nothing about the unit;
+counting it made units with many structural zeros (tracr-compiled models, pruned or sparse
+checkpoints, zero-padded MLPs) look emptier than dense units no mask wanted, e.g. inverting the
+ranking of compiled against planted-noise neurons. On a model without exact zeros this is the
+plain kept fraction. ``weighted=True`` counts each weight by ``|theta|`` (zeros weigh 0 there
+too); ``count_zeros=True`` gives the plain kept fraction of every weight, zeros included (the
+mask's density in the unit, the definition before this change).
 """
 
 from __future__ import annotations
@@ -34,13 +44,18 @@ def _is_block_weight(target: Target, kind: str) -> bool:
     return len(parts) == 2 and parts[0] == kind and parts[1].startswith("W_")
 
 
-def _per_unit(mask: Tensor, weight: Tensor | None, axis: int) -> tuple[Tensor, Tensor]:
-    """Kept amount and total per index of ``axis`` (weighted by ``|weight|`` if given)."""
-    mass = (
-        torch.ones_like(mask, dtype=torch.float32)
-        if weight is None
-        else weight.detach().abs().float()
-    )
+def _per_unit(
+    mask: Tensor, weight: Tensor | None, axis: int, weighted: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Kept amount and total per index of ``axis``: every weight counts once if ``weight`` is
+    ``None``; else ``|weight|`` if ``weighted``, else 1 for each non-zero weight and 0 for an
+    exact zero."""
+    if weight is None:
+        mass = torch.ones_like(mask, dtype=torch.float32)
+    elif weighted:
+        mass = weight.detach().abs().float()
+    else:
+        mass = (weight.detach() != 0).float()
     kept = (mass * mask).movedim(axis, 0).flatten(1).sum(1)
     total = mass.movedim(axis, 0).flatten(1).sum(1)
     return kept, total
@@ -68,18 +83,31 @@ def _layers_and_sizes(model: Any, subnetwork: Subnetwork, kind: str, axis_names:
     return 1 + max(layers), entries
 
 
+def _check_modes(weighted: bool, count_zeros: bool) -> None:
+    if weighted and count_zeros:
+        raise ValueError(
+            "weighted=True counts each weight by |theta|, so exact zeros weigh nothing; "
+            "count_zeros=True (every weight counts once) cannot be combined with it."
+        )
+
+
 @model_then_subnetwork()
 def head_scores(
-    model: Any, subnetwork: Subnetwork, *, weighted: bool = False
+    model: Any, subnetwork: Subnetwork, *, weighted: bool = False, count_zeros: bool = False
 ) -> Float[Tensor, "layer head"]:
-    """Fraction of each head's Q/K/V/O weights the subnetwork keeps, ``[layers, heads]``.
+    """Fraction of each head's non-zero Q/K/V/O weights the subnetwork keeps, ``[layers, heads]``.
 
-    Every weight of the head's slices of the canonical ``W_Q``, ``W_K``, ``W_V`` and ``W_O``
-    counts once; with grouped-query attention the slice of a shared K/V head counts for every
-    query head that reads it. With ``weighted=True`` each weight counts by ``|theta|`` (the
-    kept fraction of the head's weight mass), which suits models whose heads are sparse inside
-    (e.g. tracr-compiled ones). Layers or heads the subnetwork does not cover are ``nan``.
+    Every non-zero weight of the head's slices of the canonical ``W_Q``, ``W_K``, ``W_V`` and
+    ``W_O`` counts once; weights that are exactly 0 do not count (dropping them is free, so they
+    say nothing about the head; see the module docstring). With grouped-query attention the
+    slice of a shared K/V head counts for every query head that reads it. With
+    ``weighted=True`` each weight counts by ``|theta|`` (the kept fraction of the head's weight
+    mass), which also discounts small weights inside sparse heads (e.g. tracr-compiled ones).
+    With ``count_zeros=True`` every weight counts once, zeros included (the mask's density in
+    the head). Layers or heads the subnetwork does not cover, and heads with no non-zero
+    weight (unless ``count_zeros``), are ``nan``.
     """
+    _check_modes(weighted, count_zeros)
     n_layers, entries = _layers_and_sizes(model, subnetwork, "attn", ("head", "kv_head"))
     root = _root(model)
     query_heads = [e[2].shape[e[3]] for e in entries if e[4] == "head"]
@@ -87,8 +115,8 @@ def head_scores(
     kept = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     total = torch.zeros(n_layers, n_heads, dtype=torch.float64)  # 0 / 0 = nan where uncovered
     for layer, target, mask, axis, axis_name in entries:
-        weight = read_canonical(root, target).to(mask.device) if weighted else None
-        k, t = _per_unit(mask, weight, axis)
+        weight = None if count_zeros else read_canonical(root, target).to(mask.device)
+        k, t = _per_unit(mask, weight, axis, weighted)
         k, t = k.double().cpu(), t.double().cpu()
         if axis_name == "kv_head":  # shared by the query heads of its group
             group = n_heads // k.numel()
@@ -100,18 +128,23 @@ def head_scores(
 
 @model_then_subnetwork()
 def neuron_scores(
-    model: Any, subnetwork: Subnetwork, *, weighted: bool = False
+    model: Any, subnetwork: Subnetwork, *, weighted: bool = False, count_zeros: bool = False
 ) -> Float[Tensor, "layer neuron"]:
-    """Fraction of each MLP neuron's weights (``W_in``/``W_gate`` column, ``W_out`` row) kept,
-    ``[layers, d_mlp]`` (``nan`` where not covered)."""
+    """Fraction of each MLP neuron's non-zero weights (``W_in``/``W_gate`` column, ``W_out``
+    row) the subnetwork keeps, ``[layers, d_mlp]``.
+
+    As in :func:`head_scores`: exact zeros do not count by default, ``weighted=True`` counts
+    each weight by ``|theta|``, ``count_zeros=True`` counts every weight once. ``nan`` where
+    not covered, and for neurons with no non-zero weight (unless ``count_zeros``)."""
+    _check_modes(weighted, count_zeros)
     n_layers, entries = _layers_and_sizes(model, subnetwork, "mlp", ("neuron",))
     root = _root(model)
     width = max(e[2].shape[e[3]] for e in entries)
     kept = torch.zeros(n_layers, width, dtype=torch.float64)
     total = torch.zeros(n_layers, width, dtype=torch.float64)
     for layer, target, mask, axis, _ in entries:
-        weight = read_canonical(root, target).to(mask.device) if weighted else None
-        k, t = _per_unit(mask, weight, axis)
+        weight = None if count_zeros else read_canonical(root, target).to(mask.device)
+        k, t = _per_unit(mask, weight, axis, weighted)
         kept[layer] += k.double().cpu()
         total[layer] += t.double().cpu()
     return (kept / total).float()

@@ -64,10 +64,12 @@ def per_layer_densities(subnetwork: Subnetwork) -> tuple[list[int], list[str], t
 
 @model_then_subnetwork()
 def head_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor:
-    """``[layers, heads]`` fraction of each head's Q/K/V/O weights kept: exactly
-    :func:`~subnet_interp.analysis.head_scores` (``nan`` where a head is not covered; with
-    grouped-query attention a shared K/V head's slice counts for each query head reading it)."""
-    return head_scores(model, subnetwork)
+    """``[layers, heads]`` fraction of each head's Q/K/V/O weights kept, every weight counted
+    once (the mask's density in the head): :func:`~subnet_interp.analysis.head_scores` with
+    ``count_zeros=True``, which on a model without exact zeros equals its default (``nan``
+    where a head is not covered; with grouped-query attention a shared K/V head's slice counts
+    for each query head reading it)."""
+    return head_scores(model, subnetwork, count_zeros=True)
 
 
 @model_then_subnetwork()

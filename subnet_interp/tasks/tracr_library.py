@@ -1,0 +1,261 @@
+"""Programs of tracr's own library (``tracr.compiler.lib``) as ground-truth tasks, by name.
+
+``library_task("reverse")`` compiles a registered program (:data:`PROGRAMS`: vocabulary,
+``max_seq_len``, input generator, categorical or numerical output) into a bridge, plants small
+random weights in the components it does not use (:func:`~subnet_interp.tasks.tracr.plant_noise`)
+and returns a :class:`TracrTask`: batches of every input (sampled where there are too many),
+grouped by length because the bridge takes no padding, with tracr's own outputs as targets, a
+loss (cross-entropy for categorical programs, squared error for numerical ones), an accuracy,
+and the truth at head (``model.circuit``), neuron (``used_neurons``) and weight
+(``used_weights``) level, all read off the compiled weights before the noise was planted.
+
+Needs the optional extra ``tracr`` (``pip install 'subnet_interp[tracr]'``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .._subnetwork import Subnetwork
+from ..analysis.circuits import Circuit
+from .tracr import TracrModel, compile_program, plant_noise
+
+NUMERICAL_TOLERANCE = 0.05
+"""A numerical output counts as correct within this absolute error (for :meth:`accuracy`)."""
+
+
+def _tokens():
+    from tracr.rasp import rasp
+
+    return rasp
+
+
+def _lib():
+    from tracr.compiler import lib
+
+    return lib
+
+
+def _product(vocab: tuple) -> Callable[[int], list[tuple]]:
+    return lambda length: list(itertools.product(vocab, repeat=length))
+
+
+def _permutations(vocab: tuple) -> Callable[[int], list[tuple]]:
+    return lambda length: list(itertools.permutations(vocab, length))
+
+
+@dataclass(frozen=True)
+class LibraryProgram:
+    """A program of ``tracr.compiler.lib`` with what compiling and feeding it needs.
+
+    ``build()`` returns the RASP program; ``inputs(length)`` every input sequence of one length
+    (the programs' preconditions hold, e.g. distinct keys for ``sort_unique``); sequences of
+    ``min_len`` .. ``max_seq_len`` tokens are used. ``numerical``: the output is a number (one
+    output dimension, squared-error loss) rather than a class.
+    """
+
+    name: str
+    build: Callable[[], Any]
+    vocab: tuple
+    max_seq_len: int
+    numerical: bool
+    inputs: Callable[[int], list[tuple]]
+    min_len: int = 2
+    note: str = ""
+
+
+def _programs() -> dict[str, LibraryProgram]:
+    abc = ("a", "b", "c")
+    parens = ("(", ")")
+    dyck2 = ("(", ")", "{", "}")
+    specs = [
+        LibraryProgram("length", lambda: _lib().make_length(), abc, 5, False, _product(abc),
+                       note="one head and one MLP, both used: no unused component"),
+        LibraryProgram("reverse", lambda: _lib().make_reverse(_tokens().tokens), abc, 5, False,
+                       _product(abc)),
+        LibraryProgram("hist", lambda: _lib().make_hist(), abc, 5, False, _product(abc),
+                       note="one head and one MLP, both used: no unused component"),
+        LibraryProgram("sort_unique",
+                       lambda: _lib().make_sort_unique(_tokens().tokens, _tokens().tokens),
+                       (1, 2, 3, 4, 5), 5, False, _permutations((1, 2, 3, 4, 5)),
+                       note="every head used"),
+        LibraryProgram("sort", lambda: _lib().make_sort(_tokens().tokens, _tokens().tokens,
+                                                        max_seq_len=5, min_key=1),
+                       (1, 2, 3), 5, False, _product((1, 2, 3))),
+        LibraryProgram("sort_freq", lambda: _lib().make_sort_freq(5), abc, 5, False,
+                       _product(abc)),
+        LibraryProgram("frac_prevs",
+                       lambda: _lib().make_frac_prevs(_tokens().tokens == "a"), abc, 5, True,
+                       _product(abc)),
+        LibraryProgram("pair_balance",
+                       lambda: _lib().make_pair_balance(_tokens().tokens, "(", ")"),
+                       parens, 6, True, _product(parens)),
+        LibraryProgram("detect_pattern",
+                       lambda: _lib().detect_pattern(_tokens().tokens, "abc"), abc, 5, False,
+                       _product(abc), min_len=3),
+        LibraryProgram("shuffle_dyck2", lambda: _lib().make_shuffle_dyck2(), dyck2, 6, False,
+                       _product(dyck2)),
+    ]  # fmt: skip
+    return {spec.name: spec for spec in specs}
+
+
+PROGRAMS: dict[str, LibraryProgram] = _programs()
+
+
+def program_names() -> list[str]:
+    """Names of the registered library programs."""
+    return list(PROGRAMS)
+
+
+@dataclass
+class TracrTask:
+    """A compiled library program with noise planted in its unused components, and its data.
+
+    ``batches``: ``(tokens, target, defined)`` triples, one sequence length per batch;
+    ``target`` holds tracr's output (class ids, or values for a numerical program) and
+    ``defined`` marks the positions scored (not BOS, and for a categorical program not a
+    position whose RASP value is undefined, where the compiled logits tie exactly).
+    ``used_neurons``: ``[layers, d_mlp]``, a neuron whose compiled ``W_in`` column or ``W_out``
+    row is non-zero; ``used_weights``: per canonical target, the compiled non-zero weights;
+    ``live_neurons`` / ``live_weights``: the same after planting (what a mask can drop at a
+    cost: zero-padding is neither used nor a choice). ``planted``: the noise-filled components.
+    """
+
+    name: str
+    spec: LibraryProgram
+    model: TracrModel
+    batches: list[tuple[Tensor, Tensor, Tensor]]
+    used_neurons: Tensor
+    used_weights: dict[str, Tensor]
+    live_neurons: Tensor = field(repr=False)
+    live_weights: dict[str, Tensor] = field(repr=False)
+    planted: Circuit = field(default_factory=lambda: Circuit(frozenset()))
+
+    @property
+    def bridge(self) -> Any:
+        return self.model.bridge
+
+    @property
+    def numerical(self) -> bool:
+        return self.spec.numerical
+
+    def loss_fn(self, bridge: Any, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Cross-entropy (categorical) or mean squared error (numerical) on defined positions."""
+        tokens, target, defined = batch
+        out = bridge(tokens)
+        if self.numerical:
+            return torch.nn.functional.mse_loss(out[..., 0][defined], target[defined].float())
+        return torch.nn.functional.cross_entropy(out[defined], target[defined])
+
+    def accuracy(self, bridge: Any, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+        """Fraction of defined positions right: the argmax class, or a value within
+        :data:`NUMERICAL_TOLERANCE` of tracr's."""
+        tokens, target, defined = batch
+        out = bridge(tokens)
+        if self.numerical:
+            error = (out[..., 0][defined] - target[defined].float()).abs()
+            return (error < NUMERICAL_TOLERANCE).float().mean()
+        return (out.argmax(-1)[defined] == target[defined]).float().mean()
+
+    def evaluate(self, subnetwork: Subnetwork | None = None) -> dict[str, float]:
+        """``loss`` and ``accuracy`` over all batches (weighted by defined positions), of the
+        model under ``subnetwork`` (zero ablation) or unmasked."""
+        import contextlib
+
+        from .._masked import masked
+
+        context = masked(self.bridge, subnetwork) if subnetwork is not None else None
+        totals = {"loss": 0.0, "accuracy": 0.0}
+        count = 0
+        with context or contextlib.nullcontext(), torch.no_grad():
+            for batch in self.batches:
+                n = int(batch[2].sum())
+                totals["loss"] += float(self.loss_fn(self.bridge, batch)) * n
+                totals["accuracy"] += float(self.accuracy(self.bridge, batch)) * n
+                count += n
+        return {k: v / count for k, v in totals.items()}
+
+
+def _canonical_weights(bridge: Any) -> dict[str, Tensor]:
+    from .. import adapters
+    from .._fingerprint import read_canonical
+    from .._targets import targets
+
+    root = adapters.resolve(bridge).root(bridge)
+    return {name: read_canonical(root, t).detach().clone() for name, t in targets(bridge).items()}
+
+
+def _neurons(weights: dict[str, Tensor], n_layers: int, d_mlp: int) -> Tensor:
+    """``[layers, d_mlp]``: a neuron with a non-zero ``W_in`` column or ``W_out`` row."""
+    out = torch.zeros(n_layers, d_mlp, dtype=torch.bool)
+    for layer in range(n_layers):
+        w_in, w_out = weights[f"blocks.{layer}.mlp.W_in"], weights[f"blocks.{layer}.mlp.W_out"]
+        out[layer] = (w_in != 0).any(0) | (w_out != 0).any(1)
+    return out
+
+
+def library_task(
+    name: str,
+    *,
+    noise: float = 0.1,
+    seed: int = 0,
+    max_per_length: int = 512,
+    batch_size: int = 256,
+) -> TracrTask:
+    """Compile the library program ``name`` (:data:`PROGRAMS`), plant noise of standard
+    deviation ``noise`` in its unused components (``noise=0``: none), and build its data: every
+    input of each length, or ``max_per_length`` of them drawn with ``seed`` where there are
+    more."""
+    if name not in PROGRAMS:
+        raise KeyError(f"Unknown tracr library program {name!r}; known: {program_names()}.")
+    spec = PROGRAMS[name]
+    model = compile_program(spec.build(), set(spec.vocab), spec.max_seq_len)
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for length in range(spec.min_len, spec.max_seq_len + 1):
+        sequences = spec.inputs(length)
+        if len(sequences) > max_per_length:
+            pick = torch.randperm(len(sequences), generator=gen)[:max_per_length].sort().values
+            sequences = [sequences[i] for i in pick.tolist()]
+        for start in range(0, len(sequences), batch_size):
+            tokens = model.encode(sequences[start : start + batch_size])
+            target = model.reference(tokens)
+            defined = torch.ones(tokens.shape, dtype=torch.bool)
+            defined[:, 0] = False
+            if not spec.numerical:
+                with torch.no_grad():
+                    top2 = model.bridge(tokens).topk(2, dim=-1).values
+                defined &= (top2[..., 0] - top2[..., 1]) > 1e-3  # undefined values tie
+                target = target.clamp(min=0)
+            batches.append((tokens, target, defined))
+    cfg = model.bridge.cfg
+    used_weights = {k: w != 0 for k, w in _canonical_weights(model.bridge).items()}
+    planted = plant_noise(model, noise, seed=seed) if noise > 0 else Circuit(frozenset())
+    live_weights = {k: w != 0 for k, w in _canonical_weights(model.bridge).items()}
+    return TracrTask(
+        name=name,
+        spec=spec,
+        model=model,
+        batches=batches,
+        used_neurons=_neurons(used_weights, cfg.n_layers, cfg.d_mlp),
+        used_weights=used_weights,
+        live_neurons=_neurons(live_weights, cfg.n_layers, cfg.d_mlp),
+        live_weights=live_weights,
+        planted=planted,
+    )
+
+
+__all__ = [
+    "NUMERICAL_TOLERANCE",
+    "PROGRAMS",
+    "LibraryProgram",
+    "TracrTask",
+    "library_task",
+    "program_names",
+]
