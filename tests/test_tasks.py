@@ -12,11 +12,15 @@ from subnet_interp.tasks import (
     exact_accuracy,
     ioi_accuracy,
     ioi_batches,
+    ioi_pair_accuracy,
+    ioi_pair_logit_diff,
+    ioi_pair_loss,
+    ioi_pairs,
     repeated_tokens,
     train,
 )
 from subnet_interp.tasks.arithmetic import digit_loss
-from subnet_interp.tasks.templates import TOKEN, encode
+from subnet_interp.tasks.templates import S2_POSITION, TOKEN, encode
 
 
 def test_ioi_answer_is_the_name_that_is_not_repeated():
@@ -44,6 +48,47 @@ def test_ioi_accuracy_of_a_perfect_oracle():
         return logits
 
     assert float(ioi_accuracy(oracle, batch)) == 1.0
+
+
+def test_ioi_pairs_differ_only_at_s2_and_flip_the_answer():
+    pairs = ioi_pairs(2, 40, generator=torch.Generator().manual_seed(3))
+    again = ioi_batches(2, 40, generator=torch.Generator().manual_seed(3))
+    for batch, (tokens, right, wrong) in zip(pairs, again, strict=True):
+        assert set(batch) == {"tokens", "corrupted", "correct", "repeated"}
+        # the clean half is exactly ioi_batches with the same generator
+        assert torch.equal(batch["tokens"], tokens)
+        assert torch.equal(batch["correct"], right) and torch.equal(batch["repeated"], wrong)
+        clean, twin = batch["tokens"], batch["corrupted"]
+        assert twin.shape == clean.shape == (40, 15)
+        differs = clean != twin
+        assert torch.all(differs[:, S2_POSITION])  # every twin changes S2 ...
+        differs[:, S2_POSITION] = False
+        assert not differs.any()  # ... and nothing else
+        # the twin repeats the clean answer, so its answer is the clean repeated name
+        names = twin[:, [2, 4]]
+        assert torch.all(twin[:, S2_POSITION] == batch["correct"])
+        assert torch.all((names == batch["repeated"][:, None]).any(1))
+        assert torch.all((names == batch["correct"][:, None]).any(1))
+
+
+def test_ioi_pair_metrics_of_an_oracle_and_its_twin():
+    batch = ioi_pairs(1, 16)[0]
+
+    def oracle(tokens):  # predicts the name in positions 2 / 4 that is not repeated at S2
+        logits = torch.zeros(tokens.shape[0], tokens.shape[1], len(VOCAB))
+        names = tokens[:, [2, 4]]
+        answer = torch.where(names[:, 0] == tokens[:, S2_POSITION], names[:, 1], names[:, 0])
+        logits[torch.arange(tokens.shape[0]), -1, answer] = 3.0
+        return logits
+
+    assert float(ioi_pair_accuracy(oracle, batch)) == 1.0
+    assert float(ioi_pair_logit_diff(oracle, batch)) == 3.0
+    assert float(ioi_pair_loss(oracle, batch)) < float(
+        ioi_pair_loss(lambda t: 0 * oracle(t), batch)
+    )
+    flipped = {**batch, "tokens": batch["corrupted"]}  # the same oracle on the twins
+    assert float(ioi_pair_logit_diff(oracle, flipped)) == -3.0
+    assert float(ioi_pair_accuracy(oracle, flipped)) == 0.0
 
 
 def test_repeated_tokens_repeat_with_varying_lengths():

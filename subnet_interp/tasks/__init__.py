@@ -12,7 +12,18 @@ from .induction import (
 from .planted import PlantedTask, planted_delta, planted_mlp, planted_sensitivity, planted_teacher
 from .previous_token import previous_token_classes
 from .regression import two_outputs
-from .templates import VOCAB, ioi_accuracy, ioi_batches, ioi_logits, ioi_loss
+from .templates import (
+    VOCAB,
+    ioi_accuracy,
+    ioi_batches,
+    ioi_logits,
+    ioi_loss,
+    ioi_pair_accuracy,
+    ioi_pair_logit_diff,
+    ioi_pair_logits,
+    ioi_pair_loss,
+    ioi_pairs,
+)
 from .training import logits_of, train
 
 __all__ = [
@@ -22,6 +33,11 @@ __all__ = [
     "ioi_batches",
     "ioi_logits",
     "ioi_loss",
+    "ioi_pair_accuracy",
+    "ioi_pair_logit_diff",
+    "ioi_pair_logits",
+    "ioi_pair_loss",
+    "ioi_pairs",
     "add_mul_batches",
     "add_mul_network",
     "digit_loss",
