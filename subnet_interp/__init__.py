@@ -5,11 +5,12 @@ nnsight; adapters load their library when a model of that family is first seen.
 """
 
 from . import analysis, methods, probing, testing
-from ._ablations import Ablation, MeanAblation, PatchAblation, ReinitAblation, ResampleAblation
+from ._ablations import Ablation, MeanAblation, ReinitAblation, ResampleAblation
 from ._find import find
 from ._fingerprint import fingerprint
 from ._loop import NonFiniteLossError
 from ._masked import delta_applied, masked
+from ._patching import PatchAblation
 from ._subnetwork import Subnetwork
 from ._targets import targets
 from ._types import NotFoundError, Target

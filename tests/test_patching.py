@@ -14,9 +14,11 @@ from subnet_interp.analysis import ablation_effect, faithfulness_curve, loss
 PATCH = lambda: si.PatchAblation(lambda model, batch: model(batch[1]))  # noqa: E731
 
 
-def test_linear_layer_matches_the_formula_and_gradients_reach_both_terms():
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-fast-form", "trained-two-terms"])
+def test_linear_layer_matches_the_formula_and_gradients_reach_both_terms(frozen):
     gen = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(5, 3)
+    layer.requires_grad_(not frozen)  # frozen weights and a soft mask: (m W)(x - x') + y'
     x, x_twin = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
     soft = torch.rand(3, 5, generator=gen).requires_grad_(True)
     W, b = layer.weight.detach(), layer.bias.detach()

@@ -19,13 +19,13 @@ from .._ablations import (
     Ablation,
     Forward,
     MeanAblation,
-    PatchAblation,
     ReinitAblation,
     ResampleAblation,
     resolve_ablation,
 )
 from .._attach import Attachment
 from .._masked import prepare
+from .._patching import PatchAblation
 from .._subnetwork import Subnetwork
 from ..methods.random import random_like
 
