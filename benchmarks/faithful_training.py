@@ -8,7 +8,7 @@ random sequence), and under mean ablation. Reports the accuracy of the masked mo
 where the program's value is defined), faithfulness of the loss (``ablation_effect``), CPR / CMD
 of the faithfulness curve, and the |W|-weighted head AUC against the compiled circuit.
 
-    python benchmarks/faithful_training.py            # 300 steps per mask
+    python benchmarks/faithful_training.py            # 300 steps per mask, noise 0.2
     python benchmarks/faithful_training.py --quick    # smoke test (a few steps)
 """
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--method", default="gumbel_sigmoid")
-    parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--noise", type=float, default=0.2)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
