@@ -296,3 +296,47 @@ def test_compare_circuits_refuses_circuits_of_different_models():
         compare_circuits(a, b)
     with pytest.raises(ValueError, match="needs n_layers and n_heads"):
         compare_circuits(Circuit(frozenset({head_node(0, 0)})), Circuit(frozenset()))
+
+
+def unpruned_eap_graph() -> dict:
+    """What EAP-IG (commit 795f560, src/eap/graph.py) writes after ``apply_topn(4, prune=False)``
+    + ``to_json``: the top edges in the graph, nodes flagged only when they have an in-graph
+    outgoing and incoming edge (input counts as having one), so a0.h1 (no incoming edge) is not."""
+    data = eap_graph()
+    for entry in data["edges"].values():
+        entry["in_graph"] = False
+    for name in ("input->a0.h0<q>", "a0.h0->logits", "a0.h1->a1.h0<k>", "a1.h0->logits"):
+        data["edges"][name]["in_graph"] = True
+    for name, entry in data["nodes"].items():
+        entry["in_graph"] = name in ("input", "a0.h0", "a1.h0", "logits")
+    return data
+
+
+def test_eap_unpruned_file_is_read_as_written_or_as_eap_ig_prunes_it():
+    data = unpruned_eap_graph()
+    with pytest.warns(UserWarning, match="in-graph edges whose nodes are not in the graph"):
+        circuit = Circuit.from_eap(data)
+    assert len(circuit.edges) == 4 and head_node(0, 1) in circuit.nodes
+    assert circuit.to_eap() == data  # a0.h1 stays unflagged, as EAP-IG wrote it
+    # EAP-IG's prune: a0.h1 has no incoming edge, so it goes, then a1.h0 loses its only input
+    pruned = Circuit.from_eap(data, prune=True)
+    assert pruned.edges == {("embed", head_node(0, 0, "q")), (head_node(0, 0), "unembed")}
+    assert pruned.nodes == {"embed", head_node(0, 0), "unembed"}
+
+
+def test_eap_export_of_a_node_circuit_survives_eap_ig_pruning():
+    circuit = Circuit(frozenset({head_node(1, 2), mlp_node(0)}), n_layers=L, n_heads=H)
+    data = circuit.to_eap(d_model=16)
+    assert {n for n, e in data["nodes"].items() if e["in_graph"]} == {
+        "input",
+        "m0",
+        "a1.h2",
+        "logits",
+    }
+    assert {n for n, e in data["edges"].items() if e["in_graph"]} == {
+        "input->m0", "input->a1.h2<q>", "input->a1.h2<k>", "input->a1.h2<v>",
+        "m0->a1.h2<q>", "m0->a1.h2<k>", "m0->a1.h2<v>",
+        "input->logits", "m0->logits", "a1.h2->logits",
+    }  # fmt: skip
+    again = Circuit.from_eap(data, prune=True)  # what EAP-IG evaluates
+    assert again.heads() == [(1, 2)] and again.mlps() == [0]

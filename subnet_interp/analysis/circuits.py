@@ -268,11 +268,12 @@ class Circuit:
     # ---- formats: each method calls its tool's module in ``analysis/_formats/`` (imported
     # when called, since those modules build ``Circuit`` objects; see circuit_formats.py) ------
     @classmethod
-    def from_eap(cls, graph: Mapping[str, Any] | str | os.PathLike) -> Circuit:
-        """From an EAP / EAP-IG ``Graph.to_json`` file or dict (also MIB circuit-track files)."""
+    def from_eap(cls, graph: Mapping[str, Any] | str | os.PathLike, **kwargs: Any) -> Circuit:
+        """From an EAP / EAP-IG ``Graph.to_json`` file or dict (also MIB circuit-track files);
+        ``prune=True`` keeps what EAP-IG's ``Graph.prune`` keeps."""
         from ._formats import eap
 
-        return eap.from_eap(graph)
+        return eap.from_eap(graph, **kwargs)
 
     def to_eap(self, path: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
         """As an EAP-IG ``Graph.from_json``-loadable dict (written to ``path`` if given)."""
@@ -287,11 +288,11 @@ class Circuit:
 
         return acdc.from_acdc(edges, **kwargs)
 
-    def to_acdc(self, *, complete: bool = False) -> dict[tuple, bool]:
+    def to_acdc(self, **kwargs: Any) -> dict[tuple, bool]:
         """As ACDC's subgraph dict ``{(child_hook, child_index, parent_hook, parent_index): bool}``."""
         from ._formats import acdc
 
-        return acdc.to_acdc(self, complete=complete)
+        return acdc.to_acdc(self, **kwargs)
 
     @classmethod
     def from_auto_circuit(cls, prune_scores: Mapping[str, Any], **kwargs: Any) -> Circuit:

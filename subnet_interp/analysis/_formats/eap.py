@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,28 @@ def _to_eap_edge(edge: tuple[str, str]) -> str:
     return f"{_to_eap_node(src)}->{_to_eap_node(node)}{suffix}"
 
 
-def from_eap(source: Mapping[str, Any] | str | os.PathLike) -> Circuit:
-    """Read an EAP-IG / MIB graph (``Graph.to_json`` output, as a dict or a path)."""
+def _eap_prune(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    """EAP-IG's ``Graph.prune`` (src/eap/graph.py): repeatedly keep the nodes with an in-graph
+    outgoing edge and an in-graph incoming one (input counts as having one), then the edges whose
+    parent and child are kept (logits always is), until nothing changes; node flags in the file
+    play no part. The result: the in-graph edges on a path from input to logits."""
+    while True:
+        alive = {s for s, _ in edges} & ({node_of(d) for _, d in edges} | {EMBED})
+        kept = {(s, d) for s, d in edges if s in alive and (d == UNEMBED or node_of(d) in alive)}
+        if kept == edges:
+            return kept
+        edges = kept
+
+
+def from_eap(source: Mapping[str, Any] | str | os.PathLike, *, prune: bool = False) -> Circuit:
+    """Read an EAP-IG / MIB graph (``Graph.to_json`` output, as a dict or a path).
+
+    ``prune=False`` keeps every in-graph edge as the file has it, as EAP-IG's ``Graph.from_json``
+    does; a file written after ``apply_topn(n, prune=False)`` / ``apply_threshold(..., prune=False)``
+    may have in-graph edges whose nodes are not in the graph: those nodes become circuit nodes
+    (every edge end is one), a warning says so, and ``to_eap`` writes their flags back as the
+    file had them. ``prune=True`` keeps what EAP-IG's ``Graph.prune`` (run before evaluation)
+    keeps: the in-graph edges on a path from input to logits, and their ends as nodes."""
     data = read_json(source)
     missing = [key for key in ("cfg", "nodes", "edges") if key not in data]
     if missing:
@@ -99,10 +120,25 @@ def from_eap(source: Mapping[str, Any] | str | os.PathLike) -> Circuit:
             edges.add(edge)
         if entry.get("score") is not None:
             edge_scores[edge] = entry["score"]
-    metadata = {"eap_cfg": cfg, "eap_node_order": list(data["nodes"])}
+    metadata: dict[str, Any] = {"eap_cfg": cfg, "eap_node_order": list(data["nodes"])}
     if neurons:
         metadata["eap_neurons"] = neurons
-    circuit = Circuit(
+    if prune:
+        edges = _eap_prune(edges)
+        nodes = {node_of(x) for e in edges for x in e} | ({UNEMBED} & nodes)
+    else:
+        unflagged = {node_of(x) for e in edges for x in e} - nodes - {UNEMBED}
+        if unflagged:
+            metadata["eap_nodes_not_in_graph"] = sorted(_to_eap_node(n) for n in unflagged)
+            warnings.warn(
+                f"EAP-IG graph has in-graph edges whose nodes are not in the graph "
+                f"({sorted(unflagged)[:5]}): it was written unpruned (e.g. apply_topn(n, "
+                "prune=False)). Kept as written; EAP-IG prunes it before evaluation: "
+                "from_eap(..., prune=True) gives what it evaluates.",
+                UserWarning,
+                stacklevel=3,
+            )
+    return Circuit(
         frozenset(nodes),
         frozenset(edges),
         edge_scores,
@@ -111,20 +147,20 @@ def from_eap(source: Mapping[str, Any] | str | os.PathLike) -> Circuit:
         n_heads=cfg.get("n_heads"),
         metadata=metadata,
     )
-    if nodes != set(circuit.nodes):  # an edge in the graph whose node was not marked in_graph
-        extra = sorted(set(circuit.nodes) - nodes)
-        raise ValueError(
-            f"EAP-IG graph has edges in the graph whose nodes are not: {extra[:5]}; the file is "
-            "inconsistent (EAP-IG's prune() would remove those edges)."
-        )
-    return circuit
 
 
 def to_eap(
     circuit: Circuit, path: str | os.PathLike | None = None, *, d_model: int | None = None
 ) -> dict[str, Any]:
     """Write as EAP-IG's ``Graph.to_json`` dict: every node and edge of the complete graph for
-    ``circuit.n_layers`` x ``circuit.n_heads``; returned, and saved to ``path`` if given."""
+    ``circuit.n_layers`` x ``circuit.n_heads``; returned, and saved to ``path`` if given.
+
+    A circuit with nodes but no edges (e.g. ``Circuit.from_heads``) is written as EAP-IG's own
+    node-level selection (``apply_topn(level='node')``) leaves it: input, logits and the
+    circuit's nodes in the graph, with every edge of the complete graph whose parent is input or
+    a circuit node and whose child is logits or a circuit node (each of a head's q / k / v
+    inputs). Every node then has an edge from input and one to logits, so EAP-IG's ``prune()``
+    keeps all of them. A circuit with edges is written as it is (only its edges in the graph)."""
     n_layers, n_heads = need_shape(circuit, "Writing an EAP-IG graph")
     cfg = dict(circuit.metadata.get("eap_cfg", {}))
     cfg.update(n_layers=n_layers, n_heads=n_heads)
@@ -133,6 +169,12 @@ def to_eap(
         cfg["d_model"] = d_model
     if cfg.get("d_model") is None:
         raise ValueError("EAP-IG graphs record d_model: pass to_eap(..., d_model=model's d_model).")
+    universe = all_edges(n_layers, n_heads, parallel_attn_mlp=bool(cfg["parallel_attn_mlp"]))
+    in_nodes, in_edges = set(circuit.nodes), set(circuit.edges)
+    if not in_edges and in_nodes - {EMBED, UNEMBED}:
+        in_nodes |= {EMBED, UNEMBED}
+        in_edges = {(s, d) for s, d in universe if s in in_nodes and node_of(d) in in_nodes}
+    unflagged = set(circuit.metadata.get("eap_nodes_not_in_graph", ()))
     neurons = circuit.metadata.get("eap_neurons", {})
     nodes: dict[str, Any] = {}
     order = circuit.metadata.get("eap_node_order") or [
@@ -140,13 +182,13 @@ def to_eap(
     ] + ["logits"]
     for name in order:
         node = _from_eap_node(name)
-        entry: dict[str, Any] = {"in_graph": node in circuit.nodes or node == UNEMBED}
+        flag = (node in in_nodes and name not in unflagged) or node == UNEMBED
+        entry: dict[str, Any] = {"in_graph": flag}
         if node in circuit.node_scores:
             entry["score"] = circuit.node_scores[node]
         entry.update(neurons.get(name, {}))
         nodes[name] = entry
     edges = {}
-    universe = all_edges(n_layers, n_heads, parallel_attn_mlp=bool(cfg["parallel_attn_mlp"]))
     unknown = sorted((circuit.edges | set(circuit.edge_scores)) - set(universe))
     if unknown:
         raise ValueError(
@@ -156,7 +198,7 @@ def to_eap(
     for edge in universe:
         edges[_to_eap_edge(edge)] = {
             "score": circuit.edge_scores.get(edge, 0.0),
-            "in_graph": edge in circuit.edges,
+            "in_graph": edge in in_edges,
         }
     data = {"cfg": cfg, "nodes": nodes, "edges": edges}
     if path is not None:
