@@ -340,3 +340,25 @@ def test_eap_export_of_a_node_circuit_survives_eap_ig_pruning():
     }  # fmt: skip
     again = Circuit.from_eap(data, prune=True)  # what EAP-IG evaluates
     assert again.heads() == [(1, 2)] and again.mlps() == [0]
+
+
+def test_auto_circuit_per_position_scores_error_names_the_head_count():
+    per_position = {k: v.expand(5, *v.shape) for k, v in auto_circuit_scores().items()}
+    with pytest.raises(
+        ValueError,
+        match=r"shape \(5, 3, 1\), expected \(3, 1\) for 2 layers x 3 heads; these are "
+        r"per-position scores \(5 positions\)",
+    ):
+        Circuit.from_auto_circuit(per_position)
+    with pytest.raises(ValueError, match="2 layers x 3 heads, not 4 x 3 as passed"):
+        Circuit.from_auto_circuit(auto_circuit_scores(), n_layers=4)
+
+
+def test_auto_circuit_edge_name_dict_knows_its_shape_and_exports():
+    named = {"A0.1->A1.2.Q": 0.5, "Resid Start->MLP 0": 1.0, "MLP 1->Resid End": [3]}
+    circuit = Circuit.from_auto_circuit(named)
+    assert (circuit.n_layers, circuit.n_heads) == (2, 3)
+    assert Circuit.from_auto_circuit(circuit.to_auto_circuit()).edges == circuit.edges
+    bigger = Circuit.from_auto_circuit(named, n_layers=4, n_heads=8)
+    assert (bigger.n_layers, bigger.n_heads) == (4, 8)
+    assert bigger.to_auto_circuit()["blocks.3.hook_q_input"].shape == (8, 1 + 3 * 9)

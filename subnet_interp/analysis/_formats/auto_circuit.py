@@ -49,11 +49,15 @@ def from_auto_circuit(
     *,
     threshold: float | None = None,
     top_k: int | None = None,
+    n_layers: int | None = None,
+    n_heads: int | None = None,
 ) -> Circuit:
     """Read auto-circuit prune scores (tensor per destination module) or an edge-name dict.
 
     The circuit holds the edges with a non-zero score, or ``|score| > threshold``, or the
-    ``top_k`` largest ``|score|``; every score is kept in ``edge_scores``.
+    ``top_k`` largest ``|score|``; every score is kept in ``edge_scores``. Prune scores give the
+    model's shape; for an edge-name dict ``n_layers`` / ``n_heads`` default to one more than the
+    largest layer / head named (pass them when the model is larger).
     """
     if not prune_scores:
         raise ValueError("Empty prune scores: nothing to read.")
@@ -63,7 +67,15 @@ def from_auto_circuit(
             src, dst = name.split("->", 1)
             score = 1.0 if isinstance(value, (list, tuple)) or value is True else float(value)
             scores[(_from_ac_node(src), _from_ac_node(dst))] = score
-        return _select(scores, threshold, top_k, None, None, {})
+        positions = [node_position(x) for e in scores for x in e]
+        positions = [p for p in positions if p is not None]
+        if n_layers is None and positions:
+            n_layers = max(layer for layer, _ in positions) + 1
+        if n_heads is None:
+            heads = [h for _, h in positions if h is not None]
+            n_heads = max(heads) + 1 if heads else None
+        return _select(scores, threshold, top_k, n_layers, n_heads, {})
+    given_layers, given_heads = n_layers, n_heads
     bad = [k for k in prune_scores if not _AC_DEST.match(str(k))]
     if bad:
         raise ValueError(
@@ -79,10 +91,22 @@ def from_auto_circuit(
         )
     n_layers = int(_AC_DEST.match(end[0]).group(1)) + 1
     attn = [t for k, t in tensors.items() if "_in" in k and "mlp" not in k]
-    n_heads = attn[0].shape[0] if attn else None
+    if not attn or attn[0].dim() < 2:
+        raise ValueError(
+            "No attention destinations (tensors [n_heads, n_sources]) in the prune scores: "
+            "cannot tell n_heads."
+        )
+    n_heads = attn[0].shape[-2]  # per-position scores have a leading position axis
     n_src = tensors[end[0]].shape[-1]
-    if n_heads is None:
-        raise ValueError("No attention destinations in the prune scores: cannot tell n_heads.")
+    given = (
+        n_layers if given_layers is None else given_layers,
+        n_heads if given_heads is None else given_heads,
+    )
+    if given != (n_layers, n_heads):
+        raise ValueError(
+            f"The prune scores are of a model with {n_layers} layers x {n_heads} heads, not "
+            f"{given[0]} x {given[1]} as passed."
+        )
     if n_src == 1 + n_layers * (n_heads + 1):
         attn_only = False
     elif n_src == 1 + n_layers * n_heads:
@@ -105,10 +129,16 @@ def from_auto_circuit(
         else:
             expected = (n_heads, per_src)
         if tuple(tensor.shape) != expected:
+            shape = tuple(tensor.shape)
+            hint = (
+                f"; these are per-position scores ({shape[0]} positions): pass one position "
+                "(scores[key][p]) or their sum (.sum(0))"
+                if shape[1:] == expected
+                else ""
+            )
             raise ValueError(
-                f"Prune scores for {key!r} have shape {tuple(tensor.shape)}, expected {expected} "
-                f"for {n_layers} layers x {n_heads} heads (per-position scores: pass one position "
-                "or their sum)."
+                f"Prune scores for {key!r} have shape {shape}, expected {expected} "
+                f"for {n_layers} layers x {n_heads} heads{hint}."
             )
         values = tensor.double().tolist()
         if kind in ("mlp_in", "resid_post"):
