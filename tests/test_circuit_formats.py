@@ -362,3 +362,89 @@ def test_auto_circuit_edge_name_dict_knows_its_shape_and_exports():
     bigger = Circuit.from_auto_circuit(named, n_layers=4, n_heads=8)
     assert (bigger.n_layers, bigger.n_heads) == (4, 8)
     assert bigger.to_auto_circuit()["blocks.3.hook_q_input"].shape == (8, 1 + 3 * 9)
+
+
+def test_acdc_embedding_hooks_stay_apart():
+    # tracr's get_true_edges (ACDC commit bc99ace) wires hook_embed and hook_pos_embed separately
+    head = (None, None, 0)
+    truth = {
+        ("blocks.0.hook_q_input", head, "hook_embed", (None,)): True,
+        ("blocks.0.hook_k_input", head, "hook_pos_embed", (None,)): True,
+        ("blocks.0.hook_v_input", head, "hook_embed", (None,)): True,
+        ("blocks.0.hook_v_input", head, "hook_pos_embed", (None,)): True,
+        ("blocks.0.hook_mlp_in", (None,), "hook_pos_embed", (None,)): True,
+        ("blocks.1.hook_resid_post", (None,), "blocks.0.attn.hook_result", head): True,
+    }
+    circuit = Circuit.from_acdc(truth, n_heads=H)
+    assert circuit.to_acdc() == truth
+    complete = circuit.to_acdc(complete=True)
+    assert complete[("blocks.0.hook_k_input", head, "hook_embed", (None,))] is False
+    assert Circuit.from_acdc(complete).to_acdc(complete=True) == complete
+
+
+def test_acdc_true_edges_form_with_internal_edges(tmp_path):
+    # get_ioi_true_edges (ACDC commit bc99ace): residual edges plus, for every head of the
+    # circuit, hook_q/k/v_input -> hook_q/k/v and hook_q/k/v -> hook_result, and for every MLP
+    # hook_mlp_in -> hook_mlp_out (1,131 keys = 963 + 78 + 90 for IOI)
+    pre, none = "blocks.0.hook_resid_pre", (None,)
+    residual = {
+        ("blocks.0.hook_q_input", (None, None, 1), pre, none): True,
+        ("blocks.0.hook_k_input", (None, None, 1), pre, none): True,
+        ("blocks.0.hook_mlp_in", none, pre, none): True,
+        ("blocks.1.hook_q_input", (None, None, 0), "blocks.0.attn.hook_result", (None, None, 1)): True,
+        ("blocks.1.hook_resid_post", none, "blocks.1.attn.hook_result", (None, None, 0)): True,
+        ("blocks.1.hook_resid_post", none, "blocks.0.hook_mlp_out", none): True,
+    }  # fmt: skip
+    internal = {}
+    for layer, h in ((0, 1), (1, 0)):
+        idx = (None, None, h)
+        for x in "qkv":
+            internal[
+                (f"blocks.{layer}.attn.hook_{x}", idx, f"blocks.{layer}.hook_{x}_input", idx)
+            ] = True
+            internal[
+                (f"blocks.{layer}.attn.hook_result", idx, f"blocks.{layer}.attn.hook_{x}", idx)
+            ] = True
+    internal[("blocks.0.hook_mlp_out", none, "blocks.0.hook_mlp_in", none)] = True  # fmt: skip
+    truth = {**residual, **internal}
+    read = Circuit.from_acdc(truth, n_heads=H)
+    assert read.to_acdc() == truth
+    plain = Circuit(read.nodes, read.edges, n_layers=L, n_heads=H)
+    assert plain.to_acdc() == residual
+    assert plain.to_acdc(internal=True) == truth
+    # a form with only the *_input -> hook_q/k/v internal edges (docstring's) comes back as it was
+    partial = {k: v for k, v in truth.items() if "hook_result" not in k[0] or "input" in k[2]}
+    partial = {k: v for k, v in partial.items() if not k[0].endswith("mlp_out") or "in" not in k[2]}
+    assert Circuit.from_acdc(partial, n_heads=H).to_acdc() == partial
+    path = tmp_path / "c.json"
+    read.save(path)
+    assert Circuit.load(path).to_acdc() == truth
+
+
+def test_acdc_complete_attention_only_graph():
+    gen = torch.Generator().manual_seed(5)
+    universe = circuit_formats.all_edges(L, H, attn_only=True)
+    chosen = [e for e in universe if torch.rand((), generator=gen) < 0.3]
+    circuit = Circuit(frozenset(), frozenset(chosen), n_layers=L, n_heads=H)
+    complete = circuit.to_acdc(complete=True, attn_only=True)
+    assert not any("mlp" in k[0] or "mlp" in k[2] for k in complete)
+    assert len(complete) == len(universe) + 2 * 3 * L * H
+    again = Circuit.from_acdc(complete)  # recognised as attention-only, n_heads inferred
+    assert again.n_heads == H and again.metadata["acdc_attn_only"] is True
+    assert again.to_acdc(complete=True) == complete
+    with pytest.raises(ValueError, match=r"attn_only=True, but the circuit has MLPs \[0\]"):
+        Circuit(frozenset({mlp_node(0)}), n_layers=L, n_heads=H).to_acdc(
+            complete=True, attn_only=True
+        )
+
+
+def test_acdc_complete_export_keeps_the_internal_edges_it_read():
+    circuit = Circuit(
+        frozenset(), frozenset({("embed", head_node(1, 0, "q"))}), n_layers=L, n_heads=H
+    )
+    complete = circuit.to_acdc(complete=True)
+    idx = (None, None, 2)  # head 0.2 is in no residual edge, but ACDC kept its internal edge
+    key = ("blocks.0.attn.hook_q", idx, "blocks.0.hook_q_input", idx)
+    assert complete[key] is False
+    complete[key] = True
+    assert Circuit.from_acdc(complete, n_heads=H).to_acdc(complete=True) == complete

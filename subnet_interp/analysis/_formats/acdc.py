@@ -87,10 +87,16 @@ def _edge_value(value: Any) -> tuple[bool, float | None]:
 
 
 def from_acdc(edges: Any, *, n_heads: int | None = None) -> Circuit:
-    """Read ACDC edges (see the module docstring for the accepted shapes)."""
+    """Read ACDC edges (see the module docstring for the accepted shapes).
+
+    What a circuit has no field for is kept in ``metadata`` so that ``to_acdc`` gives it back:
+    which embedding hooks (``hook_embed`` / ``hook_pos_embed`` / ``blocks.0.hook_resid_pre``)
+    each edge from ``embed`` came from, ACDC's internal edges as the input had them (present
+    and absent), and whether the input was the complete graph of an attention-only model."""
     items = edges.items() if isinstance(edges, Mapping) else edges
-    present_edges, scores, absent_internal = set(), {}, []
-    embed_hooks, last_layer, max_head = set(), None, -1
+    present_edges, scores, internal = set(), {}, {}
+    embed_hooks, embed_parents, last_layer, max_head = [], {}, None, -1
+    residual_keys, has_mlp = set(), False
     for item in items:
         try:
             key, value = item
@@ -104,7 +110,9 @@ def from_acdc(edges: Any, *, n_heads: int | None = None) -> Circuit:
         dst, dst_internal = _acdc_end(child, child_index, parent=False)
         src, src_internal = _acdc_end(parent, parent_index, parent=True)
         if parent in ("hook_embed", "hook_pos_embed", "blocks.0.hook_resid_pre"):
-            embed_hooks.add(parent)
+            if parent not in embed_hooks:
+                embed_hooks.append(parent)
+        has_mlp = has_mlp or "hook_mlp" in child or "hook_mlp" in parent
         if child.endswith("hook_resid_post"):
             last_layer = int(child.split(".")[1])
         for end in (src, dst):
@@ -116,34 +124,54 @@ def from_acdc(edges: Any, *, n_heads: int | None = None) -> Circuit:
             or dst_internal
             or (child.endswith("hook_mlp_out") and parent.endswith("hook_mlp_in"))
         ):
-            if not present:
-                absent_internal.append(
-                    [
-                        child,
-                        list(_index_tuple(child_index)),
-                        parent,
-                        list(_index_tuple(parent_index)),
-                    ]
-                )
+            internal[_key_json(child, child_index, parent, parent_index)] = present
             continue
         if dst == EMBED or src == UNEMBED:
             raise ValueError(f"ACDC edge {key!r} runs against the forward direction.")
         edge = (src, dst)
+        residual_keys.add(edge)
         if present:
             present_edges.add(edge)
+            if src == EMBED:
+                embed_parents.setdefault(edge, []).append(parent)
         if size is not None:
             scores[edge] = size
+    n_layers = None if last_layer is None else last_layer + 1
     metadata: dict[str, Any] = {"acdc_embed_hooks": sorted(embed_hooks)}
-    if absent_internal:
-        metadata["acdc_absent_internal"] = absent_internal
+    partial = {
+        f"{s} -> {d}": sorted(hooks)
+        for (s, d), hooks in embed_parents.items()
+        if sorted(hooks) != sorted(embed_hooks)
+    }
+    if partial:
+        metadata["acdc_embed_parents"] = partial
+    if internal:
+        metadata["acdc_internal"] = [
+            [c, list(ci), p, list(pi), flag] for (c, ci, p, pi), flag in internal.items()
+        ]
+    if n_layers is not None and max_head >= 0:  # the complete graph tells the model's shape
+        guess = max_head + 1 if n_heads is None else n_heads
+        if residual_keys == set(all_edges(n_layers, guess, attn_only=not has_mlp)):
+            n_heads = guess
+            if not has_mlp:
+                metadata["acdc_attn_only"] = True
     return Circuit(
         frozenset(),
         frozenset(present_edges),
         scores,
-        n_layers=None if last_layer is None else last_layer + 1,
+        n_layers=n_layers,
         n_heads=n_heads,
         metadata=metadata,
     )
+
+
+def _key_json(child: str, child_index: Any, parent: str, parent_index: Any) -> tuple:
+    """An ACDC key with its indices as lists (JSON-safe, for ``metadata``), hashable."""
+    return (child, _freeze(child_index), parent, _freeze(parent_index))
+
+
+def _freeze(index: Any) -> tuple:
+    return tuple(_index_tuple(index))
 
 
 def _acdc_hook(end: str, parent: bool, n_layers: int | None, embed_hook: str) -> tuple[str, tuple]:
@@ -168,53 +196,93 @@ def _acdc_hook(end: str, parent: bool, n_layers: int | None, embed_hook: str) ->
     return f"blocks.{layer}.hook_mlp_{'out' if parent else 'in'}", (None,)
 
 
-def to_acdc(circuit: Circuit, *, complete: bool = False) -> dict[tuple, bool]:
+def _internal_keys(layer: int, heads: range, mlp: bool) -> list[tuple[tuple, str]]:
+    """ACDC's internal edges of a layer as (key, node): per head q/k/v_input -> hook_q/k/v and
+    hook_q/k/v -> hook_result; ``hook_mlp_in -> hook_mlp_out`` for its MLP."""
+    out = []
+    for h in heads:
+        index = (None, None, h)
+        for x in "qkv":
+            q = f"blocks.{layer}.attn.hook_{x}"
+            out.append(((q, index, f"blocks.{layer}.hook_{x}_input", index), head_node(layer, h)))
+            out.append(((f"blocks.{layer}.attn.hook_result", index, q, index), head_node(layer, h)))
+    if mlp:
+        key = (f"blocks.{layer}.hook_mlp_out", (None,), f"blocks.{layer}.hook_mlp_in", (None,))
+        out.append((key, mlp_node(layer)))
+    return out
+
+
+def to_acdc(
+    circuit: Circuit,
+    *,
+    complete: bool = False,
+    internal: bool | None = None,
+    attn_only: bool | None = None,
+) -> dict[tuple, bool]:
     """ACDC's subgraph dict, keys ``(child_hook, child_index, parent_hook, parent_index)`` with
-    indices as ``hashable_tuple``\\ s. ``complete=True`` lists every edge of the graph (what
-    ``TLACDCExperiment.load_subgraph`` expects), including ACDC's internal edges; otherwise only
-    the present edges (the form of ACDC's ``get_*_true_edges``)."""
+    indices as ``hashable_tuple``\\ s.
+
+    ``complete=True`` lists every edge of the graph, present or not (what
+    ``TLACDCExperiment.load_subgraph`` expects), including ACDC's internal edges;
+    ``attn_only=True`` leaves out MLPs (``load_subgraph`` of an attention-only model rejects MLP
+    keys; default: what the import was). Otherwise only the present edges, the form of ACDC's
+    ``get_*_true_edges``: the residual edges, plus with ``internal=True`` the internal edges of
+    each head and MLP of the circuit (``hook_q/k/v_input -> hook_q/k/v``,
+    ``hook_q/k/v -> attn.hook_result``, ``hook_mlp_in -> hook_mlp_out``), as
+    ``get_ioi_true_edges`` writes them (its 1,131 keys for the IOI circuit). The tasks'
+    ``get_*_true_edges`` differ here (greater-than has no ``mlp_in -> mlp_out``, docstring only
+    the ``*_input -> hook_q/k/v`` edges), so internal edges read from a file are written back as
+    they were: ``internal=None`` (default) writes them when the import had any.
+
+    An edge from ``embed`` is written from each embedding hook the import had
+    (``hook_embed`` / ``hook_pos_embed``), unless the import had it from only some of them; a
+    circuit not read from ACDC uses ``blocks.0.hook_resid_pre``."""
     embed_hooks = circuit.metadata.get("acdc_embed_hooks") or ["blocks.0.hook_resid_pre"]
+    parents = circuit.metadata.get("acdc_embed_parents", {})
+    recorded = {
+        (c, tuple(ci), p, tuple(pi)): bool(flag)
+        for c, ci, p, pi, flag in circuit.metadata.get("acdc_internal", [])
+    }
+    for c, ci, p, pi in circuit.metadata.get("acdc_absent_internal", []):  # older files
+        recorded[(c, tuple(ci), p, tuple(pi))] = False
     out: dict[tuple, bool] = OrderedDict()
 
     def add(edge: tuple[str, str], present: bool) -> None:
         src, dst = edge
         child, child_index = _acdc_hook(dst, False, circuit.n_layers, embed_hooks[0])
-        for hook in embed_hooks if src == EMBED else [None]:
-            parent, parent_index = _acdc_hook(src, True, circuit.n_layers, hook or embed_hooks[0])
-            out[(child, child_index, parent, parent_index)] = present
+        hooks = embed_hooks if src == EMBED else [embed_hooks[0]]
+        chosen = parents.get(f"{src} -> {dst}", hooks)
+        for hook in hooks:
+            parent, parent_index = _acdc_hook(src, True, circuit.n_layers, hook)
+            flag = present and hook in chosen
+            if flag or complete:
+                out[(child, child_index, parent, parent_index)] = flag
 
     if not complete:
         for edge in sorted(circuit.edges):
             add(edge, True)
+        if internal is None:
+            for key, flag in recorded.items():
+                if flag:
+                    out[key] = True
+        elif internal:
+            positions = [p for n in circuit.nodes if (p := node_position(n))]
+            for layer, head in sorted(positions, key=lambda p: (p[0], p[1] is None, p[1] or 0)):
+                heads = range(head, head + 1) if head is not None else range(0)
+                for key, _node in _internal_keys(layer, heads, head is None):
+                    if recorded.get(key, True):
+                        out[key] = True
         return out
     n_layers, n_heads = need_shape(circuit, "A complete ACDC graph")
-    for edge in all_edges(n_layers, n_heads):
+    if attn_only is None:
+        attn_only = bool(circuit.metadata.get("acdc_attn_only", False))
+    if attn_only and circuit.mlps():
+        raise ValueError(f"attn_only=True, but the circuit has MLPs {circuit.mlps()}.")
+    for edge in all_edges(n_layers, n_heads, attn_only=attn_only):
         add(edge, edge in circuit.edges)
-    absent = {
-        (c, tuple(ci), p, tuple(pi))
-        for c, ci, p, pi in circuit.metadata.get("acdc_absent_internal", [])
-    }
     for layer in range(n_layers):
-        for h in range(n_heads):
-            index = (None, None, h)
-            for x in "qkv":
-                for key in (
-                    (
-                        f"blocks.{layer}.attn.hook_{x}",
-                        index,
-                        f"blocks.{layer}.hook_{x}_input",
-                        index,
-                    ),
-                    (
-                        f"blocks.{layer}.attn.hook_result",
-                        index,
-                        f"blocks.{layer}.attn.hook_{x}",
-                        index,
-                    ),
-                ):
-                    out[key] = head_node(layer, h) in circuit.nodes and key not in absent
-        key = (f"blocks.{layer}.hook_mlp_out", (None,), f"blocks.{layer}.hook_mlp_in", (None,))
-        out[key] = mlp_node(layer) in circuit.nodes and key not in absent
+        for key, node in _internal_keys(layer, range(n_heads), not attn_only):
+            out[key] = recorded.get(key, node in circuit.nodes)
     return out
 
 
