@@ -9,7 +9,11 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   ``edges[name]`` (``in_graph``, ``score``). Node names ``input``, ``a{L}.h{H}``, ``m{L}``,
   ``logits``; edge names ``parent->child`` with ``<q|k|v>`` after a head child. Writing gives
   every edge of the complete graph (``score`` 0 and ``in_graph`` false where the circuit has
-  neither), so EAP-IG's ``Graph.from_json`` and MIB's evaluation load it.
+  neither), so EAP-IG's ``Graph.from_json`` and MIB's evaluation load it. A file written
+  unpruned (``apply_topn(n, prune=False)``: in-graph edges whose nodes are not) is read as
+  written with a warning, or with ``from_eap(..., prune=True)`` as EAP-IG's ``prune()`` leaves
+  it. A circuit of nodes without edges is written with the edges between its nodes, input and
+  logits, so that EAP-IG's ``prune()`` keeps it (see ``to_eap``).
 * **ACDC** (ArthurConmy/Automatic-Circuit-Discovery): a mapping from
   ``(child_hook, child_index, parent_hook, parent_index)`` to a bool (``save_subgraph`` and the
   ``get_*_true_edges`` ground truths), to an ``Edge`` with ``present`` / ``effect_size``, or to
@@ -19,8 +23,12 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   ``blocks.L.attn.hook_result`` (head outputs), ``blocks.L.hook_{q,k,v}_input`` (head inputs),
   ``blocks.L.hook_mlp_in`` / ``hook_mlp_out``, ``blocks.{N-1}.hook_resid_post`` (unembed).
   ACDC's internal edges (``q_input -> hook_q``, ``hook_q -> hook_result``, ``mlp_in ->
-  mlp_out``) carry no circuit information of their own and are written present for every node
-  of the circuit; ones read as absent are kept in ``metadata``. ACDC saves pickles, which this
+  mlp_out``) carry no circuit information of their own; those read are kept in ``metadata`` and
+  written back as read, others are written present for every node of the circuit (complete
+  graphs, or ``to_acdc(internal=True)``, the form of ``get_ioi_true_edges``). Which embedding
+  hook (``hook_embed`` / ``hook_pos_embed``) each edge from ``embed`` had is kept too, and a
+  complete graph without MLP hooks is read as attention-only (``to_acdc(attn_only=)``).
+  ACDC saves pickles, which this
   library never opens: unpickle them yourself (with ``acdc`` importable) and pass the object.
 * **auto-circuit** (UFO-101/auto-circuit): ``PruneScores``, a tensor per destination module
   (``blocks.L.hook_{q,k,v}_input`` or ``hook_attn_in`` ``[n_heads, n_src]``,
@@ -28,7 +36,9 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   in forward order (``Resid Start``, then per layer each head then the MLP); or a dict of edge
   names (``"A0.1->A1.2.Q"``, ``"Resid Start->MLP 0"``, ``"MLP 3->Resid End"``) to scores. The
   circuit is the edges whose score is non-zero (or above ``threshold``, or the ``top_k``); all
-  scores are kept.
+  scores are kept. Per-position scores (a leading position axis) are refused: pass one
+  position or their sum. An edge-name dict gives ``n_layers`` / ``n_heads`` from the largest
+  layer / head it names unless they are passed.
 * **subnet_interp's own JSON** (``Circuit.save`` / ``load``): everything a circuit holds.
 
 This module gathers the public names. The code is one module per format in

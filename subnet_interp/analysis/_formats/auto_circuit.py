@@ -117,13 +117,18 @@ def from_auto_circuit(
             f"expected {1 + n_layers * (n_heads + 1)} (or {1 + n_layers * n_heads} attention-only)."
         )
     srcs = sources(n_layers, n_heads, attn_only=attn_only)
+    # parallel attention / MLP (GPT-NeoX, Pythia): an MLP reads only the sources before its block
+    parallel = any(
+        k.endswith("hook_mlp_in") and t.shape[-1:] == (1 + int(k.split(".")[1]) * (n_heads + 1),)
+        for k, t in tensors.items()
+    )
     scores: dict[tuple[str, str], float] = {}
     for key, tensor in tensors.items():
         match = _AC_DEST.match(key)
         layer, kind = int(match.group(1)), match.group(2)
         per_src = 1 + layer * (n_heads + (0 if attn_only else 1))
         if kind == "mlp_in":
-            expected: tuple[int, ...] = (per_src + n_heads,)
+            expected: tuple[int, ...] = (per_src + (0 if parallel else n_heads),)
         elif kind == "resid_post":
             expected = (len(srcs),)
         else:
@@ -151,6 +156,8 @@ def from_auto_circuit(
                 for i, v in enumerate(row):
                     scores[(srcs[i], head_node(layer, h, port))] = v
     metadata = {"auto_circuit_attn_only": attn_only}
+    if parallel:
+        metadata["auto_circuit_parallel_attn_mlp"] = True
     return _select(scores, threshold, top_k, n_layers, n_heads, metadata)
 
 
@@ -173,11 +180,20 @@ def _select(scores, threshold, top_k, n_layers, n_heads, metadata) -> Circuit:
     )
 
 
-def to_auto_circuit(circuit: Circuit, *, scores: bool = True) -> dict[str, Tensor]:
+def to_auto_circuit(
+    circuit: Circuit, *, scores: bool = True, parallel_attn_mlp: bool | None = None
+) -> dict[str, Tensor]:
     """auto-circuit ``PruneScores`` for the complete graph: each edge's score from
     ``edge_scores`` (``scores=True``; edges without a score get 1 in the circuit, 0 outside) or
-    circuit membership as 1 / 0 (``scores=False``)."""
+    circuit membership as 1 / 0 (``scores=False``). ``parallel_attn_mlp=True`` (GPT-NeoX /
+    Pythia; default: what the circuit was read as, from auto-circuit or EAP-IG's ``cfg``)
+    gives each MLP only the sources before its block."""
     n_layers, n_heads = need_shape(circuit, "auto-circuit prune scores")
+    if parallel_attn_mlp is None:
+        parallel_attn_mlp = bool(
+            circuit.metadata.get("auto_circuit_parallel_attn_mlp")
+            or circuit.metadata.get("eap_cfg", {}).get("parallel_attn_mlp")
+        )
     attn_only = bool(circuit.metadata.get("auto_circuit_attn_only", False))
     srcs = sources(n_layers, n_heads, attn_only=attn_only)
     position = {s: i for i, s in enumerate(srcs)}
@@ -195,7 +211,9 @@ def to_auto_circuit(circuit: Circuit, *, scores: bool = True) -> dict[str, Tenso
             name = f"blocks.{layer}.hook_{port}_input" if port else f"blocks.{layer}.hook_attn_in"
             out[name] = torch.zeros(n_heads, n_src)
         if not attn_only:
-            out[f"blocks.{layer}.hook_mlp_in"] = torch.zeros(n_src + n_heads)
+            out[f"blocks.{layer}.hook_mlp_in"] = torch.zeros(
+                n_src + (0 if parallel_attn_mlp else n_heads)
+            )
     out[f"blocks.{n_layers - 1}.hook_resid_post"] = torch.zeros(len(srcs))
     edges = circuit.edges | (set(circuit.edge_scores) if scores else set())
     for edge in edges:

@@ -164,7 +164,9 @@ def to_eap(
     n_layers, n_heads = need_shape(circuit, "Writing an EAP-IG graph")
     cfg = dict(circuit.metadata.get("eap_cfg", {}))
     cfg.update(n_layers=n_layers, n_heads=n_heads)
-    cfg.setdefault("parallel_attn_mlp", False)
+    cfg.setdefault(
+        "parallel_attn_mlp", bool(circuit.metadata.get("auto_circuit_parallel_attn_mlp", False))
+    )
     if d_model is not None:
         cfg["d_model"] = d_model
     if cfg.get("d_model") is None:
