@@ -160,7 +160,8 @@ def to_eap(
     circuit's nodes in the graph, with every edge of the complete graph whose parent is input or
     a circuit node and whose child is logits or a circuit node (each of a head's q / k / v
     inputs). Every node then has an edge from input and one to logits, so EAP-IG's ``prune()``
-    keeps all of them. A circuit with edges is written as it is (only its edges in the graph)."""
+    keeps all of them. A circuit with edges, or one read from an EAP-IG file, is written as it
+    is (only its edges in the graph)."""
     n_layers, n_heads = need_shape(circuit, "Writing an EAP-IG graph")
     cfg = dict(circuit.metadata.get("eap_cfg", {}))
     cfg.update(n_layers=n_layers, n_heads=n_heads)
@@ -173,7 +174,7 @@ def to_eap(
         raise ValueError("EAP-IG graphs record d_model: pass to_eap(..., d_model=model's d_model).")
     universe = all_edges(n_layers, n_heads, parallel_attn_mlp=bool(cfg["parallel_attn_mlp"]))
     in_nodes, in_edges = set(circuit.nodes), set(circuit.edges)
-    if not in_edges and in_nodes - {EMBED, UNEMBED}:
+    if not in_edges and in_nodes - {EMBED, UNEMBED} and "eap_node_order" not in circuit.metadata:
         in_nodes |= {EMBED, UNEMBED}
         in_edges = {(s, d) for s, d in universe if s in in_nodes and node_of(d) in in_nodes}
     unflagged = set(circuit.metadata.get("eap_nodes_not_in_graph", ()))
