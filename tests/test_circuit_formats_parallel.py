@@ -12,9 +12,10 @@ L, H = 2, 3
 
 
 def parallel_prune_scores() -> dict:
-    """auto-circuit 1.0.1's PruneScores for a parallel attention / MLP model (as its
-    ``graph_utils`` builds them for Pythia): the MLP of layer L reads only the sources before
-    block L (Resid Start, then per earlier layer each head and the MLP), not layer L's heads."""
+    """auto-circuit 1.0.1's PruneScores for a parallel attention / MLP model, in the shape its
+    code gave for Pythia (recorded in shared/notes/interop.md): the MLP of layer L reads only the
+    sources before block L (Resid Start, then per earlier layer each head and the MLP), not
+    layer L's heads."""
     gen = torch.Generator().manual_seed(6)
     out = {}
     for layer in range(L):
