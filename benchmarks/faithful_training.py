@@ -26,15 +26,9 @@ DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
 def program():
-    from tracr.rasp import rasp
+    from subnet_interp.tasks.tracr import demo_program
 
-    def shift(d):
-        return rasp.Select(rasp.indices, rasp.indices, lambda k, q: q == k + d)
-
-    prev, nxt, prev2 = (rasp.Aggregate(shift(d), rasp.tokens) for d in (1, -1, 2))
-    same = rasp.categorical(rasp.SequenceMap(lambda a, b: int(a == b), prev, nxt))
-    moved = rasp.categorical(rasp.Aggregate(shift(1), same))
-    return rasp.categorical(rasp.SequenceMap(lambda m, p: int(m == 1 or p == "a"), moved, prev2))
+    return demo_program()
 
 
 def main(argv=None) -> int:

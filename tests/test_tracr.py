@@ -12,20 +12,12 @@ pytest.importorskip("transformer_lens")
 
 import subnet_interp as si  # noqa: E402
 from subnet_interp.analysis import compare_to_circuit, head_node, head_scores, mlp_node  # noqa: E402
-from subnet_interp.tasks.tracr import compile_program, plant_noise  # noqa: E402
+from subnet_interp.tasks.tracr import compile_program, demo_program, plant_noise  # noqa: E402
 from subnet_interp.tasks.tracr_library import program_names  # noqa: E402
 
 
 def program():
-    from tracr.rasp import rasp
-
-    def shift(d):
-        return rasp.Select(rasp.indices, rasp.indices, lambda k, q: q == k + d)
-
-    prev, nxt, prev2 = (rasp.Aggregate(shift(d), rasp.tokens) for d in (1, -1, 2))
-    same = rasp.categorical(rasp.SequenceMap(lambda a, b: int(a == b), prev, nxt))
-    moved = rasp.categorical(rasp.Aggregate(shift(1), same))
-    return rasp.categorical(rasp.SequenceMap(lambda m, p: int(m == 1 or p == "a"), moved, prev2))
+    return demo_program()
 
 
 @pytest.fixture(scope="module")

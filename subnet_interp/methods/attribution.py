@@ -14,7 +14,7 @@ from .._ranking import top_masks
 from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
-from .magnitude import check_density
+from .magnitude import check_density, check_scope
 
 
 @methods.register
@@ -58,10 +58,7 @@ class Attribution(Method):
     def __post_init__(self) -> None:
         check_hparams(self, types_only=True)  # so the range checks below never compare a str
         check_density(self.density)
-        if self.scope not in ("global", "per_target"):
-            raise ValueError(
-                f"attribution: scope must be 'global' or 'per_target', got {self.scope!r}."
-            )
+        check_scope(self.name, self.scope)
         if self.accumulate not in ("signed", "absolute"):
             raise ValueError(
                 f"attribution: accumulate must be 'signed' (average the gradients, then take "

@@ -44,6 +44,12 @@ def check_density(density: float) -> None:
         raise ValueError(f"density must be in [0, 1], got {density!r}.")
 
 
+def check_scope(method: str, scope: str) -> None:
+    """The ``scope`` of a one-shot top-k method: ``"global"`` or ``"per_target"``."""
+    if scope not in ("global", "per_target"):
+        raise ValueError(f"{method}: scope must be 'global' or 'per_target', got {scope!r}.")
+
+
 @methods.register
 @dataclass(frozen=True)
 class Magnitude(Method):
@@ -69,10 +75,7 @@ class Magnitude(Method):
     def __post_init__(self) -> None:
         check_hparams(self, types_only=True)  # so the range checks below never compare a str
         check_density(self.density)
-        if self.scope not in ("global", "per_target"):
-            raise ValueError(
-                f"magnitude: scope must be 'global' or 'per_target', got {self.scope!r}."
-            )
+        check_scope(self.name, self.scope)
 
     def run(self, context: FindContext) -> FindResult:
         with torch.no_grad():

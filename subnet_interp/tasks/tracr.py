@@ -212,6 +212,24 @@ def _load(bridge: Any, state: dict[str, Tensor]) -> None:
             own[name].copy_(tensor)
 
 
+def demo_program() -> Any:
+    """A small categorical RASP program with a known layout, used by the tests and
+    ``benchmarks/faithful_training.py``: three parallel reads in layer 0 (the previous, next and
+    second-previous token), one in layer 1 (the previous position's "same neighbours" flag), and
+    a ``SequenceMap`` in each MLP. Compile it over ``{"a", "b", "c"}`` with ``max_seq_len=6``
+    (3 + 1 heads and both MLPs used)."""
+    _require_tracr()
+    from tracr.rasp import rasp
+
+    def shift(d: int) -> Any:
+        return rasp.Select(rasp.indices, rasp.indices, lambda k, q: q == k + d)
+
+    prev, nxt, prev2 = (rasp.Aggregate(shift(d), rasp.tokens) for d in (1, -1, 2))
+    same = rasp.categorical(rasp.SequenceMap(lambda a, b: int(a == b), prev, nxt))
+    moved = rasp.categorical(rasp.Aggregate(shift(1), same))
+    return rasp.categorical(rasp.SequenceMap(lambda m, p: int(m == 1 or p == "a"), moved, prev2))
+
+
 def plant_noise(model: TracrModel, scale: float = 0.1, *, seed: int = 0) -> Circuit:
     """Fill the heads and MLPs the program does not use with random weights of standard deviation
     ``scale`` (in place), so that dropping them is a choice a mask must make rather than free.
@@ -247,4 +265,4 @@ def _inner(module: Any) -> Any:
     return getattr(module, "_original_component", module)
 
 
-__all__ = ["TracrModel", "compile_program", "from_assembled", "plant_noise"]
+__all__ = ["TracrModel", "compile_program", "demo_program", "from_assembled", "plant_noise"]
