@@ -43,7 +43,8 @@ class PatchAblation(Ablation):
     ``nn.Linear`` / ``Conv1D`` weights (a mask that requires grad, weights that do not), those
     layers compute the same map as ``(m * W)(x - x') + y'`` with ``y' = W x' + b`` their output in
     the twin's run: one product per layer, as under zero ablation, so a training step costs one
-    extra no-grad forward. Elsewhere (binary masks in analysis, weights that train) it is the
+    extra no-grad forward (only where no other hook watches the layer, which would see
+    ``x - x'``). Elsewhere (binary masks in analysis, weights that train) it is the
     two-term form above, which gives the clean model bit-exactly at mask all ones; the two forms
     agree up to float rounding.
 
@@ -180,6 +181,7 @@ class PatchAblation(Ablation):
                 and slot.mask.requires_grad
                 and not weight.requires_grad
                 and not (isinstance(bias, Tensor) and bias.requires_grad)
+                and _unobserved(module)
             )
             if fast:  # (m W)(x - x') + (W x' + b): one product per layer
                 self._pending[location] = (True, self._outputs[location][index])
@@ -222,6 +224,16 @@ class PatchAblation(Ablation):
             return output + masked_out_term(owner, attribute, equation, slot.mask, twin)
 
         return hook
+
+
+def _unobserved(module: nn.Module) -> bool:
+    """Whether only this ablation's two hooks watch ``module``: the faster form passes the
+    layer ``x - x'``, which no other hook (a user's, nnsight's, a nested attachment's) may see."""
+    return (
+        len(module._forward_pre_hooks) == 1
+        and len(module._forward_hooks) == 1
+        and not nn.modules.module._global_forward_hooks
+    )
 
 
 def _own_site(site: LinearSite, location: tuple[str, str]) -> bool:

@@ -407,3 +407,26 @@ def test_patching_runs_resume_from_checkpoints_and_recompute_masks_exactly(tmp_p
     with pytest.raises(ValueError, match="ablation"):  # a zero-ablation run is another run
         si.find(model, "hard_concrete", task_loss, batches, steps=20, progress=False,
                 checkpoint=path)  # fmt: skip
+
+
+def test_hooks_on_a_patched_layer_see_its_real_input_and_output():
+    """The faster training form passes x - x' to the layer; another hook on it must not see that."""
+    gen = torch.Generator().manual_seed(2)
+    layer = torch.nn.Linear(5, 3).requires_grad_(False)
+    x, x_twin = torch.randn(4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    soft = torch.rand(3, 5, generator=gen).requires_grad_(True)
+    W, b = layer.weight, layer.bias
+    expected = x @ (soft * W).T + x_twin @ ((1 - soft) * W).T + b
+    seen = {}
+    patch = PATCH()
+    with si.masked(layer, {"weight": soft}, ablation=patch):
+        handles = [
+            layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("in", a[0])),
+            layer.register_forward_hook(lambda m, a, o: seen.__setitem__("args", a[0])),
+        ]
+        patch.record((x, x_twin))
+        got = layer(x)
+        for h in handles:
+            h.remove()
+    assert torch.equal(seen["in"], x) and torch.equal(seen["args"], x)
+    torch.testing.assert_close(got, expected)
