@@ -243,7 +243,7 @@ def main(argv=None) -> int:
     name = f"ground_truth{suffix}{'_quick' if args.quick else ''}.json"
     with open(os.path.join(args.out, name), "w") as handle:
         json.dump({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "steps": steps, "noise": args.noise, "ablation": args.ablation,
+                   "steps": steps, "noise": args.noise, "seed": args.seed, "ablation": args.ablation,
                    "pass": PASS, "rows": rows},
                   handle, indent=1, default=str)  # fmt: skip
     return 0
