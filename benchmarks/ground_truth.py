@@ -10,13 +10,16 @@ units / weights that are non-zero after planting (zero padding is neither used n
 
 Columns: ROC AUC of ``head_scores`` / ``neuron_scores`` (default: the kept fraction of the
 non-zero weights) against the truth, of the method's continuous weight scores (else the mask)
-at weight level; accuracy under the mask (zero ablation; categorical: argmax on the positions
+at weight level; accuracy under the mask (``--ablation``: zero, or mean ablation over the
+task's inputs, the same ablation the mask was trained under; categorical: argmax on the positions
 where the program's value is defined; numerical: within 0.05 of tracr's value) and the loss
 (cross-entropy, or MSE for numerical programs); density, steps, seconds.
 
     python benchmarks/ground_truth.py                     # every method, every program
     python benchmarks/ground_truth.py --methods gumbel_sigmoid --programs reverse sort
     python benchmarks/ground_truth.py --quick             # smoke test (2 programs, 3 methods)
+    python benchmarks/ground_truth.py --ablation mean --methods gumbel_sigmoid --programs reverse \
+        --no-planted --steps 1000 --hp '{"per_example_penalty": false, "lr": 0.1}'
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ from datetime import datetime, timezone
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROGRAMS = ("reverse", "sort", "sort_freq", "detect_pattern", "shuffle_dyck2", "frac_prevs",
             "pair_balance", "sort_unique", "hist")  # fmt: skip
-# one documented preset per learnable method, tried where its defaults fail
+# one documented preset per learnable method, tried where its defaults fail (README,
+# "ground_truth.py": measured on reverse and detect_pattern; hard_concrete and Lepori start with
+# the masks mostly on, droprate_init 0.1 / mask_init 1.0, and need a stronger penalty)
 PRESETS = {
     "gumbel_sigmoid": {"per_example_penalty": False},
-    "hard_concrete": {"target_density": 0.1},
-    "continuous_sparsification_lepori": {"l0_lambda": 1e-4},
+    "hard_concrete": {"droprate_init": 0.1, "l0_lambda": 1.0, "dataset_size": 729},
+    "continuous_sparsification_lepori": {"mask_init": 1.0, "l0_lambda": 1e-4},
     "continuous_sparsification": {"l1_lambda": 1e-4},
 }
 PASS = {"head_auc": 0.95, "neuron_auc": 0.95, "accuracy": 0.95}
@@ -55,7 +60,33 @@ def _weight_scores(result, name):
     return result.subnetwork[name].float()
 
 
-def run_tracr(task, method_name, hp, steps, seed):
+def make_ablation(task, kind):
+    """``"zero"``, or ``si.MeanAblation`` over every input of ``task`` (its batches' tokens)."""
+    import subnet_interp as si
+
+    if kind == "zero":
+        return "zero"
+    return si.MeanAblation([batch[0] for batch in task.batches])
+
+
+def evaluate(task, sub, ablation):
+    """``loss`` and ``accuracy`` of the bridge under ``sub`` and ``ablation`` (weighted by the
+    defined positions), as ``TracrTask.evaluate`` does under zero ablation."""
+    import torch
+
+    import subnet_interp as si
+
+    totals, count = {"loss": 0.0, "accuracy": 0.0}, 0
+    with si.masked(task.bridge, sub, ablation=ablation), torch.no_grad():
+        for batch in task.batches:
+            n = int(batch[2].sum())
+            totals["loss"] += float(task.loss_fn(task.bridge, batch)) * n
+            totals["accuracy"] += float(task.accuracy(task.bridge, batch)) * n
+            count += n
+    return {k: v / count for k, v in totals.items()}
+
+
+def run_tracr(task, method_name, hp, steps, seed, ablation="zero"):
     import torch
 
     import subnet_interp as si
@@ -66,13 +97,13 @@ def run_tracr(task, method_name, hp, steps, seed):
     torch.manual_seed(seed)
     start = time.perf_counter()
     result = si.find(bridge, si.methods.create(method_name, **hp), task.loss_fn, task.batches,
-                     steps=steps, progress=False,
+                     steps=steps, progress=False, ablation=make_ablation(task, ablation),
                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
     seconds = time.perf_counter() - start
     bridge.load_state_dict(state)  # methods that train weights: judge the mask on the task's
     sub = result.subnetwork
     row = {"task": task.name, "numerical": task.numerical, "method": method_name, "hp": hp,
-           "steps": steps, "seconds": seconds, "density": sub.density()}  # fmt: skip
+           "ablation": ablation, "steps": steps, "seconds": seconds, "density": sub.density()}  # fmt: skip
     row["head_auc"] = compare_to_circuit(head_scores(bridge, sub), task.model.circuit).auc
     row["head_auc_weighted"] = compare_to_circuit(
         head_scores(bridge, sub, weighted=True), task.model.circuit
@@ -86,7 +117,7 @@ def run_tracr(task, method_name, hp, steps, seed):
         flat_scores.append(_weight_scores(result, name).cpu()[live_w])
         flat_labels.append(task.used_weights[name][live_w])
     row["weight_auc"] = _auc(torch.cat(flat_scores), torch.cat(flat_labels))
-    row.update(task.evaluate(sub))
+    row.update(evaluate(task, sub, make_ablation(task, ablation)))
     return row
 
 
@@ -138,8 +169,24 @@ def main(argv=None) -> int:
     parser.add_argument("--programs", nargs="*", default=list(PROGRAMS))
     parser.add_argument("--noise", type=float, default=0.1)
     parser.add_argument("--no-presets", action="store_true", help="defaults only")
+    parser.add_argument(
+        "--ablation",
+        choices=("zero", "mean"),
+        default="zero",
+        help="train and judge the tracr masks under zero ablation or "
+        "si.MeanAblation over the task's inputs (the planted MLP: always zero)",
+    )
+    parser.add_argument(
+        "--hp",
+        action="append",
+        default=None,
+        metavar="JSON",
+        help="a configuration to run instead of defaults + preset, as a JSON "
+        "dict (repeatable), e.g. --hp '{\"lr\": 0.1}'",
+    )
     parser.add_argument("--no-planted", action="store_true", help="skip the planted MLP")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tag", default="", help="suffix of the JSON file's name")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
@@ -164,6 +211,9 @@ def main(argv=None) -> int:
         print(" ".join(cells), flush=True)
 
     def configurations(method):
+        if args.hp:
+            yield from (json.loads(hp) for hp in args.hp)
+            return
         yield {}
         if method in PRESETS and not args.no_presets:
             yield PRESETS[method]
@@ -180,19 +230,21 @@ def main(argv=None) -> int:
             for hp in configurations(method):
                 state = copy.deepcopy(task.bridge.state_dict())
                 try:
-                    row = run_tracr(task, method, hp, steps, args.seed)
+                    row = run_tracr(task, method, hp, steps, args.seed, args.ablation)
                 except si.NonFiniteLossError as error:  # a default that diverges is a result
                     task.bridge.load_state_dict(state)
                     row = {"task": program, "numerical": task.numerical, "method": method,
-                           "hp": hp, "steps": steps, "seconds": 0.0, "density": float("nan"),
+                           "hp": hp, "ablation": args.ablation, "steps": steps, "seconds": 0.0, "density": float("nan"),
                            "error": f"non-finite loss at step {error.step}"}  # fmt: skip
                 row["noisy_accuracy"] = noisy["accuracy"]
                 record(row)
     os.makedirs(args.out, exist_ok=True)
-    name = f"ground_truth{'_quick' if args.quick else ''}.json"
+    suffix = ("_mean" if args.ablation == "mean" else "") + (f"_{args.tag}" if args.tag else "")
+    name = f"ground_truth{suffix}{'_quick' if args.quick else ''}.json"
     with open(os.path.join(args.out, name), "w") as handle:
         json.dump({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   "steps": steps, "noise": args.noise, "pass": PASS, "rows": rows},
+                   "steps": steps, "noise": args.noise, "seed": args.seed, "ablation": args.ablation,
+                   "pass": PASS, "rows": rows},
                   handle, indent=1, default=str)  # fmt: skip
     return 0
 
