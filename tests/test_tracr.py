@@ -97,3 +97,12 @@ def test_each_library_program_compiles_to_a_bridge_that_computes_what_tracr_comp
     assert not (task.planted.nodes & task.model.circuit.nodes)
     assert task.model.circuit.nodes and torch.all(task.live_neurons >= task.used_neurons)
     assert task.used_neurons.any()
+
+
+def test_a_library_task_does_not_depend_on_what_was_compiled_before():
+    from subnet_interp.tasks.tracr_library import library_task
+
+    first = library_task("shuffle_dyck2")
+    library_task("reverse")  # moves tracr's process-wide label counter on
+    again = library_task("shuffle_dyck2")
+    assert si.fingerprint(first.model.bridge) == si.fingerprint(again.model.bridge)

@@ -14,6 +14,7 @@ Needs the optional extra ``tracr`` (``pip install 'subnet_interp[tracr]'``).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,7 +167,6 @@ class TracrTask:
     def evaluate(self, subnetwork: Subnetwork | None = None) -> dict[str, float]:
         """``loss`` and ``accuracy`` over all batches (weighted by defined positions), of the
         model under ``subnetwork`` (zero ablation) or unmasked."""
-        import contextlib
 
         from .._masked import masked
 
@@ -200,6 +200,23 @@ def _neurons(weights: dict[str, Tensor], n_layers: int, d_mlp: int) -> Tensor:
     return out
 
 
+@contextlib.contextmanager
+def _fresh_labels():
+    """tracr labels every expression ``<name>_<id>`` from one process-wide counter, and the
+    compiled layout follows the labels: without this, a program compiled after others gets other
+    ids, another layout, and so other planted noise. Each library program is built and compiled
+    with the counter started afresh (its expressions are new, so their ids stay unique among
+    themselves), then the process's counter is put back."""
+    from tracr.rasp import rasp
+
+    saved = rasp.RASPExpr._ids
+    rasp.RASPExpr._ids = itertools.count(1)
+    try:
+        yield
+    finally:
+        rasp.RASPExpr._ids = saved
+
+
 def library_task(
     name: str,
     *,
@@ -215,7 +232,8 @@ def library_task(
     if name not in PROGRAMS:
         raise KeyError(f"Unknown tracr library program {name!r}; known: {program_names()}.")
     spec = PROGRAMS[name]
-    model = compile_program(spec.build(), set(spec.vocab), spec.max_seq_len)
+    with _fresh_labels():
+        model = compile_program(spec.build(), set(spec.vocab), spec.max_seq_len)
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for length in range(spec.min_len, spec.max_seq_len + 1):
