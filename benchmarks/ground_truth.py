@@ -69,23 +69,6 @@ def make_ablation(task, kind):
     return si.MeanAblation([batch[0] for batch in task.batches])
 
 
-def evaluate(task, sub, ablation):
-    """``loss`` and ``accuracy`` of the bridge under ``sub`` and ``ablation`` (weighted by the
-    defined positions), as ``TracrTask.evaluate`` does under zero ablation."""
-    import torch
-
-    import subnet_interp as si
-
-    totals, count = {"loss": 0.0, "accuracy": 0.0}, 0
-    with si.masked(task.bridge, sub, ablation=ablation), torch.no_grad():
-        for batch in task.batches:
-            n = int(batch[2].sum())
-            totals["loss"] += float(task.loss_fn(task.bridge, batch)) * n
-            totals["accuracy"] += float(task.accuracy(task.bridge, batch)) * n
-            count += n
-    return {k: v / count for k, v in totals.items()}
-
-
 def run_tracr(task, method_name, hp, steps, seed, ablation="zero"):
     import torch
 
@@ -96,8 +79,12 @@ def run_tracr(task, method_name, hp, steps, seed, ablation="zero"):
     state = copy.deepcopy(bridge.state_dict())
     torch.manual_seed(seed)
     start = time.perf_counter()
-    result = si.find(bridge, si.methods.create(method_name, **hp), task.loss_fn, task.batches,
-                     steps=steps, progress=False, ablation=make_ablation(task, ablation),
+    method = si.methods.create(method_name, **hp)
+    judged_under = make_ablation(task, ablation)
+    # baselines' masks and lt_sft's delta do not depend on it: they are only judged under it
+    applies = method.learns_from_loss and not method.returns_delta
+    result = si.find(bridge, method, task.loss_fn, task.batches, steps=steps, progress=False,
+                     ablation=judged_under if applies else "zero",
                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
     seconds = time.perf_counter() - start
     bridge.load_state_dict(state)  # methods that train weights: judge the mask on the task's
@@ -117,7 +104,7 @@ def run_tracr(task, method_name, hp, steps, seed, ablation="zero"):
         flat_scores.append(_weight_scores(result, name).cpu()[live_w])
         flat_labels.append(task.used_weights[name][live_w])
     row["weight_auc"] = _auc(torch.cat(flat_scores), torch.cat(flat_labels))
-    row.update(evaluate(task, sub, make_ablation(task, ablation)))
+    row.update(task.evaluate(sub, ablation=judged_under))
     return row
 
 

@@ -164,13 +164,17 @@ class TracrTask:
             return (error < NUMERICAL_TOLERANCE).float().mean()
         return (out.argmax(-1)[defined] == target[defined]).float().mean()
 
-    def evaluate(self, subnetwork: Subnetwork | None = None) -> dict[str, float]:
+    def evaluate(
+        self, subnetwork: Subnetwork | None = None, *, ablation: Any = "zero"
+    ) -> dict[str, float]:
         """``loss`` and ``accuracy`` over all batches (weighted by defined positions), of the
-        model under ``subnetwork`` (zero ablation) or unmasked."""
-
+        model under ``subnetwork`` (with ``ablation``, an ``si.Ablation`` or ``"zero"``) or
+        unmasked."""
         from .._masked import masked
 
-        context = masked(self.bridge, subnetwork) if subnetwork is not None else None
+        context = (
+            masked(self.bridge, subnetwork, ablation=ablation) if subnetwork is not None else None
+        )
         totals = {"loss": 0.0, "accuracy": 0.0}
         count = 0
         with context or contextlib.nullcontext(), torch.no_grad():
