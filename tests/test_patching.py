@@ -430,3 +430,21 @@ def test_hooks_on_a_patched_layer_see_its_real_input_and_output():
             h.remove()
     assert torch.equal(seen["in"], x) and torch.equal(seen["args"], x)
     torch.testing.assert_close(got, expected)
+
+
+def test_more_bad_inputs_are_refused_clearly():
+    model, data = two_layer()
+    scores = {"0.weight": torch.rand(5, 4), "2.weight": torch.rand(2, 5)}
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"init_scores\['0.weight'\] has shape \(4, 5\), expected"):
+        si.find(model, "gumbel_sigmoid", attribution_loss, data, steps=1, progress=False,
+                init_scores={**scores, "0.weight": torch.rand(4, 5)})  # fmt: skip
+    with pytest.raises(ValueError, match="accumulate must be 'signed'"):
+        si.methods.create("attribution", accumulate="mean")
+    with pytest.raises(ValueError, match="scope must be 'global' or 'per_target'"):
+        si.methods.create("attribution", scope="layer")
+    patch = si.PatchAblation(lambda m, b: None)  # a twin run that never calls the model
+    with pytest.raises(ValueError, match="the counterfactual run never called"):
+        si.find(model, "gumbel_sigmoid", attribution_loss, data, steps=1, progress=False,
+                ablation=patch)  # fmt: skip
+    assert_bit_exact(model, before)
