@@ -44,6 +44,8 @@ class Ablation:
         return []
 
     def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
+        """The weight the model computes with at ``location`` (module path, attribute), given
+        its real ``weight`` and ``mask`` in the real tensor's layout: here ``weight * mask``."""
         return weight * mask
 
     def on_batch(self, batch: Any) -> None:
@@ -263,6 +265,7 @@ class ReinitAblation(Ablation):
             self._draws[location] = draw.to(device=weight.device, dtype=weight.dtype)
 
     def apply(self, weight, mask, location):
+        """Kept weights as they are, removed ones replaced by this attach's fresh draw."""
         return weight * mask + self._draws[location] * (1 - mask)
 
 

@@ -54,6 +54,7 @@ class Registry:
         del self._entries[name]
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
     def get(self, name: str) -> type:

@@ -88,18 +88,22 @@ class Subnetwork:
     # ------------------------------------------------------------------ data
     @property
     def masks(self) -> Mapping[str, Tensor]:
+        """Canonical target name -> boolean mask (read-only); ``True`` keeps the weight."""
         return self._masks
 
     @property
     def meta(self) -> Mapping[str, Any]:
+        """How the subnetwork was made (read-only): method, hyper-parameters, fingerprint, ..."""
         return self._meta
 
     @property
     def names(self) -> tuple[str, ...]:
+        """The canonical names of the targets the subnetwork covers, in order."""
         return tuple(self._masks)
 
     @property
     def device(self) -> torch.device:
+        """The device of the masks (CPU for a subnetwork without targets)."""
         for mask in self._masks.values():
             return mask.device
         return torch.device("cpu")

@@ -117,6 +117,7 @@ class Target:
 
     @property
     def numel(self) -> int:
+        """Number of weights in the target (the product of ``shape``)."""
         n = 1
         for size in self.shape:
             n *= size

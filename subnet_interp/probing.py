@@ -84,6 +84,8 @@ CAO_HARD_CONCRETE = {
     "l0_lambda": 1.0,
     "lambda_ramp": (0.25, 0.5),
 }
+"""``hard_concrete`` hyper-parameters of Cao et al. 2021's subnetwork probing (gates starting at
+0.9, mask learning rate 0.2, L0 strength ramped in over the middle half of training)."""
 
 
 @dataclasses.dataclass(frozen=True)

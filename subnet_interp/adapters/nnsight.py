@@ -16,6 +16,8 @@ from . import Adapter, model_class, resolve
 
 
 class NNsightAdapter(Adapter):
+    """nnsight wrappers: everything is delegated to the adapter of the wrapped module."""
+
     family = "nnsight"
 
     def matches(self, model: object) -> bool:

@@ -41,6 +41,8 @@ def module_targets(root: nn.Module) -> dict[str, Target]:
 
 
 class PlainAdapter(Adapter):
+    """Any other ``nn.Module``: its parameter names are the canonical names (tried last)."""
+
     family = "torch"
 
     def matches(self, model: object) -> bool:

@@ -158,10 +158,12 @@ class AblationReport:
 
     @property
     def control_mean(self) -> float:
+        """Mean metric of the random controls (``nan`` without controls)."""
         return float(self.controls.mean()) if self.controls.numel() else float("nan")
 
     @property
     def control_std(self) -> float:
+        """Standard deviation of the controls' metric (``nan`` with fewer than two)."""
         return float(self.controls.std()) if self.controls.numel() > 1 else float("nan")
 
     def __str__(self) -> str:

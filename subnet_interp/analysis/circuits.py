@@ -197,6 +197,8 @@ class Circuit:
 
     @classmethod
     def from_heads(cls, heads: Iterable[tuple[int, int]], mlps: Iterable[int] = ()) -> Circuit:
+        """A circuit of nodes only: the ``(layer, head)`` pairs in ``heads`` and the MLPs of the
+        layers in ``mlps``."""
         return cls(
             frozenset(
                 [head_node(layer, h) for layer, h in heads] + [mlp_node(layer) for layer in mlps]

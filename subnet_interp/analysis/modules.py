@@ -3,7 +3,7 @@ Neural Networks"), with a shuffled-weights null, and where a subnetwork sits amo
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -134,7 +134,7 @@ def modules(
     subnetwork: Subnetwork | None,
     n_clusters: int,
     *,
-    include=None,
+    include: str | Iterable[str] | None = None,
     null_samples: int = 20,
     generator: torch.Generator | None = None,
 ) -> Modules:

@@ -28,29 +28,36 @@ class OverlapStats:
 
     @property
     def union(self) -> int:
+        """|A∪B|."""
         return self.size_a + self.size_b - self.intersection
 
     @property
     def iou(self) -> float:
+        """Jaccard index |A∩B|/|A∪B|."""
         return _ratio(self.intersection, self.union)
 
     @property
     def dice(self) -> float:
+        """2|A∩B|/(|A|+|B|)."""
         return _ratio(2 * self.intersection, self.size_a + self.size_b)
 
     @property
     def overlap_coefficient(self) -> float:
+        """|A∩B|/min(|A|,|B|) (IoMin)."""
         return _ratio(self.intersection, min(self.size_a, self.size_b))
 
     @property
     def sharing_a(self) -> float:
+        """|A∩B|/|A|: the fraction of A that B also uses."""
         return _ratio(self.intersection, self.size_a)
 
     @property
     def sharing_b(self) -> float:
+        """|A∩B|/|B|: the fraction of B that A also uses."""
         return _ratio(self.intersection, self.size_b)
 
     def as_dict(self) -> dict[str, float | int]:
+        """The counts and every ratio above, by name."""
         return {
             "n": self.n,
             "size_a": self.size_a,

@@ -122,6 +122,7 @@ class LotteryTicket(Method):
             )
 
     def optimizer(self, params) -> torch.optim.Optimizer:
+        """Adam at ``lr``: the optimiser that trains the weights in each round."""
         return torch.optim.Adam(params, lr=self.lr)
 
     def run(self, context: FindContext) -> FindResult:

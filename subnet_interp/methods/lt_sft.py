@@ -55,6 +55,7 @@ class LotteryTicketSparseFineTuning(Method):
             )
 
     def optimizer(self, params) -> torch.optim.Optimizer:
+        """AdamW at ``lr`` with ``weight_decay``: the optimiser of both fine-tuning phases."""
         return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
 
     def run(self, context: FindContext) -> FindResult:

@@ -25,6 +25,7 @@ PLACES = ("store", "park", "school", "beach")
 OBJECTS = ("drink", "book", "ball", "gift")
 FILLER = ("<bos>", "when", "and", "went", "to", "the", ",", "gave", "a")
 VOCAB: tuple[str, ...] = FILLER + NAMES + PLACES + OBJECTS
+"""Every word of the IOI templates; a token id is a word's index here."""
 TOKEN = {word: index for index, word in enumerate(VOCAB)}
 S2_POSITION = 10
 """Index of the repeated name (S2) in every prompt (``<bos>`` is position 0)."""

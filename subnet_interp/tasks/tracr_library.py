@@ -107,6 +107,7 @@ def _programs() -> dict[str, LibraryProgram]:
 
 
 PROGRAMS: dict[str, LibraryProgram] = _programs()
+"""The library programs by name (see :func:`program_names`)."""
 
 
 def program_names() -> list[str]:
@@ -140,10 +141,12 @@ class TracrTask:
 
     @property
     def bridge(self) -> Any:
+        """The compiled model's ``TransformerBridge``."""
         return self.model.bridge
 
     @property
     def numerical(self) -> bool:
+        """Whether the program's output is a number (squared-error loss) rather than a class."""
         return self.spec.numerical
 
     def loss_fn(self, bridge: Any, batch: tuple[Tensor, Tensor, Tensor]) -> Tensor:

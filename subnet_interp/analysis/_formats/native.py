@@ -11,7 +11,9 @@ from .eap import from_eap
 from .files import read_json, write_atomically
 
 FORMAT_KEY = "subnet_interp_circuit"
+"""The JSON key that marks a file as a subnet_interp circuit; its value is the format version."""
 FORMAT_VERSION = 1
+"""The circuit format version ``save`` writes; ``load`` refuses newer versions."""
 
 
 def save(circuit: Circuit, path: str | os.PathLike) -> None:
