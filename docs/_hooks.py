@@ -87,9 +87,8 @@ def tutorial_page(source: str, name: str) -> str:
         else:
             parts.append("```python\n" + "\n".join(lines) + "\n```")
     note = (
-        f'!!! note "Run it"\n    This page is `tutorials/{name}` of the repository, rendered. Run '
-        f"it with `python tutorials/{name}` or open it as a notebook (jupytext / VS Code read "
-        "the `# %%` cells); `SUBNET_INTERP_FAST=1` runs a shortened version."
+        f'!!! note "Source"\n    `tutorials/{name}` in the repository, shown here without its '
+        f"output: run it with `python tutorials/{name}`."
     )
     if parts and parts[0].startswith("# "):
         title, _, rest = parts[0].partition("\n")
