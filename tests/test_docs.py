@@ -223,3 +223,30 @@ def test_the_site_builds_strictly(tmp_path):
             r"<(?:script|link)[^>]*(?:src|href)=\"(?:https?:)?//[^\"]*", page.read_text()
         )
         assert not remote, f"{page.relative_to(tmp_path)} loads {remote}"
+
+
+def _hooks():
+    pytest.importorskip("mkdocs", reason="the docs extra (pip install -e '.[docs]') is needed")
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "_hooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_tutorial_becomes_a_page_of_text_and_code_blocks():
+    source = "# %% [markdown]\n# # Title\n#\n# Some *text*.\n\n# %%\nx = 1\n\n# %%\nprint(x)\n"
+    page = _hooks().tutorial_page(source, "01_demo.py")
+    assert page.startswith("# Title\n")
+    assert "Some *text*." in page and "`tutorials/01_demo.py`" in page
+    assert "```python\nx = 1\n```" in page and "```python\nprint(x)\n```" in page
+    assert "# %%" not in page
+
+
+def test_readme_links_point_at_site_pages():
+    hooks = _hooks()
+    text = "[a](tutorials/01_quickstart.py) [b](docs/design.md#layers) [c](https://x.org/a.py)"
+    assert hooks.readme_page(text) == (
+        "[a](tutorials/01_quickstart.md) [b](design.md#layers) [c](https://x.org/a.py)"
+    )
+    with pytest.raises(ValueError, match="no page on the docs site"):
+        hooks.readme_page("[d](benchmarks/mask_memory.py)")
