@@ -5,7 +5,10 @@
   cells as text and its code cells as code blocks (rendered, never run);
 - ``benchmarks.md``: ``benchmarks/README.md``.
 
-Nothing is written into the repository; the pages exist only in the build.
+Nothing is written into the repository; the pages exist only in the build. After the build the
+search index is also written as a script (``search/search_index.js``), which the theme loads
+instead of the JSON when the site is opened from disk (as Material's ``offline`` plugin does,
+without that plugin's search shim from a CDN).
 """
 
 from __future__ import annotations
@@ -119,3 +122,10 @@ def on_files(files: Files, config) -> Files:
             )
         files.append(File.generated(config, src_uri, content=content))
     return files
+
+
+def on_post_build(config) -> None:
+    index = Path(config["site_dir"]) / "search" / "search_index.json"
+    if index.is_file():
+        script = index.with_name("search_index.js")
+        script.write_text("var __index = " + index.read_text(encoding="utf-8"), encoding="utf-8")
