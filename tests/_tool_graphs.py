@@ -218,3 +218,179 @@ def auto_circuit_prune_scores(shape: Shape, seed: int, separate_qkv: bool = True
         tensor[tensor.abs() < 0.7] = 0.0
         out[module] = tensor
     return out
+
+
+# ---- ACDC's ground truths (GPT-2 small) --------------------------------------------------------
+GPT2_SMALL = Shape("gpt2_small", 12, 12)
+NONE = (None,)
+RESID_PRE, RESID_POST = "blocks.0.hook_resid_pre", "blocks.11.hook_resid_post"
+
+# the head groups of IOI_CIRCUIT in acdc/ioi/utils.py (26 heads)
+IOI_GROUPS = {
+    "name mover": [(9, 9), (10, 0), (9, 6)],
+    "backup name mover": [(10, 10), (10, 6), (10, 2), (10, 1), (11, 2), (9, 7), (9, 0), (11, 9)],
+    "negative": [(10, 7), (11, 10)],
+    "s2 inhibition": [(7, 3), (7, 9), (8, 6), (8, 10)],
+    "induction": [(5, 5), (5, 8), (5, 9), (6, 9)],
+    "duplicate token": [(0, 1), (0, 10), (3, 0)],
+    "previous token": [(2, 2), (4, 11)],
+}
+# get_ioi_true_edges' connections: (sender group, receiver group, head inputs)
+IOI_CONNECTIONS = [
+    ("INPUT", "previous token", "qkv"),
+    ("INPUT", "duplicate token", "qkv"),
+    ("INPUT", "s2 inhibition", "q"),
+    ("INPUT", "negative", "kv"),
+    ("INPUT", "name mover", "kv"),
+    ("INPUT", "backup name mover", "kv"),
+    ("previous token", "induction", "kv"),
+    ("induction", "s2 inhibition", "kv"),
+    ("duplicate token", "s2 inhibition", "kv"),
+    ("s2 inhibition", "negative", "q"),
+    ("s2 inhibition", "name mover", "q"),
+    ("s2 inhibition", "backup name mover", "q"),
+    ("negative", "OUTPUT", ""),
+    ("name mover", "OUTPUT", ""),
+    ("backup name mover", "OUTPUT", ""),
+]
+# CIRCUIT of acdc/greaterthan/utils.py: heads (layer, head), MLPs (layer, None)
+GREATERTHAN_GROUPS = {
+    "0305": [(0, 3), (0, 5)],
+    "01": [(0, 1)],
+    "MEARLY": [(0, None), (1, None), (2, None), (3, None)],
+    "AMID": [(5, 5), (6, 1), (6, 9), (7, 10), (8, 11), (9, 1)],
+    "MLATE": [(8, None), (9, None), (10, None), (11, None)],
+}
+GREATERTHAN_PAIRS = [
+    ("01", "MEARLY"),
+    ("01", "AMID"),
+    ("0305", "AMID"),
+    ("MEARLY", "AMID"),
+    ("AMID", "MLATE"),
+]
+
+
+class _Flags(dict):
+    """``present`` of every edge of GPT-2 small's ACDC graph; setting an edge the graph lacks
+    fails, as indexing ACDC's correspondence does."""
+
+    def set(self, child: tuple, parent: tuple, value: bool) -> None:
+        key = (*child, *parent)
+        assert key in self, f"ACDC's graph has no edge {key}"
+        self[key] = value
+
+    def present(self) -> OrderedDict:
+        return OrderedDict((key, True) for key, flag in self.items() if flag)
+
+
+def ioi_true_edges() -> OrderedDict:
+    """``get_ioi_true_edges(model)`` for GPT-2 small: 1,131 keys."""
+    flags = _Flags(dict.fromkeys(acdc_graph(GPT2_SMALL), True))
+    circuit = [head for group in IOI_GROUPS.values() for head in group]
+    # iterative_correspondence_from_mask with the hook_q/k/v of every other head: those, the
+    # head's q/k/v inputs and (all three letters masked) its hook_result lose all their edges
+    masked = set()
+    for layer in range(12):
+        for h in range(12):
+            if (layer, h) not in circuit:
+                index = (None, None, h)
+                for x in "qkv":
+                    masked |= {(f"blocks.{layer}.attn.hook_{x}", index)}
+                    masked |= {(f"blocks.{layer}.hook_{x}_input", index)}
+                masked.add((f"blocks.{layer}.attn.hook_result", index))
+    for key in flags:
+        if key[:2] in masked or key[2:] in masked:
+            flags[key] = False
+    # the circuit's heads lose the embedding and earlier heads as inputs, and the output
+    for layer, h in circuit:
+        index = (None, None, h)
+        for x in "qkv":
+            child = (f"blocks.{layer}.hook_{x}_input", index)
+            flags.set(child, (RESID_PRE, NONE), False)
+            for earlier in range(layer):
+                for other in range(12):
+                    flags.set(
+                        child, (f"blocks.{earlier}.attn.hook_result", (None, None, other)), False
+                    )
+        flags.set((RESID_POST, NONE), (f"blocks.{layer}.attn.hook_result", index), False)
+    # then the connections come back
+    for inp, out, letters in IOI_CONNECTIONS:
+        if inp == "INPUT":
+            senders = [(-1, (RESID_PRE, NONE))]
+            senders += [(m, (f"blocks.{m}.hook_mlp_out", NONE)) for m in range(12)]
+        else:
+            senders = [
+                (layer, (f"blocks.{layer}.attn.hook_result", (None, None, h)))
+                for layer, h in IOI_GROUPS[inp]
+            ]
+        if out == "OUTPUT":
+            receivers = [(13, (RESID_POST, NONE))]
+            receivers += [(m, (f"blocks.{m}.hook_mlp_in", NONE)) for m in range(12)]
+        else:
+            receivers = [
+                (layer, (f"blocks.{layer}.hook_{x}_input", (None, None, h)))
+                for layer, h in IOI_GROUPS[out]
+                for x in letters
+            ]
+        for sender_layer, sender in senders:
+            for receiver_layer, receiver in receivers:
+                if receiver_layer > sender_layer:
+                    flags.set(receiver, sender, True)
+    return flags.present()
+
+
+def _gt_hooks(layer: int, head: int | None, output: bool) -> list[tuple]:
+    if head is None:
+        return [(f"blocks.{layer}.hook_mlp_{'out' if output else 'in'}", NONE)]
+    if output:
+        return [(f"blocks.{layer}.attn.hook_result", (None, None, head))]
+    return [(f"blocks.{layer}.hook_{x}_input", (None, None, head)) for x in "qkv"]
+
+
+def greaterthan_true_edges() -> OrderedDict:
+    """``get_greaterthan_true_edges(model)`` for GPT-2 small: 289 keys."""
+    flags = _Flags(dict.fromkeys(acdc_graph(GPT2_SMALL), False))
+    groups = GREATERTHAN_GROUPS
+    for group in ("0305", "01", "MEARLY"):  # input
+        for layer, head in groups[group]:
+            for hook in _gt_hooks(layer, head, output=False):
+                flags.set(hook, (RESID_PRE, NONE), True)
+    for group in ("AMID", "MLATE"):  # output
+        for layer, head in groups[group]:
+            for hook in _gt_hooks(layer, head, output=True):
+                flags.set((RESID_POST, NONE), hook, True)
+    for group in ("MEARLY", "MLATE"):  # MLPs of a group feed each other
+        for first, _ in groups[group]:
+            for second, _ in groups[group]:
+                if first < second:
+                    flags.set(*_gt_hooks(second, None, False), *_gt_hooks(first, None, True), True)
+    for group_from, group_to in GREATERTHAN_PAIRS:
+        for layer_from, head_from in groups[group_from]:
+            for layer_to, head_to in groups[group_to]:
+                head_into_own_mlp = (
+                    layer_from == layer_to and head_from is not None and head_to is None
+                )
+                if layer_from >= layer_to and not head_into_own_mlp:
+                    continue
+                for sender in _gt_hooks(layer_from, head_from, output=True):
+                    for receiver in _gt_hooks(layer_to, head_to, output=False):
+                        flags.set(receiver, sender, True)
+    heads = [(layer, h) for group in groups.values() for layer, h in group if h is not None]
+    for layer, h in heads:  # their internal edges
+        index = (None, None, h)
+        for x in "qkv":
+            hook = (f"blocks.{layer}.attn.hook_{x}", index)
+            flags.set(hook, (f"blocks.{layer}.hook_{x}_input", index), True)
+            flags.set((f"blocks.{layer}.attn.hook_result", index), hook, True)
+    last_amid = max(layer for layer, _ in groups["AMID"])
+    for sender in range(last_amid):  # every MLP before the last AMID layer feeds the later ones
+        for receiver in range(sender + 1, last_amid):
+            flags.set(*_gt_hooks(receiver, None, False), *_gt_hooks(sender, None, True), True)
+    for layer, h in groups["AMID"]:  # and the queries of the AMID heads
+        for sender in range(layer):
+            flags.set(
+                (f"blocks.{layer}.hook_q_input", (None, None, h)),
+                *_gt_hooks(sender, None, True),
+                True,
+            )
+    return flags.present()
