@@ -394,3 +394,46 @@ def greaterthan_true_edges() -> OrderedDict:
                 True,
             )
     return flags.present()
+
+
+# get_docstring_subgraph_true_edges (acdc/docstring/utils.py), attention-only 4 layers x 8 heads:
+# its 37 edges as (child hook, child head, parent hook, parent head); "in" is resid_pre,
+# "out" resid_post, "x.L" hook_x_input of layer L, "aL" a head's hook_result of layer L
+_DOCSTRING = [
+    ("v.1", 4, "a0", 5), ("v.0", 5, "in", None), ("q.2", 0, "in", None), ("q.2", 0, "a0", 5),
+    ("k.2", 0, "in", None), ("k.2", 0, "a0", 5), ("v.2", 0, "a1", 4), ("v.1", 4, "in", None),
+    ("q.1", 2, "in", None), ("k.1", 2, "in", None), ("q.1", 2, "a0", 5), ("k.1", 2, "a0", 5),
+] + [
+    edge
+    for h in (0, 6)
+    for edge in [
+        ("out", None, "a3", h), ("q.3", h, "a1", 4), ("v.3", h, "in", None), ("v.3", h, "a0", 5),
+        ("k.3", h, "a2", 0), ("k.3", h, "a1", 2),
+    ]
+]  # fmt: skip
+_DOCSTRING_INTERNAL = [("v", 0, 5), ("q", 2, 0), ("k", 2, 0), ("v", 2, 0), ("v", 1, 4)]
+_DOCSTRING_INTERNAL += [("q", 1, 2), ("k", 1, 2)]
+_DOCSTRING_INTERNAL += [(x, 3, h) for h in (0, 6) for x in "qvk"]
+
+
+def docstring_true_edges() -> dict:
+    """``get_docstring_subgraph_true_edges()``: a plain dict of 37 present edges (24 residual,
+    13 ``hook_x_input -> hook_x``)."""
+
+    def hook(name: str, head: int | None) -> tuple:
+        if name == "in":
+            return ("blocks.0.hook_resid_pre", NONE)
+        if name == "out":
+            return ("blocks.3.hook_resid_post", NONE)
+        if name.startswith("a"):
+            return (f"blocks.{name[1:]}.attn.hook_result", (None, None, head))
+        x, layer = name.split(".")
+        return (f"blocks.{layer}.hook_{x}_input", (None, None, head))
+
+    out = {(*hook(c, ch), *hook(p, ph)): True for c, ch, p, ph in _DOCSTRING}
+    for x, layer, h in _DOCSTRING_INTERNAL:
+        index = (None, None, h)
+        out[(f"blocks.{layer}.attn.hook_{x}", index, f"blocks.{layer}.hook_{x}_input", index)] = (
+            True
+        )
+    return out

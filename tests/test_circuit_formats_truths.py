@@ -1,8 +1,9 @@
-"""ACDC's ground truths for GPT-2 small (``get_ioi_true_edges`` / ``get_greaterthan_true_edges``
-of ACDC commit bc99ace, rebuilt in ``_tool_graphs`` from ACDC's published head groups and the
-way those functions and ``iterative_correspondence_from_mask`` set edges): they import with
-their heads and MLPs and export to the identical ``OrderedDict``; the comparison helpers on
-them give the overlaps counted by hand."""
+"""ACDC's ground truths (ACDC commit bc99ace, rebuilt in ``_tool_graphs``): for GPT-2 small
+``get_ioi_true_edges`` / ``get_greaterthan_true_edges`` from ACDC's published head groups and
+the way those functions and ``iterative_correspondence_from_mask`` set edges, for the
+attention-only docstring model ``get_docstring_subgraph_true_edges``' edge list. They import
+with their heads and MLPs and export to the identical object (ordered dicts in ACDC's
+order); the comparison helpers on them give the overlaps counted by hand."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from _tool_graphs import (
     GREATERTHAN_GROUPS,
     IOI_GROUPS,
     PLACEHOLDER,
+    Shape,
     acdc_graph,
+    docstring_true_edges,
     greaterthan_true_edges,
     ioi_true_edges,
     is_internal,
@@ -126,3 +129,19 @@ def test_compare_to_circuit_on_the_ioi_heads(ioi):
     gt = compare_to_circuit(gt_scores, circuit, k=9)
     assert gt.overlap == 3 and gt.precision_at_k == pytest.approx(3 / 9)
     assert gt.expected_overlap == pytest.approx(9 * 26 / 144)
+
+
+def test_docstring_ground_truth_of_an_attention_only_model_round_trips():
+    truth = docstring_true_edges()
+    assert len(truth) == 37 and kinds(truth) == (24, 13, 0)
+    circuit = Circuit.from_acdc(truth, n_heads=8)
+    assert circuit.heads() == [(0, 5), (1, 2), (1, 4), (2, 0), (3, 0), (3, 6)]
+    assert circuit.mlps() == [] and circuit.n_layers == 4
+    assert circuit.to_acdc() == truth
+    # the complete graph for load_subgraph of the attention-only model: its keys, no MLP
+    complete = circuit.to_acdc(complete=True, attn_only=True)
+    attn_only = acdc_graph(Shape("docstring", 4, 8, attn_only=True))
+    assert list(complete) == list(attn_only)
+    assert {k for k, v in complete.items() if v and not is_internal(k)} == {
+        k for k in truth if not is_internal(k)
+    }
