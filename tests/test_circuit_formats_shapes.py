@@ -6,6 +6,7 @@ tools' own order."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -146,3 +147,20 @@ def test_auto_circuit_attention_only_size():
     # PruneScores of a 4-layer attention-only model with 8 heads: 1,281 edges
     blank = Circuit(frozenset(), n_layers=4, n_heads=8)
     assert sum(t.numel() for t in blank.to_auto_circuit(attn_only=True).values()) == 1_281
+
+
+def test_acdc_edge_into_the_own_layer_mlp_has_no_place_in_a_parallel_graph():
+    # setup_from_model ignores parallel_attn_mlp: a NeoX model's ACDC graph has head -> own MLP
+    head, none = (None, None, 0), (None,)
+    saved = {
+        ("blocks.1.hook_mlp_in", none, "blocks.1.attn.hook_result", head): True,
+        ("blocks.2.hook_resid_post", none, "blocks.1.hook_mlp_out", none): True,
+    }
+    circuit = Circuit.from_acdc(saved, n_heads=4)
+    assert circuit.to_acdc() == saved
+    assert circuit.to_auto_circuit()["blocks.1.hook_mlp_in"][1 + 4 + 1 + 0] == 1.0
+    with pytest.raises(ValueError, match="does not run forward"):
+        circuit.to_auto_circuit(parallel_attn_mlp=True)
+    parallel = dataclasses.replace(circuit, metadata={"eap_cfg": {"parallel_attn_mlp": True}})
+    with pytest.raises(ValueError, match="are not edges of EAP-IG's graph"):
+        parallel.to_eap(d_model=16)
