@@ -164,3 +164,18 @@ def test_acdc_edge_into_the_own_layer_mlp_has_no_place_in_a_parallel_graph():
     parallel = dataclasses.replace(circuit, metadata={"eap_cfg": {"parallel_attn_mlp": True}})
     with pytest.raises(ValueError, match="are not edges of EAP-IG's graph"):
         parallel.to_eap(d_model=16)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=ids)
+def test_own_json_keeps_what_each_tool_s_export_needs(shape, tmp_path):
+    path = tmp_path / "circuit.json"
+    eap = eap_ig_json(shape, n_top=len(eap_ig_edges(shape)) // 2, seed=5)
+    Circuit.from_eap(eap).save(path)
+    assert json.dumps(Circuit.load(path).to_eap()) == json.dumps(eap)
+    acdc = save_subgraph(shape, seed=6, use_pos_embed=True)
+    Circuit.from_acdc(acdc).save(path)
+    assert Circuit.load(path).to_acdc(complete=True) == acdc
+    scores = auto_circuit_prune_scores(shape, seed=7)
+    Circuit.from_auto_circuit(scores).save(path)
+    back = Circuit.load(path).to_auto_circuit()
+    assert back.keys() == scores.keys() and all(torch.equal(back[k], scores[k]) for k in scores)
