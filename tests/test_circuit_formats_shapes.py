@@ -29,7 +29,7 @@ from subnet_interp.analysis import Circuit, head_node, mlp_node
 ids = [shape.name for shape in SHAPES]
 
 
-# ---- EAP-IG / MIB ----------------------------------------------------------------------------
+# ---- EAP-IG / MIB: EAP-IG commit 795f560 ---------------------------------------------------
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 def test_eap_ig_json_round_trips_to_the_same_text(shape, tmp_path):
     data = eap_ig_json(shape, n_top=len(eap_ig_edges(shape)) // 2, seed=1)
@@ -68,7 +68,7 @@ def test_eap_ig_graph_sizes_of_real_models():
     assert len(eap_ig_edges(Shape("pythia_70m", 6, 8, parallel_attn_mlp=True))) == 3_580
 
 
-# ---- ACDC ------------------------------------------------------------------------------------
+# ---- ACDC: commit bc99ace --------------------------------------------------------------------
 @pytest.mark.parametrize("use_pos_embed", [False, True], ids=["resid_pre", "pos_embed"])
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 def test_acdc_save_subgraph_round_trips(shape, use_pos_embed):
@@ -117,7 +117,7 @@ def test_acdc_graph_sizes():
     assert len(acdc_graph(Shape("attn_only_4", 4, 8, attn_only=True))) == 1_281 + 4 * 8 * 6
 
 
-# ---- auto-circuit ----------------------------------------------------------------------------
+# ---- auto-circuit 1.0.1 --------------------------------------------------------------------
 @pytest.mark.parametrize("separate_qkv", [True, False], ids=["qkv", "attn_in"])
 @pytest.mark.parametrize("shape", SHAPES, ids=ids)
 def test_auto_circuit_prune_scores_round_trip(shape, separate_qkv):

@@ -13,8 +13,8 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   ``Graph.from_json`` and MIB's evaluation load it and a file read comes back as the same
   text. A file written unpruned (``apply_topn(n, prune=False)``: in-graph edges whose nodes are
   not) is read as written with a warning, or with ``from_eap(..., prune=True)`` as EAP-IG's
-  ``prune()`` leaves it. A circuit of nodes without edges is written with the edges between its nodes, input and
-  logits, so that EAP-IG's ``prune()`` keeps it (see ``to_eap``).
+  ``prune()`` leaves it. A circuit of nodes without edges is written with the edges between its
+  nodes, input and logits, so that EAP-IG's ``prune()`` keeps it (see ``to_eap``).
 * **ACDC** (ArthurConmy/Automatic-Circuit-Discovery): a mapping from
   ``(child_hook, child_index, parent_hook, parent_index)`` to a bool (``save_subgraph`` and the
   ``get_*_true_edges`` ground truths), to an ``Edge`` with ``present`` / ``effect_size``, or to

@@ -218,7 +218,7 @@ _CHILD_SLOT = {"q_input": 0, "k_input": 1, "v_input": 2, "mlp_out": 3, "mlp_in":
 _CHILD_SLOT |= {"attn.hook_result": 5, "attn.hook_q": 6, "attn.hook_k": 7, "attn.hook_v": 8}
 _PARENT_SLOT = {"mlp_out": 0, "attn.hook_result": 1, "mlp_in": 2, "attn.hook_q": 3}
 _PARENT_SLOT |= {"attn.hook_k": 4, "attn.hook_v": 5, "q_input": 6, "k_input": 7, "v_input": 8}
-_EMBED_SLOT = {"blocks.0.hook_resid_pre": 0, "hook_embed": 0, "hook_pos_embed": 1}
+_EMBED_SLOT = {_RESID_PRE: 0, "hook_embed": 0, "hook_pos_embed": 1}
 
 
 def _acdc_rank(key: tuple) -> tuple:
@@ -275,7 +275,7 @@ def to_acdc(
     (``hook_embed`` / ``hook_pos_embed``), unless the import had it from only some of them; a
     circuit not read from ACDC uses ``blocks.0.hook_resid_pre``, or with ``use_pos_embed=True``
     both ``hook_embed`` and ``hook_pos_embed`` (ACDC's ``use_pos_embed``)."""
-    embed_hooks = circuit.metadata.get("acdc_embed_hooks") or ["blocks.0.hook_resid_pre"]
+    embed_hooks = circuit.metadata.get("acdc_embed_hooks") or [_RESID_PRE]
     parents = circuit.metadata.get("acdc_embed_parents", {})
     if use_pos_embed is not None and use_pos_embed != ("hook_pos_embed" in embed_hooks):
         embed_hooks = ["hook_embed", "hook_pos_embed"] if use_pos_embed else [_RESID_PRE]
