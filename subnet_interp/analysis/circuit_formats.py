@@ -9,11 +9,12 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   ``edges[name]`` (``in_graph``, ``score``). Node names ``input``, ``a{L}.h{H}``, ``m{L}``,
   ``logits``; edge names ``parent->child`` with ``<q|k|v>`` after a head child. Writing gives
   every edge of the complete graph (``score`` 0 and ``in_graph`` false where the circuit has
-  neither), so EAP-IG's ``Graph.from_json`` and MIB's evaluation load it. A file written
-  unpruned (``apply_topn(n, prune=False)``: in-graph edges whose nodes are not) is read as
-  written with a warning, or with ``from_eap(..., prune=True)`` as EAP-IG's ``prune()`` leaves
-  it. A circuit of nodes without edges is written with the edges between its nodes, input and
-  logits, so that EAP-IG's ``prune()`` keeps it (see ``to_eap``).
+  neither) in the order EAP-IG's ``Graph.from_model`` makes them, so EAP-IG's
+  ``Graph.from_json`` and MIB's evaluation load it and a file read comes back as the same
+  text. A file written unpruned (``apply_topn(n, prune=False)``: in-graph edges whose nodes are
+  not) is read as written with a warning, or with ``from_eap(..., prune=True)`` as EAP-IG's
+  ``prune()`` leaves it. A circuit of nodes without edges is written with the edges between its
+  nodes, input and logits, so that EAP-IG's ``prune()`` keeps it (see ``to_eap``).
 * **ACDC** (ArthurConmy/Automatic-Circuit-Discovery): a mapping from
   ``(child_hook, child_index, parent_hook, parent_index)`` to a bool (``save_subgraph`` and the
   ``get_*_true_edges`` ground truths), to an ``Edge`` with ``present`` / ``effect_size``, or to
@@ -27,7 +28,9 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   written back as read, others are written present for every node of the circuit (complete
   graphs, or ``to_acdc(internal=True)``, the form of ``get_ioi_true_edges``). Which embedding
   hook (``hook_embed`` / ``hook_pos_embed``) each edge from ``embed`` had is kept too, and a
-  complete graph without MLP hooks is read as attention-only (``to_acdc(attn_only=)``).
+  complete graph without MLP hooks is read as attention-only (``to_acdc(attn_only=,
+  use_pos_embed=)`` say it for other circuits). Keys are written in the order of ACDC's
+  ``TLACDCCorrespondence.all_edges()``, so its ``OrderedDict``\\ s compare equal.
   ACDC saves pickles, which this
   library never opens: unpickle them yourself (with ``acdc`` importable) and pass the object.
 * **auto-circuit** (UFO-101/auto-circuit): ``PruneScores``, a tensor per destination module
@@ -38,7 +41,10 @@ Every format is mapped onto :class:`~subnet_interp.analysis.Circuit`'s canonical
   circuit is the edges whose score is non-zero (or above ``threshold``, or the ``top_k``); all
   scores are kept. Per-position scores (a leading position axis) are refused: pass one
   position or their sum. An edge-name dict gives ``n_layers`` / ``n_heads`` from the largest
-  layer / head it names unless they are passed.
+  layer / head it names unless they are passed. Attention-only and parallel attention / MLP
+  (GPT-NeoX, Pythia: an MLP sees only the sources before its block) scores are recognised
+  from the shapes; ``to_auto_circuit(attn_only=, parallel_attn_mlp=)`` say it for other
+  circuits. A grouped-query model has K and V inputs per query head, as auto-circuit builds.
 * **subnet_interp's own JSON** (``Circuit.save`` / ``load``): everything a circuit holds.
 
 This module gathers the public names. The code is one module per format in

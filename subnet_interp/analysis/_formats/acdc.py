@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -212,15 +213,51 @@ def _internal_keys(layer: int, heads: range, mlp: bool) -> list[tuple[tuple, str
     return out
 
 
+_RESID_PRE = "blocks.0.hook_resid_pre"
+_CHILD_SLOT = {"q_input": 0, "k_input": 1, "v_input": 2, "mlp_out": 3, "mlp_in": 4}
+_CHILD_SLOT |= {"attn.hook_result": 5, "attn.hook_q": 6, "attn.hook_k": 7, "attn.hook_v": 8}
+_PARENT_SLOT = {"mlp_out": 0, "attn.hook_result": 1, "mlp_in": 2, "attn.hook_q": 3}
+_PARENT_SLOT |= {"attn.hook_k": 4, "attn.hook_v": 5, "q_input": 6, "k_input": 7, "v_input": 8}
+_EMBED_SLOT = {_RESID_PRE: 0, "hook_embed": 0, "hook_pos_embed": 1}
+
+
+def _acdc_rank(key: tuple) -> tuple:
+    """Where ``TLACDCCorrespondence.all_edges()`` puts a key: ``setup_from_model`` walks the
+    layers from the last down (in each, the MLP, then the heads from the last, each wiring q, k,
+    v), the embeddings last, and the nested dicts keep the order in which each child, child
+    index, parent and parent index first appeared."""
+    child, child_index, parent, parent_index = key
+
+    def layer_and_kind(hook: str) -> tuple[int, str]:
+        _, layer, kind = hook.split(".", 2)
+        return int(layer), kind.removeprefix("hook_")
+
+    if child.endswith("hook_resid_post"):
+        child_rank: tuple = (-math.inf, 0)
+    else:
+        layer, kind = layer_and_kind(child)
+        # a head's inputs first get an edge from the sources of the layer below
+        child_rank = (-(layer - 1) if kind.endswith("_input") else -layer, _CHILD_SLOT[kind])
+    if parent in _EMBED_SLOT:
+        parent_rank: tuple = (math.inf, _EMBED_SLOT[parent])
+    else:
+        layer, kind = layer_and_kind(parent)
+        parent_rank = (-layer, _PARENT_SLOT[kind])
+    last = lambda index: -(index[-1] or 0)  # noqa: E731  heads from the last
+    return child_rank, last(child_index), parent_rank, last(parent_index)
+
+
 def to_acdc(
     circuit: Circuit,
     *,
     complete: bool = False,
     internal: bool | None = None,
     attn_only: bool | None = None,
+    use_pos_embed: bool | None = None,
 ) -> dict[tuple, bool]:
     """ACDC's subgraph dict, keys ``(child_hook, child_index, parent_hook, parent_index)`` with
-    indices as ``hashable_tuple``\\ s.
+    indices as ``hashable_tuple``\\ s, in the order ACDC's ``all_edges()`` gives them (that of
+    its ``save_subgraph`` and ``get_*_true_edges`` ``OrderedDict``\\ s, which compare in order).
 
     ``complete=True`` lists every edge of the graph, present or not (what
     ``TLACDCExperiment.load_subgraph`` expects), including ACDC's internal edges;
@@ -236,9 +273,13 @@ def to_acdc(
 
     An edge from ``embed`` is written from each embedding hook the import had
     (``hook_embed`` / ``hook_pos_embed``), unless the import had it from only some of them; a
-    circuit not read from ACDC uses ``blocks.0.hook_resid_pre``."""
-    embed_hooks = circuit.metadata.get("acdc_embed_hooks") or ["blocks.0.hook_resid_pre"]
+    circuit not read from ACDC uses ``blocks.0.hook_resid_pre``, or with ``use_pos_embed=True``
+    both ``hook_embed`` and ``hook_pos_embed`` (ACDC's ``use_pos_embed``)."""
+    embed_hooks = circuit.metadata.get("acdc_embed_hooks") or [_RESID_PRE]
     parents = circuit.metadata.get("acdc_embed_parents", {})
+    if use_pos_embed is not None and use_pos_embed != ("hook_pos_embed" in embed_hooks):
+        embed_hooks = ["hook_embed", "hook_pos_embed"] if use_pos_embed else [_RESID_PRE]
+        parents = {}  # which hook fed an edge means nothing for the other embedding
     recorded = {
         (c, tuple(ci), p, tuple(pi)): bool(flag)
         for c, ci, p, pi, flag in circuit.metadata.get("acdc_internal", [])
@@ -272,7 +313,7 @@ def to_acdc(
                 for key, _node in _internal_keys(layer, heads, head is None):
                     if recorded.get(key, True):
                         out[key] = True
-        return out
+        return _in_acdc_order(out)
     n_layers, n_heads = need_shape(circuit, "A complete ACDC graph")
     if attn_only is None:
         attn_only = bool(circuit.metadata.get("acdc_attn_only", False))
@@ -283,7 +324,11 @@ def to_acdc(
     for layer in range(n_layers):
         for key, node in _internal_keys(layer, range(n_heads), not attn_only):
             out[key] = recorded.get(key, node in circuit.nodes)
-    return out
+    return _in_acdc_order(out)
+
+
+def _in_acdc_order(edges: dict[tuple, bool]) -> dict[tuple, bool]:
+    return OrderedDict(sorted(edges.items(), key=lambda item: _acdc_rank(item[0])))
 
 
 __all__ = ["from_acdc", "to_acdc"]

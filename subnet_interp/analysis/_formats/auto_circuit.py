@@ -181,20 +181,29 @@ def _select(scores, threshold, top_k, n_layers, n_heads, metadata) -> Circuit:
 
 
 def to_auto_circuit(
-    circuit: Circuit, *, scores: bool = True, parallel_attn_mlp: bool | None = None
+    circuit: Circuit,
+    *,
+    scores: bool = True,
+    parallel_attn_mlp: bool | None = None,
+    attn_only: bool | None = None,
 ) -> dict[str, Tensor]:
     """auto-circuit ``PruneScores`` for the complete graph: each edge's score from
     ``edge_scores`` (``scores=True``; edges without a score get 1 in the circuit, 0 outside) or
     circuit membership as 1 / 0 (``scores=False``). ``parallel_attn_mlp=True`` (GPT-NeoX /
     Pythia; default: what the circuit was read as, from auto-circuit or EAP-IG's ``cfg``)
-    gives each MLP only the sources before its block."""
+    gives each MLP only the sources before its block; ``attn_only=True`` (default: what the
+    circuit was read as) writes no MLP sources or destinations, as for an attention-only
+    model."""
     n_layers, n_heads = need_shape(circuit, "auto-circuit prune scores")
     if parallel_attn_mlp is None:
         parallel_attn_mlp = bool(
             circuit.metadata.get("auto_circuit_parallel_attn_mlp")
             or circuit.metadata.get("eap_cfg", {}).get("parallel_attn_mlp")
         )
-    attn_only = bool(circuit.metadata.get("auto_circuit_attn_only", False))
+    if attn_only is None:
+        attn_only = bool(circuit.metadata.get("auto_circuit_attn_only", False))
+    if attn_only and circuit.mlps():
+        raise ValueError(f"attn_only=True, but the circuit has MLPs {circuit.mlps()}.")
     srcs = sources(n_layers, n_heads, attn_only=attn_only)
     position = {s: i for i, s in enumerate(srcs)}
     ported = any(node_of(d) != d for _, d in circuit.edges | set(circuit.edge_scores))

@@ -14,7 +14,6 @@ from ..circuits import (
     EMBED,
     UNEMBED,
     Circuit,
-    all_edges,
     head_node,
     mlp_node,
     need_shape,
@@ -82,6 +81,24 @@ def _eap_prune(edges: set[tuple[str, str]]) -> set[tuple[str, str]]:
         if kept == edges:
             return kept
         edges = kept
+
+
+def _eap_ig_order(n_layers: int, n_heads: int, parallel_attn_mlp: bool) -> list[tuple[str, str]]:
+    """Every edge in the order EAP-IG's ``Graph.from_model`` adds them (its ``to_json`` writes
+    them so): per layer, each source so far into each head's q, k, v, then the MLP's inputs
+    (with a parallel block, each source's MLP edge follows its head edges); logits last."""
+    residual, out = [EMBED], []
+    for layer in range(n_layers):
+        heads = [head_node(layer, h) for h in range(n_heads)]
+        for src in residual:
+            out += [(src, f"{head}.{x}") for head in heads for x in "qkv"]
+            if parallel_attn_mlp:
+                out.append((src, mlp_node(layer)))
+        residual += heads
+        if not parallel_attn_mlp:
+            out += [(src, mlp_node(layer)) for src in residual]
+        residual.append(mlp_node(layer))
+    return out + [(src, UNEMBED) for src in residual]
 
 
 def from_eap(source: Mapping[str, Any] | str | os.PathLike, *, prune: bool = False) -> Circuit:
@@ -153,7 +170,8 @@ def to_eap(
     circuit: Circuit, path: str | os.PathLike | None = None, *, d_model: int | None = None
 ) -> dict[str, Any]:
     """Write as EAP-IG's ``Graph.to_json`` dict: every node and edge of the complete graph for
-    ``circuit.n_layers`` x ``circuit.n_heads``; returned, and saved to ``path`` if given.
+    ``circuit.n_layers`` x ``circuit.n_heads``, in the order EAP-IG writes them (so a file read
+    and written back is the same text); returned, and saved to ``path`` if given.
 
     A circuit with nodes but no edges (e.g. ``Circuit.from_heads``) is written as EAP-IG's own
     node-level selection (``apply_topn(level='node')``) leaves it: input, logits and the
@@ -172,7 +190,7 @@ def to_eap(
         cfg["d_model"] = d_model
     if cfg.get("d_model") is None:
         raise ValueError("EAP-IG graphs record d_model: pass to_eap(..., d_model=model's d_model).")
-    universe = all_edges(n_layers, n_heads, parallel_attn_mlp=bool(cfg["parallel_attn_mlp"]))
+    universe = _eap_ig_order(n_layers, n_heads, bool(cfg["parallel_attn_mlp"]))
     in_nodes, in_edges = set(circuit.nodes), set(circuit.edges)
     if not in_edges and in_nodes - {EMBED, UNEMBED} and "eap_node_order" not in circuit.metadata:
         in_nodes |= {EMBED, UNEMBED}
