@@ -106,3 +106,49 @@ def test_a_library_task_does_not_depend_on_what_was_compiled_before():
     library_task("reverse")  # moves tracr's process-wide label counter on
     again = library_task("shuffle_dyck2")
     assert si.fingerprint(first.model.bridge) == si.fingerprint(again.model.bridge)
+
+
+def test_inert_noise_leaves_the_program_exact_and_writes_only_spare_dimensions():
+    from subnet_interp.tasks.tracr_library import INERT_SPARE_DIMS, library_task
+
+    task = library_task("frac_prevs", noise=1.0, inert=True, max_per_length=32)
+    assert task.model.spare_dims == INERT_SPARE_DIMS and task.planted.nodes
+    assert task.evaluate()["accuracy"] == 1.0  # noise at the compiled weights' scale, no effect
+    d_tracr = task.bridge.cfg.d_model - INERT_SPARE_DIMS
+    for name, live in task.live_weights.items():
+        noise = live & ~task.used_weights[name]
+        if name.endswith(("W_O", "W_out")) and noise.any():
+            assert not noise[..., :d_tracr].any() and noise[..., d_tracr:].any()
+    # a model with no spare dimensions cannot take inert noise, and is left as it was
+    model = compile_program(program(), {"a", "b", "c"}, max_seq_len=6)
+    before = si.fingerprint(model.bridge)
+    with pytest.raises(ValueError, match="spare_dims"):
+        plant_noise(model, 1.0, inert=True)
+    assert si.fingerprint(model.bridge) == before
+
+
+def test_needed_truth_is_what_single_ablation_breaks_and_recovery_scores_it():
+    from subnet_interp.tasks.tracr_library import library_task
+
+    task = library_task("reverse", noise=1.0, inert=True, max_per_length=32)
+    before = si.fingerprint(task.bridge)
+    truth = task.truth()
+    assert si.fingerprint(task.bridge) == before  # computed on a copy
+    assert truth["heads"] <= task.model.circuit.nodes and truth["heads"]
+    needed_neurons = int(truth["neurons"].sum())
+    assert 0 < needed_neurons < int(task.used_neurons.sum())  # lookup-table rows never used
+    assert torch.all(task.used_neurons >= truth["neurons"])
+    for name, needed in truth["weights"].items():
+        assert torch.all(task.used_weights[name] >= needed)
+    # keeping exactly the needed weights keeps the program; dropping one needed weight breaks it
+    needed = si.Subnetwork(truth["weights"])
+    assert task.evaluate(needed)["accuracy"] == 1.0
+    recovery = task.recovery(needed)
+    assert recovery == {"head_auc": 1.0, "neuron_auc": 1.0, "weight_auc": 1.0}
+    name = next(n for n, w in truth["weights"].items() if w.any())
+    broken = {k: v.clone().contiguous() for k, v in truth["weights"].items()}
+    broken[name].view(-1)[broken[name].view(-1).nonzero()[0]] = False
+    assert task.evaluate(si.Subnetwork(broken))["accuracy"] < 1.0
+    # the mask that keeps everything ranks nothing: chance
+    everything = si.Subnetwork({k: torch.ones_like(v) for k, v in truth["weights"].items()})
+    assert task.recovery(everything)["weight_auc"] == 0.5

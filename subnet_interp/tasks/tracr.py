@@ -45,7 +45,8 @@ class TracrModel:
 
     ``circuit``: the heads and MLPs whose compiled weights are non-zero (the components the
     program uses). ``input_map`` / ``output_map`` translate between values and token / class ids.
-    ``assembled`` is tracr's own model, kept to check the conversion against.
+    ``assembled`` is tracr's own model, kept to check the conversion against. ``spare_dims``:
+    residual dimensions appended after tracr's, which no compiled weight reads or writes.
     """
 
     bridge: Any
@@ -55,6 +56,7 @@ class TracrModel:
     assembled: Any
     bos: str
     categorical: bool
+    spare_dims: int = 0
 
     def encode(self, sequences: Sequence[Sequence[Any]]) -> Tensor:
         """Token ids ``[batch, 1 + length]`` with BOS prepended; all sequences equally long."""
@@ -91,17 +93,27 @@ def compile_program(
     *,
     causal: bool = False,
     bos: str = "BOS",
+    mlp_exactness: int = 100,
+    spare_dims: int = 0,
 ) -> TracrModel:
     """Compile a RASP ``program`` with tracr and return it as a :class:`TracrModel`.
 
     The bridge reproduces tracr's outputs exactly (``argmax`` of its logits for categorical
     programs); ``bridge(tokens)`` returns ``[batch, pos, d_vocab_out]`` logits.
+    ``mlp_exactness`` is tracr's: the slope ``L`` of the ramps with which its MLPs read a
+    numerical value (``SelectorWidth``, numerical-to-categorical maps); tracr's default 100
+    makes them steps. ``spare_dims``: see :func:`from_assembled`.
     """
     compiling = _require_tracr()
     assembled = compiling.compile_rasp_to_model(
-        program, vocab=set(vocab), max_seq_len=max_seq_len, compiler_bos=bos, causal=causal
+        program,
+        vocab=set(vocab),
+        max_seq_len=max_seq_len,
+        compiler_bos=bos,
+        causal=causal,
+        mlp_exactness=mlp_exactness,
     )
-    return from_assembled(assembled, causal=causal, bos=bos)
+    return from_assembled(assembled, causal=causal, bos=bos, spare_dims=spare_dims)
 
 
 def _unembedding(assembled: Any) -> Tensor:
@@ -121,8 +133,14 @@ def _unembedding(assembled: Any) -> Tensor:
     return matrix[:, None] if matrix.ndim == 1 else matrix  # [d_model, d_out]
 
 
-def from_assembled(assembled: Any, *, causal: bool = False, bos: str = "BOS") -> TracrModel:
-    """Convert an already compiled tracr model (``AssembledTransformerModel``) into a bridge."""
+def from_assembled(
+    assembled: Any, *, causal: bool = False, bos: str = "BOS", spare_dims: int = 0
+) -> TracrModel:
+    """Convert an already compiled tracr model (``AssembledTransformerModel``) into a bridge.
+
+    ``spare_dims`` appends that many residual dimensions, zero in every compiled weight (the
+    embeddings, every read and write, the unembedding): the program is unchanged, and a
+    component writing only there cannot change the output (see :func:`plant_noise`)."""
     import numpy as np
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
@@ -137,8 +155,11 @@ def from_assembled(assembled: Any, *, causal: bool = False, bos: str = "BOS") ->
         assembled.output_encoder, "encoding_map"
     )
     output_map = dict(assembled.output_encoder.encoding_map) if categorical else {}
+    if spare_dims < 0:
+        raise ValueError(f"spare_dims must be >= 0, got {spare_dims}.")
     unembed = _unembedding(assembled)
-    d_model = unembed.shape[0]
+    d_tracr = unembed.shape[0]
+    d_model = d_tracr + spare_dims
     n_ctx = params["pos_embed"]["embeddings"].shape[0]
     bridge_config = TransformerBridgeConfig(
         d_model=d_model,
@@ -171,13 +192,15 @@ def from_assembled(assembled: Any, *, causal: bool = False, bos: str = "BOS") ->
         for ours, theirs in (("fc_in", "linear_1"), ("fc_out", "linear_2")):
             state[f"layers.{layer}.mlp.{ours}.weight"] = params[f"{mlp}/{theirs}"]["w"].T
             state[f"layers.{layer}.mlp.{ours}.bias"] = params[f"{mlp}/{theirs}"]["b"]
-        value = params[f"{attn}/value"]["w"].view(d_model, config.num_heads, config.key_size)
-        query = params[f"{attn}/query"]["w"].view(d_model, config.num_heads, config.key_size)
+        value = params[f"{attn}/value"]["w"].view(d_tracr, config.num_heads, config.key_size)
+        query = params[f"{attn}/query"]["w"].view(d_tracr, config.num_heads, config.key_size)
         for head in range(config.num_heads):
             if value[:, head].abs().sum() > 0 or query[:, head].abs().sum() > 0:
                 nodes.append(head_node(layer, head))
         if params[f"{mlp}/linear_1"]["w"].abs().sum() > 0:
             nodes.append(mlp_node(layer))
+    if spare_dims:
+        state = {name: _pad_residual(name, t, d_tracr, spare_dims) for name, t in state.items()}
     _load(bridge, state)
     return TracrModel(
         bridge=bridge,
@@ -187,7 +210,23 @@ def from_assembled(assembled: Any, *, causal: bool = False, bos: str = "BOS") ->
         assembled=assembled,
         bos=bos,
         categorical=categorical,
+        spare_dims=spare_dims,
     )
+
+
+def _pad_residual(name: str, tensor: Tensor, d_tracr: int, spare: int) -> Tensor:
+    """``tensor`` with zeros appended along its residual axis (the one of size ``d_tracr``:
+    columns of embeddings, the unembedding and the reading weights, rows of the writing
+    weights and their biases)."""
+    reads = name.endswith(("attn.q.weight", "attn.k.weight", "attn.v.weight", "fc_in.weight"))
+    axis = 1 if reads or name in ("tok_embed.weight", "pos.weight", "head.weight") else 0
+    writes = name.endswith(("attn.o.weight", "attn.o.bias", "fc_out.weight", "fc_out.bias"))
+    if not (reads or writes or axis == 1):
+        return tensor
+    assert tensor.shape[axis] == d_tracr, (name, tuple(tensor.shape))
+    pad = list(tensor.shape)
+    pad[axis] = spare
+    return torch.cat([tensor, tensor.new_zeros(pad)], dim=axis)
 
 
 def _load(bridge: Any, state: dict[str, Tensor]) -> None:
@@ -230,10 +269,24 @@ def demo_program() -> Any:
     return rasp.categorical(rasp.SequenceMap(lambda m, p: int(m == 1 or p == "a"), moved, prev2))
 
 
-def plant_noise(model: TracrModel, scale: float = 0.1, *, seed: int = 0) -> Circuit:
+def plant_noise(
+    model: TracrModel, scale: float = 0.1, *, seed: int = 0, inert: bool = False
+) -> Circuit:
     """Fill the heads and MLPs the program does not use with random weights of standard deviation
     ``scale`` (in place), so that dropping them is a choice a mask must make rather than free.
-    Returns the circuit of planted (unused) components."""
+    Returns the circuit of planted (unused) components.
+
+    By default the noise reads and writes the whole residual stream, so it disturbs the program
+    (a mask must remove it to restore the output). ``inert=True`` (a model compiled with
+    ``spare_dims``) writes only the spare dimensions, which nothing compiled reads: the output
+    is exactly the program's, the noise is present but unused, as in a trained model's idle
+    components, and its scale can match the compiled weights' without changing anything."""
+    if inert and not model.spare_dims:
+        raise ValueError(
+            "plant_noise(inert=True) writes the noise into spare residual dimensions, but this "
+            "model has none; compile it with compile_program(..., spare_dims=k) (k >= 1)."
+        )
+    d_tracr = model.bridge.cfg.d_model - model.spare_dims
     gen = torch.Generator().manual_seed(seed)
     bridge, cfg = model.bridge, model.bridge.cfg
     planted = []
@@ -251,12 +304,16 @@ def plant_noise(model: TracrModel, scale: float = 0.1, *, seed: int = 0) -> Circ
                     weight[rows] = scale * torch.randn(weight[rows].shape, generator=gen)
                 out = _inner(attn.o).weight
                 out[:, rows] = scale * torch.randn(out[:, rows].shape, generator=gen)
+                if inert:
+                    out[:d_tracr, rows] = 0.0
                 planted.append(head_node(layer, head))
             if mlp_node(layer) not in model.circuit.nodes:
                 mlp = _inner(block.mlp)
                 for name in ("fc_in", "fc_out"):
                     weight = _inner(getattr(mlp, name)).weight
                     weight.copy_(scale * torch.randn(weight.shape, generator=gen))
+                if inert:
+                    _inner(mlp.fc_out).weight[:d_tracr] = 0.0
                 planted.append(mlp_node(layer))
     return Circuit(frozenset(planted))
 

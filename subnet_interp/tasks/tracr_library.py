@@ -7,7 +7,10 @@ and returns a :class:`TracrTask`: batches of every input (sampled where there ar
 grouped by length because the bridge takes no padding, with tracr's own outputs as targets, a
 loss (cross-entropy for categorical programs, squared error for numerical ones), an accuracy,
 and the truth at head (``model.circuit``), neuron (``used_neurons``) and weight
-(``used_weights``) level, all read off the compiled weights before the noise was planted.
+(``used_weights``) level, all read off the compiled weights before the noise was planted, and
+what the data *needs* of them (:meth:`TracrTask.truth`, by single ablation), with
+:meth:`TracrTask.recovery` scoring a subnetwork against it. ``inert=True`` plants noise that
+writes only spare residual dimensions, so that the noisy model computes the program exactly.
 
 Needs the optional extra ``tracr`` (``pip install 'subnet_interp[tracr]'``).
 """
@@ -15,6 +18,7 @@ Needs the optional extra ``tracr`` (``pip install 'subnet_interp[tracr]'``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +33,10 @@ from .tracr import TracrModel, compile_program, plant_noise
 
 NUMERICAL_TOLERANCE = 0.05
 """A numerical output counts as correct within this absolute error (for :meth:`accuracy`)."""
+
+INERT_SPARE_DIMS = 8
+"""Spare residual dimensions a :func:`library_task` with ``inert=True`` appends, the only ones
+its planted noise writes (enough that a noise component's writes are not confined to a line)."""
 
 
 def _tokens():
@@ -138,6 +146,26 @@ class TracrTask:
     live_neurons: Tensor = field(repr=False)
     live_weights: dict[str, Tensor] = field(repr=False)
     planted: Circuit = field(default_factory=lambda: Circuit(frozenset()))
+    clean_state: dict[str, Tensor] | None = field(default=None, repr=False)
+    _truth: dict[str, Any] | None = field(default=None, repr=False)
+
+    def truth(self) -> dict[str, Any]:
+        """What the program *needs* on this task's data: ``heads`` (node names), ``neurons``
+        (``[layers, d_mlp]`` bool) and ``weights`` (canonical name -> bool), each a piece whose
+        zeroing alone makes a scored position wrong on the clean compiled model
+        (:func:`~subnet_interp.tasks._tracr_truth.needed_truth`; a subset of ``model.circuit``
+        / ``used_neurons`` / ``used_weights``). Computed on a copy on first call (0.1-15 s;
+        about 2.5 min for ``shuffle_dyck2``), then cached; the task's bridge is not touched."""
+        if self._truth is None:
+            from ._tracr_truth import needed_truth
+
+            twin = copy.copy(self)
+            twin.model = copy.copy(self.model)
+            twin.model.bridge = copy.deepcopy(self.bridge)
+            if self.clean_state is not None:
+                twin.model.bridge.load_state_dict(self.clean_state)
+            self._truth = needed_truth(twin)
+        return self._truth
 
     @property
     def bridge(self) -> Any:
@@ -166,6 +194,43 @@ class TracrTask:
             error = (out[..., 0][defined] - target[defined].float()).abs()
             return (error < NUMERICAL_TOLERANCE).float().mean()
         return (out.argmax(-1)[defined] == target[defined]).float().mean()
+
+    def recovery(
+        self, subnetwork: Subnetwork, scores: dict[str, Tensor] | None = None
+    ) -> dict[str, float]:
+        """ROC AUC of ``subnetwork`` against :meth:`truth`: ``head_auc`` and ``neuron_auc``
+        of ``si.analysis.head_scores`` / ``neuron_scores`` (kept fraction of each unit's
+        non-zero weights), ``weight_auc`` of ``scores`` (a method's continuous weight scores,
+        e.g. ``FindResult.scores``; default: the mask). Positives: the needed pieces; negatives:
+        the planted noise; compiled pieces the data never needs are left out (keeping or
+        dropping them is neither right nor wrong). ``nan`` where a side is empty."""
+        from ..analysis.circuits import head_node, roc_auc
+        from ..analysis.components import head_scores, neuron_scores
+
+        truth = self.truth()
+        cfg = self.bridge.cfg
+        heads = head_scores(self.bridge, subnetwork)
+        h_scores, h_labels = [], []
+        for layer in range(cfg.n_layers):
+            for head in range(cfg.n_heads):
+                node = head_node(layer, head)
+                if node in truth["heads"] or node in self.planted.nodes:
+                    h_scores.append(float(torch.nan_to_num(heads[layer, head], nan=0.0)))
+                    h_labels.append(node in truth["heads"])
+        neurons = torch.nan_to_num(neuron_scores(self.bridge, subnetwork), nan=0.0)
+        candidates = truth["neurons"] | (self.live_neurons & ~self.used_neurons)
+        w_scores, w_labels = [], []
+        for name, needed in truth["weights"].items():
+            noise = self.live_weights[name] & ~self.used_weights[name]
+            keep = needed | noise
+            source = scores[name] if scores is not None and name in scores else subnetwork[name]
+            w_scores.append(source.detach().float().cpu()[keep])
+            w_labels.append(needed[keep])
+        return {
+            "head_auc": roc_auc(torch.tensor(h_scores), torch.tensor(h_labels)),
+            "neuron_auc": roc_auc(neurons[candidates], truth["neurons"][candidates]),
+            "weight_auc": roc_auc(torch.cat(w_scores), torch.cat(w_labels)),
+        }
 
     def evaluate(
         self, subnetwork: Subnetwork | None = None, *, ablation: Any = "zero"
@@ -231,16 +296,30 @@ def library_task(
     seed: int = 0,
     max_per_length: int = 512,
     batch_size: int = 256,
+    mlp_exactness: int = 100,
+    inert: bool = False,
 ) -> TracrTask:
     """Compile the library program ``name`` (:data:`PROGRAMS`), plant noise of standard
     deviation ``noise`` in its unused components (``noise=0``: none), and build its data: every
     input of each length, or ``max_per_length`` of them drawn with ``seed`` where there are
-    more."""
+    more.
+
+    ``inert=True``: the model gets :data:`INERT_SPARE_DIMS` spare residual dimensions and the
+    noise writes only there (:func:`~subnet_interp.tasks.tracr.plant_noise`), so the noisy model
+    computes the program exactly and the noise is unused rather than disturbing; its scale can
+    then match the compiled weights' (``noise=1.0``), so that magnitude does not give it away.
+    ``mlp_exactness`` is passed to tracr's compiler."""
     if name not in PROGRAMS:
         raise KeyError(f"Unknown tracr library program {name!r}; known: {program_names()}.")
     spec = PROGRAMS[name]
     with _fresh_labels():
-        model = compile_program(spec.build(), set(spec.vocab), spec.max_seq_len)
+        model = compile_program(
+            spec.build(),
+            set(spec.vocab),
+            spec.max_seq_len,
+            mlp_exactness=mlp_exactness,
+            spare_dims=INERT_SPARE_DIMS if inert else 0,
+        )
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for length in range(spec.min_len, spec.max_seq_len + 1):
@@ -261,7 +340,10 @@ def library_task(
             batches.append((tokens, target, defined))
     cfg = model.bridge.cfg
     used_weights = {k: w != 0 for k, w in _canonical_weights(model.bridge).items()}
-    planted = plant_noise(model, noise, seed=seed) if noise > 0 else Circuit(frozenset())
+    clean_state = copy.deepcopy(model.bridge.state_dict()) if noise > 0 else None
+    planted = (
+        plant_noise(model, noise, seed=seed, inert=inert) if noise > 0 else Circuit(frozenset())
+    )
     live_weights = {k: w != 0 for k, w in _canonical_weights(model.bridge).items()}
     return TracrTask(
         name=name,
@@ -273,10 +355,12 @@ def library_task(
         live_neurons=_neurons(live_weights, cfg.n_layers, cfg.d_mlp),
         live_weights=live_weights,
         planted=planted,
+        clean_state=clean_state,
     )
 
 
 __all__ = [
+    "INERT_SPARE_DIMS",
     "NUMERICAL_TOLERANCE",
     "PROGRAMS",
     "LibraryProgram",
