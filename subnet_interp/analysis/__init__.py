@@ -16,6 +16,7 @@ from .ablation import (
     logit_difference,
     loss,
 )
+from .circuit_plot import CircuitPlot, plot_circuit
 from .circuits import (
     Circuit,
     CircuitComparison,
@@ -50,6 +51,8 @@ from .subspaces import head_ov, retained_energy, subspace_angles
 __all__ = [
     "AblationReport",
     "Circuit",
+    "CircuitPlot",
+    "plot_circuit",
     "CircuitComparison",
     "CircuitOverlap",
     "circuit_formats",
