@@ -29,7 +29,15 @@ from .circuits import (
     node_of,
     roc_auc,
 )
-from .components import edge_scores, graph_edge_scores, head_scores, neuron_scores, top_heads
+from .components import (
+    HeadOverlap,
+    edge_scores,
+    graph_edge_scores,
+    head_overlap,
+    head_scores,
+    neuron_scores,
+    top_heads,
+)
 from .faithfulness import (
     MIB_DENSITIES,
     FaithfulnessCurve,
@@ -40,10 +48,12 @@ from .modules import Lesion, Modules, module_enrichment, module_lesions, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import (
     head_densities,
+    neuron_densities,
     per_layer_densities,
     plot_ablation,
     plot_densities,
     plot_faithfulness,
+    plot_head_overlap,
     plot_overlap,
 )
 from .subspaces import head_ov, retained_energy, subspace_angles
@@ -88,6 +98,10 @@ __all__ = [
     "ResampleAblation",
     "ablation_effect",
     "head_densities",
+    "head_overlap",
+    "HeadOverlap",
+    "neuron_densities",
+    "plot_head_overlap",
     "head_scores",
     "neuron_scores",
     "per_layer_densities",
