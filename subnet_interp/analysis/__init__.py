@@ -56,6 +56,7 @@ from .plots import (
     plot_head_overlap,
     plot_overlap,
 )
+from .report import html_report
 from .subspaces import head_ov, retained_energy, subspace_angles
 
 __all__ = [
@@ -99,6 +100,7 @@ __all__ = [
     "ablation_effect",
     "head_densities",
     "head_overlap",
+    "html_report",
     "HeadOverlap",
     "neuron_densities",
     "plot_head_overlap",

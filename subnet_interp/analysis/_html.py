@@ -72,10 +72,13 @@ def heatmap_svg(
     ``data-info`` tooltip (row, column, value), ``nan`` cells light grey."""
     values = matrix.detach().double().cpu().tolist()
     left, top = 70, 34
-    width, height = left + cell * len(columns) + 20, top + cell * len(rows) + 60
+    rotate = max((len(str(c)) for c in columns), default=0) * 6.5 > cell
+    under = 6.0 * max((len(str(c)) for c in columns), default=0) if rotate else 16.0
+    width = max(left + cell * len(columns) + 20, left + 7.5 * len(title), left + 250)
+    height = top + cell * len(rows) + under + 50
     parts = [
-        f'<svg class="si-heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" '
-        f'height="{height}" viewBox="0 0 {width} {height}" font-family="sans-serif" '
+        f'<svg class="si-heatmap" xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" '
+        f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" '
         'font-size="11">',
         f'<text x="{left}" y="18" font-size="13" font-weight="bold">{escape(title)}</text>',
         f'<text x="8" y="{top + cell * len(rows) / 2}" fill="#555">{escape(row_axis)}</text>',
@@ -97,20 +100,21 @@ def heatmap_svg(
     bottom = top + cell * len(rows)
     step = max(1, len(columns) // 24)
     for j in range(0, len(columns), step):
-        parts.append(
-            f'<text x="{left + j * cell + cell / 2}" y="{bottom + 14}" text-anchor="middle">'
-            f"{escape(columns[j])}</text>"
-        )
+        x, y = left + j * cell + cell / 2, bottom + 14
+        turn = f'transform="rotate(-40 {x} {y})" text-anchor="end"' if rotate else ""
+        anchor = turn or 'text-anchor="middle"'
+        parts.append(f'<text x="{x}" y="{y}" {anchor}>{escape(columns[j])}</text>')
+    legend = bottom + under + 14
     parts.append(
-        f'<text x="{left}" y="{bottom + 30}" fill="#555">{escape(column_axis)}</text>'
-        + colour_bar(left + 80, bottom + 22, vmin, vmax, _key(title))
+        f'<text x="{left}" y="{legend + 8}" fill="#555">{escape(column_axis)}</text>'
+        + colour_bar(left + 80, legend, vmin, vmax, _key(title))
         + "</svg>"
     )
     return "".join(parts)
 
 
 def colour_bar(
-    x: float, y: float, vmin: float, vmax: float, key: str, scale: str = "sequential"
+    x: float | int, y: float | int, vmin: float, vmax: float, key: str, scale: str = "sequential"
 ) -> str:
     """An SVG colour bar of ``scale`` at ``(x, y)``, 120 wide, labelled ``vmin`` / ``vmax``
     (``key`` keeps its gradient's id unique within a page)."""
