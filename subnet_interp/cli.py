@@ -103,6 +103,11 @@ def _demo(args: argparse.Namespace) -> int:
         written.append(ablation)
     except ImportError:
         print("   (install subnet_interp[plots] for the figures)")
+    from subnet_interp.analysis import html_report
+
+    page = os.path.join(args.out, "report.html")
+    html_report(model, sub, path=page, ablation_report=report, title="induction subnetwork (demo)")
+    written.append(page)
     print("5. wrote " + ", ".join(written))
     print(f"done in {time.time() - start:.0f} s")
     return 0

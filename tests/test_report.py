@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import subnet_interp as si
-from subnet_interp.analysis import FaithfulnessCurve, html_report, loss
+from subnet_interp.analysis import FaithfulnessCurve, ablation_effect, html_report, loss
 from subnet_interp.cli import main
 
 pytest.importorskip("transformers")
@@ -81,6 +81,16 @@ def test_with_model_data_metric_comparison_and_curve(tmp_path):
     assert 'class="pixelated si-neurons"' in page and "data:image/png;base64," in page
     # heads: one heatmap for the subnetwork, three for the comparison
     assert page.count('class="cell"') == LAYERS * 6 + 4 * LAYERS * HEADS
+
+
+def test_an_ablation_report_already_measured_is_shown_not_remeasured():
+    model = gpt2()
+    sub = subnetwork(model)
+    measured = ablation_effect(model, sub, loss(lm_loss), batches(), controls=2)
+    page = html_report(model, sub, ablation_report=measured)
+    assert str(measured).splitlines()[1].strip() in page and page.count('class="control"') == 2
+    with pytest.raises(ValueError, match="not both"):
+        html_report(model, sub, data=batches(), metric=lm_loss, ablation_report=measured)
 
 
 def test_errors_say_what_to_pass():

@@ -20,7 +20,7 @@ from .._subnetwork import Subnetwork
 from . import _html
 from ._html import escape
 from ._report_charts import ablation_chart, faithfulness_chart
-from .ablation import Metric, ablation_effect, loss
+from .ablation import AblationReport, Metric, ablation_effect, loss
 from .circuit_plot import plot_circuit
 from .circuits import Circuit
 from .components import graph_edge_scores, head_overlap, top_heads
@@ -215,6 +215,7 @@ def html_report(
     circuit: Circuit | None = None,
     compare: Subnetwork | None = None,
     faithfulness: FaithfulnessCurve | None = None,
+    ablation_report: AblationReport | None = None,
     top_k: int = 40,
     title: str | None = None,
     source: str | None = None,
@@ -231,7 +232,8 @@ def html_report(
     ``fn(model, batch) -> loss``, lower is better) as well: :func:`ablation_effect` with
     ``controls`` density-matched random controls under ``ablation``. ``compare``: another
     subnetwork of the same targets (overlap, and per head shared / only-one / only-other);
-    ``faithfulness``: a :func:`faithfulness_curve` result to plot. ``source`` names the file
+    ``faithfulness``: a :func:`faithfulness_curve` result to plot; ``ablation_report``: an
+    :func:`ablation_effect` result already computed, shown instead of measuring again. ``source`` names the file
     the subnetwork came from. The page fetches nothing: open it anywhere, also offline.
     """
     if not isinstance(subnetwork, Subnetwork):
@@ -246,6 +248,11 @@ def html_report(
         )
     if data is not None and model is None:
         raise ValueError("data= and metric= measure the model: pass the model as well.")
+    if data is not None and ablation_report is not None:
+        raise ValueError(
+            "Give data= and metric= (measure the ablation now) or ablation_report= (show one "
+            "already measured), not both."
+        )
     title = title or f"subnetwork report: {source or subnetwork.meta.get('method', 'subnetwork')}"
     sections = [f"<h1>{escape(title)}</h1>", _meta_section(subnetwork, source)]
     sections.append(_density_section(subnetwork))
@@ -253,7 +260,7 @@ def html_report(
         sections.append(_unit_section(model, subnetwork))
     if data is not None:
         measure = metric if isinstance(metric, Metric) else loss(metric)
-        report = ablation_effect(
+        ablation_report = ablation_effect(
             model,
             subnetwork,
             measure,
@@ -262,6 +269,8 @@ def html_report(
             ablation=ablation,
             generator=generator,
         )
+    if ablation_report is not None:
+        report = ablation_report
         sections.append(
             "<h2>Ablation against random controls</h2>"
             f"<pre>{escape(str(report))}</pre>{ablation_chart(report)}"
