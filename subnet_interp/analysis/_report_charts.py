@@ -35,12 +35,12 @@ def ablation_chart(report: AblationReport) -> str:
     colours = ["#9e9e9e", "#1f77b4", "#ff7f0e", "#d9d9d9"]
     controls = report.controls.tolist()
     low, high = _scale(values + controls)
-    left, top, plot_h, bar = 60, 20, 220, 70
+    left, top, plot_h, bar = 60, 34, 220, 70
     width = left + bar * (5 if controls else 4) + 30
     y = lambda v: top + plot_h * (high - v) / (high - low)  # noqa: E731
     body = [
         f'<line x1="{left}" y1="{y(0.0):.1f}" x2="{width - 10}" y2="{y(0.0):.1f}" stroke="#999"/>',
-        f'<text x="8" y="{top + 6}" fill="#555">{escape(report.metric)}</text>',
+        f'<text x="8" y="14" fill="#555">{escape(report.metric)}</text>',
     ]
     for tick in (low, (low + high) / 2, high):
         body.append(
@@ -96,7 +96,8 @@ def faithfulness_chart(curve: FaithfulnessCurve) -> str:
     body = [
         f'<text x="{left}" y="16">{escape(curve.ablation)} ablation: CPR {curve.cpr:.3f} '
         f"(higher is better), CMD {curve.cmd:.3f} (lower)</text>",
-        f'<text x="8" y="{top + 6}" fill="#555">faithfulness</text>',
+        f'<text x="14" y="{top + plot_h / 2}" fill="#555" text-anchor="middle" '
+        f'transform="rotate(-90 14 {top + plot_h / 2})">faithfulness</text>',
     ]
     for level, colour in ((1.0, "#999"), (0.0, "#ccc")):
         body.append(

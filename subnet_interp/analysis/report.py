@@ -53,9 +53,9 @@ def _meta_section(subnetwork: Subnetwork, source: str | None) -> str:
     if source:
         rows.append(("file", source))
     rows += [
-        ("targets", len(subnetwork)),
+        ("targets", str(len(subnetwork))),
         ("kept weights", f"{subnetwork.kept():,} of {subnetwork.numel():,}"),
-        ("density", subnetwork.density()),
+        ("density", f"{subnetwork.density():.4g}"),
     ]
     for key in sorted(meta, key=lambda k: (k not in _META_FIRST, k)):
         value = meta[key]
@@ -63,7 +63,14 @@ def _meta_section(subnetwork: Subnetwork, source: str | None) -> str:
             value = ", ".join(f"{k}={v}" for k, v in value.items()) or "(defaults)"
         elif not isinstance(value, (str, int, float)):
             value = json.dumps(value, default=str)
-        rows.append((key, value))
+        text = (
+            value
+            if isinstance(value, str)
+            else f"{value:.4g}"
+            if isinstance(value, float)
+            else str(value)
+        )
+        rows.append((key, text if len(text) <= 300 else text[:300] + " ..."))
     return "<h2>Subnetwork</h2>" + _table(rows)
 
 
@@ -99,7 +106,7 @@ def _unit_section(model: Any, subnetwork: Subnetwork) -> str:
     try:
         heads = head_densities(model, subnetwork)
     except ValueError as error:
-        parts.append(f'<p class="note">No head view: {escape(error)}</p>')
+        parts.append(_missing("head", "attn", subnetwork, error))
     else:
         parts.append(
             _html.heatmap_svg(
@@ -117,10 +124,19 @@ def _unit_section(model: Any, subnetwork: Subnetwork) -> str:
     try:
         neurons = neuron_densities(model, subnetwork)
     except ValueError as error:
-        parts.append(f'<p class="note">No neuron view: {escape(error)}</p>')
+        parts.append(_missing("neuron", "mlp", subnetwork, error))
     else:
         parts.append(_neuron_image(neurons))
     return "".join(parts)
+
+
+def _missing(unit: str, kind: str, subnetwork: Subnetwork, error: ValueError) -> str:
+    """Why a view is left out: the subnetwork has no such weights, or the model no such axes."""
+    if not any(f".{kind}." in name for name in subnetwork.names):
+        why = f"the subnetwork covers no {'attention' if kind == 'attn' else 'MLP'} weights."
+    else:
+        why = str(error)
+    return f'<p class="note">No {unit} view: {escape(why)}</p>'
 
 
 def _neuron_image(neurons: Tensor) -> str:
