@@ -7,11 +7,11 @@ from .circuit_plot import (
     DASHES,
     PORTS,
     CircuitPlot,
-    edge_look,
-    edge_style,
-    endpoints,
-    node_fill,
-    node_range,
+    _edge_look,
+    _edge_style,
+    _endpoints,
+    _node_fill,
+    _node_range,
 )
 from .circuits import node_of
 from .plots import _pyplot
@@ -38,11 +38,11 @@ def draw(plot: CircuitPlot):
         ax.text(x + 32, 45, port, fontsize=8)
     for y, text in plot._labels:
         ax.text(8, y + 4, text, fontsize=8, color="#777")
-    scale, largest = edge_style(plot.edges)
+    scale, largest = _edge_style(plot.edges)
     order = sorted(plot.edges, key=lambda k: -1.0 if plot.edges[k] is None else abs(plot.edges[k]))
     for edge in order:
-        x0, y0, x1, y1 = endpoints(plot._layout, edge)
-        colour, stroke = edge_look(plot.edges[edge], scale, largest)
+        x0, y0, x1, y1 = _endpoints(plot._layout, edge)
+        colour, stroke = _edge_look(plot.edges[edge], scale, largest)
         bend = max(18.0, (y0 - y1) / 2)
         port = edge[1][-1] if node_of(edge[1]) != edge[1] else "q"
         path = Path(
@@ -59,7 +59,7 @@ def draw(plot: CircuitPlot):
                 linestyle=_MPL_DASHES[port],
             )
         )
-    scores = node_range(plot._layout)
+    scores = _node_range(plot._layout)
     for node in plot._layout:
         ax.add_patch(
             FancyBboxPatch(
@@ -67,7 +67,7 @@ def draw(plot: CircuitPlot):
                 node.width,
                 _NODE_H,
                 boxstyle="round,pad=0,rounding_size=4",
-                facecolor=node_fill(node, scores),
+                facecolor=_node_fill(node, scores),
                 edgecolor="#444" if node.in_circuit else "#bbb",
                 linestyle="-" if node.in_circuit else "--",
                 zorder=3,

@@ -18,6 +18,7 @@ from . import _html
 from .circuits import EMBED, UNEMBED, Circuit, head_node, mlp_node, node_of, node_position
 
 MAX_EDGES = 300
+"""The most edge scores ``plot_circuit`` draws without ``top_k`` / ``threshold``."""
 PORTS = {"q": -12.0, "k": 0.0, "v": 12.0}  # x offset of each head input on the node's bottom
 DASHES = {"q": None, "k": "5,3", "v": "1.5,2.5"}
 _HEAD_W, _MLP_W, _END_W, _NODE_H = 46.0, 62.0, 96.0, 24.0
@@ -269,7 +270,7 @@ def _layout(edges, circuit_nodes, node_scores, shape):
     return layout, (width, height), labels
 
 
-def endpoints(layout, edge: tuple[str, str]) -> tuple[float, float, float, float]:
+def _endpoints(layout, edge: tuple[str, str]) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)``: the source's top and the destination's input (port) in SVG space."""
     where = {n.name: n for n in layout}
     src, dst = where[edge[0]], where[node_of(edge[1])]
@@ -278,7 +279,7 @@ def endpoints(layout, edge: tuple[str, str]) -> tuple[float, float, float, float
     return src.x, src.y - _NODE_H / 2, x1, dst.y + _NODE_H / 2 + (3.0 if port else 0.0)
 
 
-def edge_style(edges) -> tuple[str, float]:
+def _edge_style(edges) -> tuple[str, float]:
     """The colour scale of these edges' scores (``diverging`` if any is negative) and the
     largest ``|score|``."""
     values = [s for s in edges.values() if s is not None]
@@ -286,7 +287,7 @@ def edge_style(edges) -> tuple[str, float]:
     return scale, max((abs(v) for v in values), default=0.0)
 
 
-def edge_look(score: float | None, scale: str, largest: float) -> tuple[str, float]:
+def _edge_look(score: float | None, scale: str, largest: float) -> tuple[str, float]:
     """Colour and width of an edge."""
     if score is None:
         return "#888888", 1.2
@@ -295,7 +296,7 @@ def edge_look(score: float | None, scale: str, largest: float) -> tuple[str, flo
     return _html.colour(score, low, largest, scale=scale), 0.8 + 4.2 * fraction
 
 
-def node_fill(node: _Node, node_range: tuple[float, float] | None) -> str:
+def _node_fill(node: _Node, node_range: tuple[float, float] | None) -> str:
     if not node.in_circuit:
         return "#ffffff"
     if node.score is not None and node_range is not None:
@@ -303,14 +304,14 @@ def node_fill(node: _Node, node_range: tuple[float, float] | None) -> str:
     return _FILL[node.kind]
 
 
-def node_range(layout) -> tuple[float, float] | None:
+def _node_range(layout) -> tuple[float, float] | None:
     scores = [n.score for n in layout if n.score is not None]
     return (min(scores), max(scores)) if scores else None
 
 
 def _svg(layout, edges, size, labels, title) -> str:
     width, height = size
-    scale, largest = edge_style(edges)
+    scale, largest = _edge_style(edges)
     e = _html.escape
     parts = [
         f'<svg class="si-graph si-zoom" xmlns="http://www.w3.org/2000/svg" '
@@ -336,8 +337,8 @@ def _svg(layout, edges, size, labels, title) -> str:
     order = sorted(edges, key=lambda k: -1.0 if edges[k] is None else abs(edges[k]))
     for edge in order:
         score = edges[edge]
-        x0, y0, x1, y1 = endpoints(layout, edge)
-        colour, stroke = edge_look(score, scale, largest)
+        x0, y0, x1, y1 = _endpoints(layout, edge)
+        colour, stroke = _edge_look(score, scale, largest)
         bend = max(18.0, (y0 - y1) / 2)
         port = edge[1][-1] if node_of(edge[1]) != edge[1] else None
         dash = f' stroke-dasharray="{DASHES[port]}"' if port and DASHES[port] else ""
@@ -350,7 +351,7 @@ def _svg(layout, edges, size, labels, title) -> str:
             f'data-dst="{e(edge[1])}" data-node="{e(node_of(edge[1]))}" data-score="{shown}" '
             f'data-info="{e(info)}"><title>{e(info)}</title></path>'
         )
-    scores_range = node_range(layout)
+    scores_range = _node_range(layout)
     for node in layout:
         score = "" if node.score is None else f"\nscore {node.score:.4g}"
         where = "" if node.in_circuit else "\n(not in the circuit)"
@@ -362,7 +363,7 @@ def _svg(layout, edges, size, labels, title) -> str:
             f'<g class="node" data-name="{e(node.name)}" data-in-circuit="{int(node.in_circuit)}"'
             f' data-info="{e(info)}"><title>{e(info)}</title>'
             f'<rect x="{x:.1f}" y="{y:.1f}" width="{w:.0f}" height="{_NODE_H:.0f}" rx="4" '
-            f'fill="{node_fill(node, scores_range)}" stroke="{border}"{dash}/>'
+            f'fill="{_node_fill(node, scores_range)}" stroke="{border}"{dash}/>'
             f'<text x="{node.x:.1f}" y="{node.y + 3:.1f}" text-anchor="middle" '
             f'fill="{"#222" if node.in_circuit else "#aaa"}">{e(node.label)}</text>'
         )
