@@ -129,6 +129,10 @@ def test_nodes_only_and_all_nodes():
     )
     plot = plot_circuit(circuit)
     assert not plot.edges and svg_nodes(plot.svg) == set(circuit.nodes)
+    fills = dict(
+        re.findall(r'(?s)data-name="([^"]+)"[^>]*>.*?<rect [^>]*fill="(#[0-9a-f]+)"', plot.svg)
+    )
+    assert fills[head_node(0, 1)] == "#fde725" and fills[head_node(1, 2)] == "#440154"  # viridis
     everything = plot_circuit(circuit, all_nodes=True)
     assert len(everything.nodes) == 2 + L * (H + 1)
     assert everything.nodes[:3] == tuple(sorted(circuit.nodes, key=lambda n: (n[7], n)))

@@ -40,8 +40,9 @@ def draw(plot: CircuitPlot):
         ax.text(8, y + 4, text, fontsize=8, color="#777")
     scale, largest = _edge_style(plot.edges)
     order = sorted(plot.edges, key=lambda k: -1.0 if plot.edges[k] is None else abs(plot.edges[k]))
+    where = {n.name: n for n in plot._layout}
     for edge in order:
-        x0, y0, x1, y1 = _endpoints(plot._layout, edge)
+        x0, y0, x1, y1 = _endpoints(where, edge)
         colour, stroke = _edge_look(plot.edges[edge], scale, largest)
         bend = max(18.0, (y0 - y1) / 2)
         port = edge[1][-1] if node_of(edge[1]) != edge[1] else "q"

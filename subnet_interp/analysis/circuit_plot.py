@@ -62,7 +62,9 @@ class CircuitPlot:
     def html(self) -> str:
         """A self-contained HTML page of the graph: inline SVG and script, nothing fetched;
         wheel zooms, dragging pans, hovering shows a node's or edge's name and score."""
-        body = f"{_html.CONTROLS}\n{self.svg}"
+        # alone on its page the graph takes the window's height
+        fill = "<style>.si-graph { height: calc(100vh - 80px); }</style>"
+        body = f"{fill}\n{_html.CONTROLS}\n{self.svg}"
         return _html.page(self.title, body)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -270,9 +272,11 @@ def _layout(edges, circuit_nodes, node_scores, shape):
     return layout, (width, height), labels
 
 
-def _endpoints(layout, edge: tuple[str, str]) -> tuple[float, float, float, float]:
-    """``(x0, y0, x1, y1)``: the source's top and the destination's input (port) in SVG space."""
-    where = {n.name: n for n in layout}
+def _endpoints(
+    where: Mapping[str, _Node], edge: tuple[str, str]
+) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)``: the source's top and the destination's input (port) in SVG space
+    (``where``: the layout's nodes by name)."""
     src, dst = where[edge[0]], where[node_of(edge[1])]
     port = edge[1][-1] if node_of(edge[1]) != edge[1] else None
     x1 = dst.x + (PORTS[port] if port else 0.0)
@@ -296,17 +300,25 @@ def _edge_look(score: float | None, scale: str, largest: float) -> tuple[str, fl
     return _html.colour(score, low, largest, scale=scale), 0.8 + 4.2 * fraction
 
 
-def _node_fill(node: _Node, node_range: tuple[float, float] | None) -> str:
+def _node_fill(node: _Node, node_range: tuple[float, float, str] | None) -> str:
+    """A node's fill: white outside the circuit, else by its score, else by its kind."""
     if not node.in_circuit:
         return "#ffffff"
     if node.score is not None and node_range is not None:
-        return _html.colour(node.score, *node_range)
+        low, high, scale = node_range
+        return _html.colour(node.score, low, high, scale=scale)
     return _FILL[node.kind]
 
 
-def _node_range(layout) -> tuple[float, float] | None:
-    scores = [n.score for n in layout if n.score is not None]
-    return (min(scores), max(scores)) if scores else None
+def _node_range(layout) -> tuple[float, float, str] | None:
+    """The node scores' colour range and scale (diverging around 0 when any is negative)."""
+    scores = [n.score for n in layout if n.score is not None and not math.isnan(n.score)]
+    if not scores:
+        return None
+    if min(scores) < 0:
+        largest = max(abs(v) for v in scores)
+        return -largest, largest, "diverging"
+    return min(scores), max(scores), "sequential"
 
 
 def _svg(layout, edges, size, labels, title) -> str:
@@ -335,9 +347,10 @@ def _svg(layout, edges, size, labels, title) -> str:
     for y, text in labels:
         parts.append(f'<text x="8" y="{y + 4:.1f}" fill="#777">{text}</text>')
     order = sorted(edges, key=lambda k: -1.0 if edges[k] is None else abs(edges[k]))
+    where = {n.name: n for n in layout}
     for edge in order:
         score = edges[edge]
-        x0, y0, x1, y1 = _endpoints(layout, edge)
+        x0, y0, x1, y1 = _endpoints(where, edge)
         colour, stroke = _edge_look(score, scale, largest)
         bend = max(18.0, (y0 - y1) / 2)
         port = edge[1][-1] if node_of(edge[1]) != edge[1] else None
