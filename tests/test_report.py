@@ -117,3 +117,21 @@ def test_the_report_command(tmp_path, capsys):
     assert "--data and --metric go together" in capsys.readouterr().err
     assert main(["report", str(path), "--model", "nowhere", "-o", str(out)]) == 2
     assert "option '--model' must look like 'package.module:function'" in capsys.readouterr().err
+
+
+def test_a_model_without_heads_gets_notes_instead_of_views():
+    from subnet_interp.analysis import graph_edge_scores
+    from subnet_interp.tasks import planted_mlp
+
+    task = planted_mlp()
+    page = html_report(
+        task.model, task.planted, data=task.batches(64), metric=loss(task.loss_fn), controls=2
+    )
+    notes = re.findall(r'class="note">([^<]*)', page)
+    assert "No head view: the subnetwork covers no attention weights." in notes
+    assert any(
+        n.startswith("No graph: Edge scores need canonical attention weights") for n in notes
+    )
+    assert page.count('class="control"') == 2 and "every target" in page
+    with pytest.raises(ValueError, match="this model has none, its weights are"):
+        graph_edge_scores(task.model, None)

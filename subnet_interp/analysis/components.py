@@ -200,6 +200,13 @@ def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
     adapter = adapters.resolve(model)
     root, found = adapter.root(model), adapter.all_targets(model)
     layers = sorted({t.layer for t in found.values() if _is_block_weight(t, "attn")})
+    if not layers:
+        raise ValueError(
+            "Edge scores need canonical attention weights (blocks.L.attn.W_Q ...); this model "
+            f"has none, its weights are {list(found)[:6]}. They need a transformer family "
+            "subnet_interp knows (Hugging Face GPT-2 / GPT-NeoX / Llama, TransformerLens, or "
+            "nnsight wrappers of them)."
+        )
     out = []
     for layer in layers:
         name = f"blocks.{layer}.attn.W_{letter}"
