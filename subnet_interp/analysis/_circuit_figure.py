@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import _html
 from .circuit_plot import (
     _NODE_H,
     DASHES,
@@ -32,13 +33,28 @@ def draw(plot: CircuitPlot):
     ax.set_ylim(height, 0)  # SVG coordinates: y grows downwards
     ax.axis("off")
     ax.text(10, 20, plot.title, fontsize=11, fontweight="bold", va="baseline")
+    scale, largest = _edge_style(plot.edges)
+    legend_x = 10.0
+    if largest > 0:  # the edge colour bar, as in the SVG
+        import numpy as np
+        from matplotlib.colors import LinearSegmentedColormap
+
+        stops = [tuple(c / 255 for c in rgb) for rgb in _html.SCALES[scale]]
+        cmap = LinearSegmentedColormap.from_list(scale, stops)
+        low = -largest if scale == "diverging" else 0.0
+        ax.text(legend_x, 45, "edge score", fontsize=8)
+        ax.imshow(np.linspace(0, 1, 64)[None], cmap=cmap, extent=(120, 240, 46, 36), aspect="auto")
+        ax.text(116, 45, f"{low:.3g}", fontsize=7, ha="right")
+        ax.text(244, 45, f"{largest:.3g}", fontsize=7)
+        legend_x += 290
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)  # imshow resets the limits
     for i, port in enumerate(DASHES):
-        x = 10 + 62 * i
+        x = legend_x + 62 * i
         ax.plot([x, x + 28], [41, 41], color="#555", linewidth=1.5, linestyle=_MPL_DASHES[port])
         ax.text(x + 32, 45, port, fontsize=8)
     for y, text in plot._labels:
         ax.text(8, y + 4, text, fontsize=8, color="#777")
-    scale, largest = _edge_style(plot.edges)
     order = sorted(plot.edges, key=lambda k: -1.0 if plot.edges[k] is None else abs(plot.edges[k]))
     where = {n.name: n for n in plot._layout}
     for edge in order:

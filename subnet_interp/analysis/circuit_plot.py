@@ -237,9 +237,10 @@ def _layout(edges, circuit_nodes, node_scores, shape):
                 for p in positions.values()
             ):
                 rows.append((layer, kind))
-    levels = 2 + len(rows)
+    first = 1 if EMBED in names else 0  # embed and unembed take a row only when drawn
+    levels = max(1, first + len(rows) + (UNEMBED in names))
     mlp_x = _LEFT + _COLUMN * len(columns) + _MLP_W / 2 + 10
-    width = mlp_x + _MLP_W / 2 + 30
+    width = max(mlp_x + _MLP_W / 2 + 30, 520.0)  # at least the legend's width
     centre = (_LEFT + mlp_x) / 2 if columns else mlp_x
     height = _TOP + _ROW * (levels - 1) + _NODE_H + 20
     y_of = lambda level: _TOP + _ROW * (levels - 1 - level) + _NODE_H / 2  # noqa: E731
@@ -252,7 +253,7 @@ def _layout(edges, circuit_nodes, node_scores, shape):
         else:
             layer, head = position
             kind = "mlp" if head is None else "head"
-            level = 1 + rows.index((layer, kind))
+            level = first + rows.index((layer, kind))
             if head is None:
                 x, w, label = mlp_x, _MLP_W, f"mlp {layer}"
             else:
@@ -268,7 +269,7 @@ def _layout(edges, circuit_nodes, node_scores, shape):
     labels = []
     for layer, kind in rows:
         if kind == "head" or (layer, "head") not in rows:
-            labels.append((y_of(1 + rows.index((layer, kind))), f"layer {layer}"))
+            labels.append((y_of(first + rows.index((layer, kind))), f"layer {layer}"))
     return layout, (width, height), labels
 
 
@@ -335,8 +336,8 @@ def _svg(layout, edges, size, labels, title) -> str:
     if largest > 0:
         low = -largest if scale == "diverging" else 0.0
         parts.append(f'<text x="{legend_x}" y="45">edge score</text>')
-        parts.append(_html.colour_bar(legend_x + 82, 36.0, low, largest, "edges", scale))
-        legend_x += 260
+        parts.append(_html.colour_bar(legend_x + 110, 36.0, low, largest, "edges", scale))
+        legend_x += 290
     for i, (port, dash) in enumerate(DASHES.items()):
         x = legend_x + 62 * i
         dash_attr = f' stroke-dasharray="{dash}"' if dash else ""
