@@ -113,6 +113,16 @@ def test_the_report_command(tmp_path, capsys):
     page = out.read_text()
     assert "sub.safetensors" in page and page.count('class="control"') == 2
     assert page.count('<path class="edge"') == 9 and f"wrote {out}" in capsys.readouterr().out
+    # a circuit file (EAP-IG) instead of the weight-based graph, and a second subnetwork
+    from test_circuit_plot import eap_file
+
+    other = tmp_path / "other.safetensors"
+    subnetwork(model, seed=2).save(other)
+    extra = ["--circuit", eap_file(tmp_path), "--compare", str(other)]
+    assert main(argv + extra) == 0
+    page = out.read_text()
+    assert page.count('<path class="edge"') == 9 and "The circuit given with the report" in page
+    assert "Compared with another subnetwork" in page and 'class="control"' not in page
     assert main(argv + ablate[:2]) == 2
     assert "--data and --metric go together" in capsys.readouterr().err
     assert main(["report", str(path), "--model", "nowhere", "-o", str(out)]) == 2
