@@ -1,6 +1,7 @@
 """The HTML pages in a real browser (headless Chromium): they load with no console message at
 all (so no error), their script runs to the end, the graph's nodes and edges are in the DOM,
-hovering shows a tooltip, the wheel zooms, and a screenshot is not blank.
+hovering shows a tooltip and highlights a node's edges, the wheel zooms, dragging pans, a
+double-click resets the view, and a screenshot is not blank.
 
 Skipped when no Chromium is installed (Debian: ``apt-get install chromium``; CI installs it in
 ``.ci/run`` where apt is available)."""
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.skipif(
 FLAGS = ["--headless", "--disable-gpu", "--no-sandbox", "--hide-scrollbars", "--mute-audio"]
 
 # Appended to a copy of a page: hover the first edge and node, turn the wheel over the graph,
-# and record what happened as attributes of <body> (read back from the dumped DOM).
+# drag it, double-click it, and record what happened as attributes of <body> (read back from
+# the dumped DOM).
 PROBE = """<script>
 (function () {
   var body = document.body;
@@ -50,6 +52,13 @@ PROBE = """<script>
   svg.dispatchEvent(new WheelEvent('wheel',
     {deltaY: -120, clientX: 200, clientY: 200, bubbles: true, cancelable: true}));
   body.setAttribute('data-probe-zoomed', String(svg.getAttribute('viewBox') !== before));
+  var zoomed = svg.getAttribute('viewBox');
+  svg.dispatchEvent(new MouseEvent('mousedown', {bubbles: true, clientX: 100, clientY: 100}));
+  window.dispatchEvent(new MouseEvent('mousemove', {clientX: 160, clientY: 130}));
+  window.dispatchEvent(new MouseEvent('mouseup', {}));
+  body.setAttribute('data-probe-panned', String(svg.getAttribute('viewBox') !== zoomed));
+  svg.dispatchEvent(new MouseEvent('dblclick', {bubbles: true}));
+  body.setAttribute('data-probe-reset', String(svg.getAttribute('viewBox') === before));
 })();
 </script>"""
 
@@ -102,7 +111,8 @@ def check_page(page_path, tmp_path, nodes, edges) -> str:
         r'<path class="edge[^"]*"[^>]* data-src="([^"]+)" data-dst="([^"]+)"', dom
     )
     assert sorted(drawn_nodes) == sorted(nodes) and sorted(drawn_edges) == sorted(edges)
-    assert 'data-probe-zoomed="true"' in dom
+    for action in ("zoomed", "panned", "reset"):  # wheel, drag, double-click
+        assert f'data-probe-{action}="true"' in dom, action
     return dom
 
 
