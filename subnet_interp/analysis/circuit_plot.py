@@ -196,7 +196,7 @@ def _select(source: Any, top_k: int | None, threshold: float | None):
                 )
             kept = sorted(scored, key=lambda item: -abs(item[1]))[:top_k]
         edges: dict[tuple[str, str], float | None] = dict(kept)
-    elif nodes or not candidates:  # a circuit: every edge is drawn, a nan score as unscored
+    elif isinstance(source, Circuit):  # every edge is drawn, one with a nan score as unscored
         edges = {e: (None if s is None or math.isnan(s) else s) for e, s in candidates.items()}
     else:  # edge scores: a nan score is no edge
         edges = {e: s for e, s in candidates.items() if not math.isnan(s)}
