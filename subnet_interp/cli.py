@@ -1,4 +1,4 @@
-"""The ``subnet-interp`` command: ``demo``, ``methods``, ``show``, ``find``."""
+"""The ``subnet-interp`` command: ``demo``, ``methods``, ``show``, ``find``, ``report``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,11 @@ def _demo(args: argparse.Namespace) -> int:
         written.append(ablation)
     except ImportError:
         print("   (install subnet_interp[plots] for the figures)")
+    from subnet_interp.analysis import html_report
+
+    page = os.path.join(args.out, "report.html")
+    html_report(model, sub, path=page, ablation_report=report, title="induction subnetwork (demo)")
+    written.append(page)
     print("5. wrote " + ", ".join(written))
     print(f"done in {time.time() - start:.0f} s")
     return 0
@@ -170,19 +175,51 @@ SHARD_HELP = (
 )
 
 
-def _load_object(path: str, key: str):
+def _load_object(path: str, key: str, kind: str = "config"):
     import importlib
 
     module_name, _, attribute = path.partition(":")
     if not module_name or not attribute:
-        raise ValueError(f"config {key!r} must look like 'package.module:function', got {path!r}.")
+        raise ValueError(f"{kind} {key!r} must look like 'package.module:function', got {path!r}.")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"config {key!r}: cannot import {module_name!r} ({error}).") from error
+        raise ImportError(f"{kind} {key!r}: cannot import {module_name!r} ({error}).") from error
     if not hasattr(module, attribute):
-        raise ValueError(f"config {key!r}: {module_name!r} has no {attribute!r}.")
+        raise ValueError(f"{kind} {key!r}: {module_name!r} has no {attribute!r}.")
     return getattr(module, attribute)
+
+
+def _report(args: argparse.Namespace) -> int:
+    """Write one self-contained HTML page about a saved subnetwork (si.analysis.html_report)."""
+    import subnet_interp as si
+    from subnet_interp.analysis import Circuit, html_report
+
+    if (args.data is None) != (args.metric is None):
+        raise ValueError(
+            "--data and --metric go together: the ablation section measures the metric on the "
+            "data. Pass both (and --model), or neither."
+        )
+    if args.data is not None and args.model is None:
+        raise ValueError("--data and --metric measure the model: pass --model as well.")
+    sub = si.Subnetwork.load(args.file)
+    model = None if args.model is None else _load_object(args.model, "--model", "option")()
+    data = None if args.data is None else list(_load_object(args.data, "--data", "option")())
+    metric = None if args.metric is None else _load_object(args.metric, "--metric", "option")
+    html_report(
+        model,
+        sub,
+        path=args.out,
+        data=data,
+        metric=metric,
+        controls=args.controls,
+        circuit=None if args.circuit is None else Circuit.load(args.circuit),
+        compare=None if args.compare is None else si.Subnetwork.load(args.compare),
+        top_k=args.top_k,
+        source=os.path.basename(args.file),
+    )
+    print(f"wrote {args.out}")
+    return 0
 
 
 def _find(args: argparse.Namespace) -> int:
@@ -328,6 +365,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     find.add_argument("config", help="JSON file; keys: " + ", ".join(CONFIG_KEYS))
     find.set_defaults(run=_find)
+    report = commands.add_parser(
+        "report",
+        help="write one self-contained HTML page about a saved subnetwork: metadata, densities, "
+        "heads and neurons, ablation against random controls and a circuit graph",
+    )
+    report.add_argument("file", help="the subnetwork's .safetensors file")
+    report.add_argument("-o", "--out", default="report.html", help="the HTML file to write")
+    report.add_argument(
+        "--model",
+        help="'package.module:function' returning the model (called with no arguments), for the "
+        "head, neuron and circuit-graph sections",
+    )
+    report.add_argument(
+        "--data",
+        help="'package.module:function' returning evaluation batches (called with no arguments), "
+        "for the ablation section (needs --model and --metric)",
+    )
+    report.add_argument(
+        "--metric",
+        help="'package.module:name' of a si.analysis.Metric or of fn(model, batch) -> loss "
+        "(lower is better)",
+    )
+    report.add_argument("--controls", type=int, default=20, help="random controls (default 20)")
+    report.add_argument(
+        "--circuit", help="a circuit JSON file (Circuit.save, EAP-IG / MIB) to draw instead"
+    )
+    report.add_argument("--compare", help="another subnetwork file of the same targets")
+    report.add_argument(
+        "--top-k", type=int, default=40, help="edges in the circuit graph (default 40)"
+    )
+    report.set_defaults(run=_report)
     return parser
 
 

@@ -55,6 +55,7 @@ def test_demo_without_matplotlib_names_only_files_it_wrote(tmp_path, capsys, mon
     assert "install subnet_interp[plots]" in out
     wrote = next(line for line in out.splitlines() if "wrote" in line)
     assert "induction_subnetwork.safetensors" in wrote and ".png" not in wrote
+    assert "report.html" in wrote and (tmp_path / "report.html").exists()  # needs no matplotlib
     assert not list(tmp_path.glob("*.png"))
 
 

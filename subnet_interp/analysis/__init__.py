@@ -16,6 +16,7 @@ from .ablation import (
     logit_difference,
     loss,
 )
+from .circuit_plot import CircuitPlot, plot_circuit
 from .circuits import (
     Circuit,
     CircuitComparison,
@@ -28,7 +29,15 @@ from .circuits import (
     node_of,
     roc_auc,
 )
-from .components import edge_scores, graph_edge_scores, head_scores, neuron_scores, top_heads
+from .components import (
+    HeadOverlap,
+    edge_scores,
+    graph_edge_scores,
+    head_overlap,
+    head_scores,
+    neuron_scores,
+    top_heads,
+)
 from .faithfulness import (
     MIB_DENSITIES,
     FaithfulnessCurve,
@@ -39,17 +48,22 @@ from .modules import Lesion, Modules, module_enrichment, module_lesions, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import (
     head_densities,
+    neuron_densities,
     per_layer_densities,
     plot_ablation,
     plot_densities,
     plot_faithfulness,
+    plot_head_overlap,
     plot_overlap,
 )
+from .report import html_report
 from .subspaces import head_ov, retained_energy, subspace_angles
 
 __all__ = [
     "AblationReport",
     "Circuit",
+    "CircuitPlot",
+    "plot_circuit",
     "CircuitComparison",
     "CircuitOverlap",
     "circuit_formats",
@@ -85,6 +99,11 @@ __all__ = [
     "ResampleAblation",
     "ablation_effect",
     "head_densities",
+    "head_overlap",
+    "html_report",
+    "HeadOverlap",
+    "neuron_densities",
+    "plot_head_overlap",
     "head_scores",
     "neuron_scores",
     "per_layer_densities",

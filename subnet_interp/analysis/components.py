@@ -21,6 +21,7 @@ mask's density in the unit, the definition before this change).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -150,6 +151,33 @@ def neuron_scores(
     return (kept / total).float()
 
 
+@dataclass(frozen=True)
+class HeadOverlap:
+    """Result of :func:`head_overlap`: per ``[layer, head]``, the fraction of the head's Q/K/V/O
+    weights that both subnetworks keep (``shared``), only the first (``only_a``) or only the
+    second (``only_b``); the rest neither keeps. ``nan`` where a head is not covered."""
+
+    shared: Float[Tensor, "layer head"]
+    only_a: Float[Tensor, "layer head"]
+    only_b: Float[Tensor, "layer head"]
+
+
+def head_overlap(model: Any, a: Subnetwork, b: Subnetwork) -> HeadOverlap:
+    """Where two subnetworks of one model agree, head by head: the fraction of each head's
+    weights in ``a & b``, ``a - b`` and ``b - a`` (every weight counted once, as
+    :func:`head_scores` with ``count_zeros=True``). ``a`` and ``b`` must cover the same
+    targets with the same shapes (as for ``a & b``)."""
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, Subnetwork):
+            raise TypeError(
+                f"head_overlap(model, a, b) compares two si.Subnetwork objects; {name} is a "
+                f"{type(value).__name__}. Load one with si.Subnetwork.load(path)."
+            )
+    parts = (a & b, a - b, b - a)
+    shared, only_a, only_b = (head_scores(model, p, count_zeros=True) for p in parts)
+    return HeadOverlap(shared, only_a, only_b)
+
+
 def top_heads(scores: Tensor, k: int = 5) -> list[tuple[int, int, float]]:
     """The ``k`` highest-scoring heads as ``(layer, head, score)``, ``nan`` last."""
     flat = torch.nan_to_num(scores, nan=-1.0).flatten()
@@ -172,6 +200,13 @@ def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
     adapter = adapters.resolve(model)
     root, found = adapter.root(model), adapter.all_targets(model)
     layers = sorted({t.layer for t in found.values() if _is_block_weight(t, "attn")})
+    if not layers:
+        raise ValueError(
+            "Edge scores need canonical attention weights (blocks.L.attn.W_Q ...); this model "
+            f"has none, its weights are {list(found)[:6]}. They need a transformer family "
+            "subnet_interp knows (Hugging Face GPT-2 / GPT-NeoX / Llama, TransformerLens, or "
+            "nnsight wrappers of them)."
+        )
     out = []
     for layer in layers:
         name = f"blocks.{layer}.attn.W_{letter}"
@@ -332,4 +367,12 @@ def _trace(a: Tensor, b: Tensor) -> Tensor:
     return (a * b.transpose(1, 2)).sum((1, 2))
 
 
-__all__ = ["edge_scores", "graph_edge_scores", "head_scores", "neuron_scores", "top_heads"]
+__all__ = [
+    "HeadOverlap",
+    "edge_scores",
+    "graph_edge_scores",
+    "head_overlap",
+    "head_scores",
+    "neuron_scores",
+    "top_heads",
+]

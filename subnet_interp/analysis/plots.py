@@ -16,7 +16,7 @@ from .._subnetwork import Subnetwork
 from .._types import block_position
 from ._order import model_then_subnetwork
 from .ablation import AblationReport
-from .components import head_scores
+from .components import head_overlap, head_scores, neuron_scores
 from .faithfulness import FaithfulnessCurve
 from .overlap import overlap_matrix
 
@@ -73,16 +73,37 @@ def head_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor:
 
 
 @model_then_subnetwork()
+def neuron_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor:
+    """``[layers, d_mlp]`` fraction of each MLP neuron's weights kept (its ``W_in`` / ``W_gate``
+    column and ``W_out`` row), every weight counted once: the mask's density in the neuron,
+    :func:`~subnet_interp.analysis.neuron_scores` with ``count_zeros=True`` (``nan`` where a
+    layer is not covered)."""
+    return neuron_scores(model, subnetwork, count_zeros=True)
+
+
+@model_then_subnetwork()
 def plot_densities(
     model: Any, subnetwork: Subnetwork, *, by: str = "component", path: str | None = None
 ):
     """Density heatmap: per layer and component (``by="component"``; ``model`` may be ``None``),
-    per layer and attention head (``by="head"``, :func:`head_densities`, needs ``model``), or a
+    per layer and attention head (``by="head"``, :func:`head_densities`, needs ``model``), per
+    layer and MLP neuron (``by="neuron"``, :func:`neuron_densities`, needs ``model``), or a
     bar per target for non-transformer names."""
     plt = _pyplot()
+    if by in ("head", "neuron") and model is None:
+        raise ValueError(f"plot_densities(by={by!r}) needs the model, for the {by} axes.")
+    if by == "neuron":
+        matrix = neuron_densities(model, subnetwork)
+        fig, ax = plt.subplots(figsize=(8, max(2.5, 1 + 0.35 * matrix.shape[0])))
+        image = ax.imshow(
+            matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest"
+        )
+        ax.set_xlabel("neuron")
+        ax.set_ylabel("layer")
+        ax.set_title("kept fraction per MLP neuron")
+        fig.colorbar(image, ax=ax)
+        return _finish(fig, path)
     if by == "head":
-        if model is None:
-            raise ValueError("plot_densities(by='head') needs the model, for the head axes.")
         matrix = head_densities(model, subnetwork)
         fig, ax = plt.subplots(
             figsize=(max(4.5, 1 + 0.5 * matrix.shape[1]), max(3.0, 1 + 0.4 * matrix.shape[0]))
@@ -94,7 +115,7 @@ def plot_densities(
         fig.colorbar(image, ax=ax)
         return _finish(fig, path)
     if by != "component":
-        raise ValueError(f"by must be 'component' or 'head', got {by!r}.")
+        raise ValueError(f"by must be 'component', 'head' or 'neuron', got {by!r}.")
     layers, components, matrix = per_layer_densities(subnetwork)
     if not layers:
         densities = subnetwork.densities()
@@ -141,6 +162,39 @@ def plot_overlap(
     return _finish(fig, path)
 
 
+def plot_head_overlap(
+    model: Any,
+    a: Subnetwork,
+    b: Subnetwork,
+    *,
+    labels: tuple[str, str] = ("A", "B"),
+    path: str | None = None,
+):
+    """Two subnetworks head by head (:func:`~subnet_interp.analysis.head_overlap`): three
+    ``[layer, head]`` heatmaps, the fraction of each head's weights both keep, only ``a`` keeps
+    and only ``b`` keeps."""
+    plt = _pyplot()
+    result = head_overlap(model, a, b)
+    panels = (
+        ("shared", result.shared),
+        (f"only {labels[0]}", result.only_a),
+        (f"only {labels[1]}", result.only_b),
+    )
+    layers, heads = result.shared.shape
+    fig, axes = plt.subplots(
+        1, 3, figsize=(3 * max(2.5, 0.8 + 0.35 * heads) + 1, max(2.5, 1 + 0.35 * layers))
+    )
+    for ax, (title, matrix) in zip(axes, panels, strict=True):
+        image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        ax.set_title(title)
+        ax.set_xlabel("head")
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes))
+    if path is not None:
+        fig.savefig(path, dpi=120)
+    return fig
+
+
 def plot_ablation(report: AblationReport, *, path: str | None = None):
     """Bars for the full model, the subnetwork kept / removed and the empty model, with the
     controls' distribution beside them."""
@@ -185,6 +239,8 @@ def plot_faithfulness(curve: FaithfulnessCurve, *, path: str | None = None):
 
 __all__ = [
     "head_densities",
+    "neuron_densities",
+    "plot_head_overlap",
     "per_layer_densities",
     "plot_ablation",
     "plot_densities",
