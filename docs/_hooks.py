@@ -27,6 +27,7 @@ README_LINKS = {
     "docs/design.md": "design.md",
     "benchmarks/README.md": "benchmarks.md",
     "site/index.html": "index.md",
+    "docs/img/report.png": "img/report.png",
 }
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
