@@ -357,8 +357,17 @@ def _scores_like(scores: Any, subnetwork: Any, method: str) -> dict[str, torch.T
 
 
 def _copy_model(model: Any) -> Any:
+    # a module may keep an activation from its last forward as a plain attribute (the bridge's
+    # attention keeps ``_captured_pre_ln_residual``); after a forward with grad it is a non-leaf
+    # tensor, which deepcopy refuses: copy it detached (it is a cache, not state)
+    memo: dict[int, Any] = {}
+    if isinstance(model, nn.Module):
+        for module in model.modules():
+            for value in vars(module).values():
+                if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                    memo[id(value)] = value.detach().clone()
     try:
-        return copy.deepcopy(model)
+        return copy.deepcopy(model, memo)
     except Exception as error:
         raise TypeError(
             f"This method trains weights, so it works on a copy of the model, but a "

@@ -152,3 +152,22 @@ def test_needed_truth_is_what_single_ablation_breaks_and_recovery_scores_it():
     # the mask that keeps everything ranks nothing: chance
     everything = si.Subnetwork({k: torch.ones_like(v) for k, v in truth["weights"].items()})
     assert task.recovery(everything)["weight_auc"] == 0.5
+
+
+def test_a_weight_training_method_copies_a_bridge_holding_a_cached_activation():
+    # a bridge block keeps its residual input on the attention while it runs; after a run that
+    # diverged (continuous_sparsification on a tracr program) one was left there with its graph,
+    # a non-leaf tensor, which deepcopy refuses: the copy then failed for every later run
+    model = compile_program(program(), {"a", "b", "c"}, max_seq_len=6)
+    tokens = model.encode([list("abcab"), list("cabba")])
+    attn = model.bridge.blocks[0]._original_component.attn
+    assert hasattr(attn, "_captured_pre_ln_residual")
+    attn._captured_pre_ln_residual = model.bridge.embed(tokens) * 2  # what was left: a graph
+    before = si.fingerprint(model.bridge)
+
+    def loss_fn(bridge, batch):
+        return bridge(batch).pow(2).mean()
+
+    result = si.find(model.bridge, "continuous_sparsification", loss_fn, [tokens], steps=2,
+                     progress=False)  # fmt: skip
+    assert result.subnetwork.names and si.fingerprint(model.bridge) == before
