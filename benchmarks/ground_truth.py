@@ -52,11 +52,11 @@ PROGRAMS = ("length", "reverse", "sort", "sort_freq", "detect_pattern", "shuffle
 # samples (hard=False): the straight-through estimator evaluates the loss at hard 0/1 masks, where
 # tracr's step-function MLPs (SelectorWidth, numerical-to-categorical) give no gradient; a soft
 # mask sweeps across their ramps. hard_concrete and Lepori start with the masks on (droprate_init
-# 0.1, mask_init 2.0): tracr's thresholds break when every weight is scaled down at the start.
+# 0.05, mask_init 2.0): tracr's thresholds break when every weight is scaled down at the start.
 PRESETS = {
     "gumbel_sigmoid": {"hard": False},
-    "hard_concrete": {"droprate_init": 0.1, "l0_lambda": 1.0, "dataset_size": 729},
-    "continuous_sparsification_lepori": {"mask_init": 2.0, "l0_lambda": 1e-4},
+    "hard_concrete": {"droprate_init": 0.05, "l0_lambda": 1.0, "dataset_size": 729},
+    "continuous_sparsification_lepori": {"mask_init": 2.0, "l0_lambda": 3e-5},
     # Savarese's rescaled mask is only right with trained weights: off, weights nearly frozen
     "continuous_sparsification": {
         "rescale": False,
@@ -180,6 +180,11 @@ def main(argv=None) -> int:
     parser.add_argument("--loss-scale", type=float, default=100.0)
     parser.add_argument("--no-presets", action="store_true", help="defaults only")
     parser.add_argument(
+        "--presets-only",
+        action="store_true",
+        help="each method's preset where it has one, else its defaults",
+    )
+    parser.add_argument(
         "--ablation",
         choices=("zero", "mean"),
         default="zero",
@@ -225,7 +230,8 @@ def main(argv=None) -> int:
         if args.hp:
             yield from (json.loads(hp) for hp in args.hp)
             return
-        yield {}
+        if not (args.presets_only and method in PRESETS):
+            yield {}
         if method in PRESETS and not args.no_presets:
             yield PRESETS[method]
 
