@@ -68,6 +68,8 @@ def child(config: dict) -> None:
     import subnet_interp as si
 
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    with open(f"{config['report']}.pid{rank}", "w") as f:  # so the parent can end it on timeout
+        f.write(str(os.getpid()))
     if config["device"] == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
@@ -85,9 +87,16 @@ def child(config: dict) -> None:
     masks = {}
     runs = [("data parallel", "continuous_sparsification_lepori")]
     runs += [("fsdp2", m) for m in FSDP_METHODS[: 1 if config["quick"] else None]]
+
+    def save() -> None:  # after every run: a process stopped at the timeout keeps what it did
+        with open(f"{config['report']}.rank{rank}.json.tmp", "w") as f:
+            json.dump(report, f)
+        os.replace(f"{config['report']}.rank{rank}.json.tmp", f"{config['report']}.rank{rank}.json")
+
     for kind, method in runs:
-        run = {"kind": kind, "method": method}
+        run = {"kind": kind, "method": method, "ok": False, "error": "did not finish"}
         report["runs"].append(run)
+        save()
         try:
             model, blocks = build(config["quick"], device)
             if kind == "fsdp2":
@@ -102,6 +111,7 @@ def child(config: dict) -> None:
             result = si.find(model, method, loss_fn, mine, steps=steps, progress=False,
                              generator=torch.Generator().manual_seed(0))  # fmt: skip
             sync(device)
+            del run["error"]
             run.update(ok=True, seconds_per_step=(time.perf_counter() - start) / steps,
                        density=result.subnetwork.density(), digest=digest(result.subnetwork),
                        loss=float(result.history["loss"][-1]))  # fmt: skip
@@ -117,8 +127,7 @@ def child(config: dict) -> None:
         inter = sum(int((a[n] & b[n]).sum()) for n in a.names)
         union = sum(int((a[n] | b[n]).sum()) for n in a.names)
         report["fsdp_vs_data_parallel_iou"] = inter / max(union, 1)
-    with open(f"{config['report']}.rank{rank}.json", "w") as f:
-        json.dump(report, f)
+    save()
     dist.destroy_process_group()
 
 
@@ -128,6 +137,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop(process: subprocess.Popen, report: str, world: int) -> None:
+    """End torchrun (SIGTERM: it stops its workers), then by force torchrun's process group and
+    each worker by the pid it wrote (torchrun starts every worker in a session of its own)."""
+    process.terminate()
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    for rank in range(world):
+        try:
+            with open(f"{report}.pid{rank}") as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+        except (OSError, ValueError):  # never started, or already gone
+            pass
 
 
 def distributed(ctx, out) -> None:
@@ -158,17 +184,19 @@ def distributed(ctx, out) -> None:
                        MASTER_PORT=str(free_port()))  # fmt: skip
         out["launcher"] = "torchrun" if "torch.distributed.run" in command else "one process"
         timeout = max(60.0 if ctx.quick else 5.0, ctx.left())
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True, env=env, start_new_session=True)  # fmt: skip
-        try:
-            log, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)  # torchrun and the processes it started
-            log, _ = process.communicate()
-            out["error"] = f"torchrun did not finish within {timeout:.0f} s"
+        with open(os.path.join(folder, "log"), "w+") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True,
+                                       env=env, start_new_session=True)  # fmt: skip
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                out["error"] = f"torchrun did not finish within {timeout:.0f} s"
+                stop(process, config["report"], world)
+            log.seek(0)
+            text = log.read()
         out["returncode"] = process.returncode
         if process.returncode:
-            out["log_tail"] = (log or "")[-3000:]
+            out["log_tail"] = text[-3000:]
         reports = []
         for rank in range(world):
             path = f"{config['report']}.rank{rank}.json"
@@ -181,8 +209,8 @@ def distributed(ctx, out) -> None:
     if not reports:
         return
     for i, run in enumerate(reports[0]["runs"]):
-        per_rank = [r["runs"][i] for r in reports]
-        ok = all(r.get("ok") for r in per_rank)
+        per_rank = [r["runs"][i] for r in reports if i < len(r["runs"])]
+        ok = len(per_rank) == world and all(r.get("ok") for r in per_rank)
         row = {"run": run["kind"], "method": run["method"], "world": world, "ok": ok,
                "ranks": len(per_rank)}  # fmt: skip
         if ok:
@@ -194,7 +222,9 @@ def distributed(ctx, out) -> None:
             )
             row["ok"] = row["ranks_agree"]
         else:
-            row["error"] = next(r["error"] for r in per_rank if not r.get("ok"))
+            row["error"] = next(
+                (r["error"] for r in per_rank if not r.get("ok")), "a rank is missing"
+            )
         out["rows"].append(row)
     if "fsdp_vs_data_parallel_iou" in reports[0]:
         out["fsdp_vs_data_parallel_iou"] = reports[0]["fsdp_vs_data_parallel_iou"]

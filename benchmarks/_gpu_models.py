@@ -14,7 +14,10 @@ from collections.abc import Callable
 import torch
 
 TINY_VOCAB = 40
-GPT2_SMALL = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # 124M, 12 x 768
+GPT2_SMALL = dict(
+    n_layer=12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024,
+    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+)  # fmt: skip  # 124M (hf_model's defaults are tiny: every field given)
 TINY_GPT2 = dict(
     n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64,
     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,

@@ -186,6 +186,7 @@ def step_ratios(ctx, out) -> None:
         precisions.remove("bf16")
         out["skipped"].append("bf16 autocast: this GPU has no bf16")
     times = {(c, p): [] for c in labels for p in precisions}
+    out["raw"] = []  # every timing as it is taken (kept if the deadline stops the section)
     peaks, errors, longest = {}, {}, 0.0
     transformers.logging.set_verbosity_error()
     for repeat, precision, label in itertools.product(range(repeats), precisions, labels):
@@ -209,6 +210,7 @@ def step_ratios(ctx, out) -> None:
                     seconds = find_timer(model, method, loss_fn, batches, ctx.device, warmup,
                                          total)  # fmt: skip
             times[label, precision].append(seconds)
+            out["raw"].append({"config": label, "precision": precision, "seconds": seconds})
             peaks.setdefault((label, precision), peak.extra)
         except Exception as error:
             errors[label, precision] = error_text(error)
@@ -225,6 +227,8 @@ def step_ratios(ctx, out) -> None:
                    "all_seconds": times[label, precision], "ok": seconds is not None}  # fmt: skip
             if (label, precision) in errors:
                 row["error"] = errors[label, precision]
+            elif seconds is None:
+                row["skipped"] = "not measured: section budget spent"
             if seconds and base:
                 row["time_vs_finetune"] = seconds / base
             if seconds and surgeon:
@@ -279,7 +283,8 @@ def memory_plan(ctx, out) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    shape, seq = (TINY_LLAMA, 16) if ctx.quick else (LLAMA_1B, 256)
+    cuda = ctx.device.type == "cuda"
+    shape, seq = (LLAMA_1B, 256) if cuda and not ctx.quick else (TINY_LLAMA, 16)
     steps = 2 if ctx.quick else 3
     try:
         per_weight = measured_peaks()
@@ -287,7 +292,6 @@ def memory_plan(ctx, out) -> None:
         per_weight = {}
         out["skipped"].append(f"plan: results/mask_memory.json unreadable ({error_text(error)})")
     config = transformers.LlamaConfig(**shape)
-    cuda = ctx.device.type == "cuda"
     if cuda:  # built in fp32, then cast: 6 B per parameter at the start
         with torch.device("meta"):
             count = sum(p.numel() for p in transformers.LlamaForCausalLM(config).parameters())
@@ -305,13 +309,14 @@ def memory_plan(ctx, out) -> None:
     batches = tokens(shape["vocab_size"], 1, seq, 2, ctx.device)
     loss_fn = lm_loss()
     weights = torch.cuda.memory_allocated(ctx.device) if cuda else None
-    out.update(model="TinyLlama shape" if not ctx.quick else "tiny Llama", parameters=params,
+    out.update(model="TinyLlama shape" if shape is LLAMA_1B else "tiny Llama", parameters=params,
                masked=masked, weights_gib=gib(weights), batch=[1, seq], steps=steps,
                plan="2 B/parameter + mask_memory.json peak B/w x masked weights; "
                     "activations on top")  # fmt: skip
     if not cuda:
         out["skipped"].append(
-            "measured peaks: torch.cuda.max_memory_allocated needs cuda (code path run on CPU)"
+            "the 1.1B model and measured peaks: torch.cuda.max_memory_allocated needs cuda (the "
+            "code path ran on a tiny Llama)"
         )
 
     def activations():

@@ -208,7 +208,7 @@ def main(argv=None) -> int:
             if end <= start:
                 raise TimeoutError("no time left before the global deadline")
             function(Context(device, args.quick, end), section)
-            section["status"] = "ok"
+            section["status"] = "error" if section.get("error") else "ok"
         except Exception as error:
             section["status"] = "error"
             section["error"] = f"{type(error).__name__}: {str(error)[:500]}"
