@@ -273,8 +273,14 @@ def find(
     if probabilities is not None:  # (likewise absent without it)
         run["init_scores"] = digest(probabilities)
     user_model = model
+    snapshot = None  # the weights to put back, where the method trains the model itself
     if resolved.trains_weights and not inplace:
-        model = _copy_model(model)
+        if adapter.family == "nnsight":
+            # a deep-copied nnsight wrapper cannot be traced ("the model already ran past
+            # it"): train the wrapped module itself, then put its weights back
+            snapshot = {k: v.detach().clone() for k, v in adapter.root(model).state_dict().items()}
+        else:
+            model = _copy_model(model)
     root = adapter.root(model)
     first = next(iter(chosen.values()))
     model_device = adapters.real_tensor(root.get_submodule(first.module), first.attribute).device
@@ -318,12 +324,16 @@ def find(
             ),
         )
         result = resolved.run(context)
+        if snapshot is not None:
+            result = _own_tensors(result)
     finally:
         if mesh is not None:
             # an error after a forward leaves FSDP's gathered parameters registered; the flags
             # belong to the sharded ones
             adapters.reshard(root)
         _restore(root, flags, modes, model_device if moved else None)
+        if snapshot is not None:
+            root.load_state_dict(snapshot)
     if not (resolved.trains_weights and inplace) and fingerprint(user_model) != print_before:
         raise RuntimeError(
             f"Method {resolved.name!r} changed the model's weights; this is a bug in the method "
@@ -354,6 +364,21 @@ def _scores_like(scores: Any, subnetwork: Any, method: str) -> dict[str, torch.T
             "this is a bug in the method (scores are laid out like the masks). Please report it."
         )
     return {n: s.detach().to(subnetwork.device, torch.float32) for n, s in scores.items()}
+
+
+def _own_tensors(result: Any) -> Any:
+    """``result`` with its weights, state and delta cloned, so that putting the model's weights
+    back does not change them."""
+
+    def own(mapping: Any) -> Any:
+        if mapping is None:
+            return None
+        return {k: v.detach().clone() if isinstance(v, Tensor) else v for k, v in mapping.items()}
+
+    changes = {
+        f: own(getattr(result, f)) for f in ("weights", "state", "delta") if hasattr(result, f)
+    }
+    return dataclasses.replace(result, **changes)
 
 
 def _copy_model(model: Any) -> Any:

@@ -165,6 +165,29 @@ def test_find_trains_through_bridge_and_nnsight():
     assert set(result.subnetwork.names) == set(si.targets(wrapped))
 
 
+@pytest.mark.parametrize("method", ["lottery_ticket", "continuous_sparsification", "lt_sft"])
+def test_weight_training_methods_run_on_an_nnsight_wrapper_and_leave_it_as_it_was(method):
+    # a deep copy of the wrapper cannot be traced ("the model already ran past it"): the module
+    # is trained itself and its weights put back
+    wrapped = nnsight.NNsight(BUILDERS["gpt2"]())
+    before = si.fingerprint(wrapped)
+    state = {k: v.clone() for k, v in wrapped._module.state_dict().items()}
+
+    def traced_loss(model, batch):
+        with model.trace(batch):
+            out = model.output.save()
+        out = logits(out)
+        return torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+    hp = {"rounds": 2} if method == "lottery_ticket" else {}
+    result = si.find(wrapped, si.methods.create(method, **hp), traced_loss, [TOKENS], steps=4,
+                     progress=False)  # fmt: skip
+    assert si.fingerprint(wrapped) == before
+    assert all(torch.equal(v, state[k]) for k, v in wrapped._module.state_dict().items())
+    assert result.weights is not None and set(result.weights) <= set(si.targets(wrapped))
+    assert result.history["loss"][0] > 0
+
+
 def test_nnsight_interventions_compose_with_masks():
     wrapped = nnsight.NNsight(BUILDERS["gpt2"]())
     masks = random_masks(BUILDERS["gpt2"]())
