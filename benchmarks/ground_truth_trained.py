@@ -24,7 +24,8 @@ under zero ablation, the ablation the truths are measured with.
 
 Head AUC: ROC AUC of ``si.analysis.head_scores(model, sub)`` (kept fraction of each head's
 non-zero weights) against the truth's heads. Passes (``passes``): head AUC and accuracy under
-the mask >= 0.95 (add/mul: each op's accuracy under its own mask >= 0.95).
+the mask >= 0.95; add/mul: each op's accuracy under its own mask >= 0.95, under the other op's
+mask <= 0.5, and with the weights only the other op's mask keeps removed >= 0.95.
 
     python benchmarks/ground_truth_trained.py                 # every method, all three tasks
     python benchmarks/ground_truth_trained.py --tasks ioi --methods gumbel_sigmoid
@@ -47,10 +48,13 @@ from ground_truth import PRESETS  # noqa: E402  (a sibling script, not a package
 
 TASKS = ("induction", "add_mul", "ioi")
 PASS = {"head_auc": 0.95, "accuracy": 0.95}
+# add/mul separates when each op's mask keeps that op (>= own), not the other (<= other), and
+# removing the weights only the other op's mask keeps leaves the op (>= own)
+SEPARATION = {"own": 0.95, "other": 0.5}
 BASELINES = ("magnitude", "random")
 # (full, quick) sizes: base-model training steps, mask steps (lottery_ticket: per round)
 SIZES = {
-    "induction": {"train_steps": (2000, 40), "d_model": (32, 16), "l1": 1e-3},
+    "induction": {"train_steps": (2000, 40), "d_model": (32, 16)},
     "add_mul": {"train_steps": (6000, 40), "hidden": (256, 16)},
     "ioi": {"train_steps": (300, 20), "d_model": (64, 16)},
 }
@@ -111,18 +115,20 @@ def find(model, method_name, hp, loss_fn, data, steps, seed, targets=None):
     return result, seconds
 
 
-def head_auc(model, sub, heads) -> float:
-    """ROC AUC of ``head_scores`` for the truth's heads (nan when every head or none is in)."""
+def head_aucs(model, sub, heads) -> tuple[float, float]:
+    """ROC AUC of ``head_scores`` for the truth's heads over all heads, and the mean of the
+    AUCs within each layer that has heads in and out of the truth (nan where none)."""
     import torch
 
     from subnet_interp.analysis import head_scores
     from subnet_interp.analysis.circuits import roc_auc
 
-    scores = head_scores(model, sub)
+    scores = torch.nan_to_num(head_scores(model, sub), nan=-1.0)  # uncovered heads rank lowest
     labels = torch.zeros(scores.shape, dtype=torch.bool)
     for layer, head in heads:
         labels[layer, head] = True
-    return roc_auc(torch.nan_to_num(scores, nan=-1.0), labels)  # uncovered heads rank lowest
+    within = [roc_auc(s, t) for s, t in zip(scores, labels, strict=True) if 0 < t.sum() < t.numel()]
+    return roc_auc(scores, labels), sum(within) / len(within) if within else float("nan")
 
 
 def truth_heads(drops, threshold) -> list[tuple[int, int]]:
@@ -146,7 +152,7 @@ def attention_roles(model, batch) -> dict[str, list[list[float]]]:
     }
 
 
-def setup_induction(quick, seed, threshold):
+def setup_induction(quick, seed, threshold, l1):
     import torch
 
     from subnet_interp.tasks import (
@@ -157,7 +163,7 @@ def setup_induction(quick, seed, threshold):
         train,
     )
 
-    size = {k: v[quick] if isinstance(v, tuple) else v for k, v in SIZES["induction"].items()}
+    size = {k: v[quick] for k, v in SIZES["induction"].items()}
     model = tiny_gpt2(32, n_head=4, d_model=size["d_model"], n_positions=32, seed=seed)
     for block in model.transformer.h:  # attention-only: MLPs are zero (GELU(0) = 0) and frozen
         for parameter in block.mlp.parameters():
@@ -166,7 +172,7 @@ def setup_induction(quick, seed, threshold):
     attention = [p for name, p in model.named_parameters() if ".attn." in name and "weight" in name]
 
     def sparse_loss(model, batch):
-        return induction_loss(model, batch) + size["l1"] * sum(w.abs().sum() for w in attention)
+        return induction_loss(model, batch) + l1 * sum(w.abs().sum() for w in attention)
 
     def tokens(n, batch_size, data_seed):
         return repeated_tokens(n, batch_size, half_length=(4, 10), vocab=32,
@@ -181,7 +187,7 @@ def setup_induction(quick, seed, threshold):
     ablated = head_ablation(model, induction_accuracy, held_out)
     drops = [[full - a for a in row] for row in ablated]
     truth = {"metric": "induction accuracy", "full": full, "drop": drops,
-             "threshold": threshold, "heads": truth_heads(drops, threshold),
+             "threshold": threshold, "heads": truth_heads(drops, threshold), "l1": l1,
              "attention": attention_roles(model, held_out[0]), "train_seconds": trained_in}  # fmt: skip
     task = {"model": model, "loss_fn": induction_loss, "data": tokens(64, 32, seed + 2),
             "metric": induction_accuracy, "held_out": held_out, "targets": "blocks.*.attn.*"}  # fmt: skip
@@ -230,8 +236,9 @@ def head_row(task, truth, name, method, hp, steps, seed):
                            task["targets"])  # fmt: skip
     sub = result.subnetwork
     row = {"task": name, "method": method, "hp": hp, "steps": steps, "seconds": seconds,
-           "density": sub.density(), "head_auc": head_auc(model, sub, truth["heads"]),
-           "accuracy": mean_over(model, task["metric"], task["held_out"], sub)}  # fmt: skip
+           "density": sub.density()}  # fmt: skip
+    row["head_auc"], row["head_auc_within_layers"] = head_aucs(model, sub, truth["heads"])
+    row["accuracy"] = mean_over(model, task["metric"], task["held_out"], sub)
     if "logit_diff" in task:
         row["logit_diff"] = mean_over(model, task["logit_diff"], task["held_out"], sub)
         row["full_logit_diff"] = truth["full"]
@@ -296,8 +303,16 @@ def add_mul_row(task, truth, method, hp, steps, seed):
 
 
 def passes(row) -> bool:
+    """Head AUC and accuracy >= PASS; add/mul: separation (see ``SEPARATION``)."""
     if "error" in row:
         return False
+    if row["task"] == "add_mul":
+        return all(
+            row[f"{op}_under_{op}"] >= SEPARATION["own"]
+            and row[f"{op}_under_{other}"] <= SEPARATION["other"]
+            and row[f"{op}_without_{other}_only"] >= SEPARATION["own"]
+            for op, other in (("add", "mul"), ("mul", "add"))
+        )
     return all(row.get(k, 1.0) >= v for k, v in PASS.items())
 
 
@@ -309,7 +324,21 @@ def main(argv=None) -> int:
     parser.add_argument("--tasks", nargs="*", default=list(TASKS), choices=TASKS)
     parser.add_argument("--induction-threshold", type=float, default=0.1)
     parser.add_argument("--ioi-threshold", type=float, default=0.1)
+    parser.add_argument(
+        "--induction-l1",
+        type=float,
+        default=1e-3,
+        help="L1 penalty on the induction model's attention weights in training",
+    )
     parser.add_argument("--no-presets", action="store_true", help="defaults only")
+    parser.add_argument(
+        "--hp",
+        action="append",
+        default=None,
+        metavar="JSON",
+        help="a configuration to run instead of defaults + preset, as a JSON "
+        "dict (repeatable), e.g. --hp '{\"per_example_penalty\": false}'",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tag", default="", help="suffix of the JSON file's name")
     parser.add_argument("--quick", action="store_true")
@@ -335,6 +364,9 @@ def main(argv=None) -> int:
         print(" ".join(cells), flush=True)
 
     def configurations(method):
+        if args.hp:
+            yield from (json.loads(hp) for hp in args.hp)
+            return
         yield {}
         if method in PRESETS and not args.no_presets:
             yield PRESETS[method]
@@ -343,7 +375,9 @@ def main(argv=None) -> int:
         if name == "add_mul":
             task, truth = setup_add_mul(args.quick, args.seed)
         elif name == "induction":
-            task, truth = setup_induction(args.quick, args.seed, args.induction_threshold)
+            task, truth = setup_induction(
+                args.quick, args.seed, args.induction_threshold, args.induction_l1
+            )
         else:
             task, truth = setup_ioi(args.quick, args.seed, args.ioi_threshold)
         truths[name] = truth
@@ -364,7 +398,7 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, f"ground_truth_trained{suffix}.json"), "w") as handle:
         json.dump({"created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                    "steps": steps, "seed": args.seed, "ablation": "zero", "pass": PASS,
-                   "sizes": SIZES, "truth": truths, "rows": rows},
+                   "separation": SEPARATION, "sizes": SIZES, "truth": truths, "rows": rows},
                   handle, indent=1, default=str)  # fmt: skip
     return 0
 
