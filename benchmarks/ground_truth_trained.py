@@ -52,7 +52,7 @@ PASS = {"head_auc": 0.95, "accuracy": 0.95}
 # removing the weights only the other op's mask keeps leaves the op (>= own)
 SEPARATION = {"own": 0.95, "other": 0.5}
 BASELINES = ("magnitude", "random")
-# (full, quick) sizes: base-model training steps, mask steps (lottery_ticket: per round)
+# (full, quick): the base models' sizes and training steps (mask steps: --steps, 3 with --quick)
 SIZES = {
     "induction": {"train_steps": (2000, 40), "d_model": (32, 16)},
     "add_mul": {"train_steps": (6000, 40), "hidden": (256, 16)},
@@ -98,8 +98,8 @@ def head_ablation(model, metric, batches) -> list[list[float]]:
 
 
 def find(model, method_name, hp, loss_fn, data, steps, seed, targets=None):
-    """``si.find`` with the weights restored afterwards (methods that train them work on the
-    model); returns the result and the seconds it took."""
+    """``si.find`` with the weights restored afterwards (should a method that trains them do so
+    in place); returns the result and the seconds it took."""
     import torch
 
     import subnet_interp as si
