@@ -342,7 +342,11 @@ def _log(plan: _Plan, run: RunState, step: int, loss: Tensor, penalty: Tensor, b
     history["penalty"].append(_distributed.full(penalty.detach()).float())
     history["density"].append(kept / max(1, plan.total_weights))
     history["temperature"].append(torch.tensor(float(run.state.temperature)))
-    record = {k: float(v[-1]) for k, v in history.items()}
+    # the device's values in one read (float() of each would wait for the device three times)
+    read = ("loss", "penalty", "density")
+    on_device = torch.stack([history[k][-1].to(history["loss"][-1].device) for k in read])
+    record = dict(zip(read, on_device.tolist(), strict=True))
+    record = {k: record[k] if k in record else float(v[-1]) for k, v in history.items()}
     _loop.report(step, record, plan.context.callbacks, bar)
 
 
