@@ -161,14 +161,17 @@ def global_batch_size(size: int, world: World | None, device: torch.device) -> i
     return int(total.item())
 
 
-def all_finite(loss: Tensor, world: World | None) -> bool:
-    """Whether the loss is finite on every rank (all ranks stop together, or none does)."""
-    finite = torch.isfinite(loss).to(torch.float32).reshape(1)
-    if world is not None:
-        import torch.distributed as dist
+def finite_everywhere(loss: Tensor, world: World | None) -> Tensor:
+    """Whether the loss is finite on every rank, as a 0-dim bool on its device (no host sync;
+    all ranks stop together, or none does)."""
+    finite = torch.isfinite(loss)
+    if world is None:
+        return finite
+    import torch.distributed as dist
 
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+    flag = finite.to(torch.float32).reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.reshape(()).bool()
 
 
 def average_gradients(tensors: Sequence[Tensor], world_size: int) -> None:
@@ -305,10 +308,10 @@ def check_sharded_reads(reads: Mapping[str, int], world: World | None, device) -
 
 __all__ = [
     "World",
-    "all_finite",
     "average",
     "average_gradients",
     "check_sharded_reads",
+    "finite_everywhere",
     "fsdp_mesh",
     "full",
     "gathered",

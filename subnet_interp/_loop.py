@@ -54,19 +54,71 @@ def check_loss(loss: Any, step: int) -> None:
         )
 
 
-def stop_unless_finite(
-    loss: Tensor,
-    step: int,
-    world: _distributed.World | None,
-    subnetwork: Callable[[], Subnetwork],
-) -> None:
-    """Raise :class:`NonFiniteLossError` (on every rank alike) if the loss is not finite.
+class FiniteWatch:
+    """Whether every loss so far was finite, kept on the device: no host sync per step.
 
-    Args:
-        subnetwork: called only then; the mask as of the last good step, for the error.
+    :meth:`observe` notes each loss; :func:`step_while_finite` skips the updates on the
+    device once one was not finite (as ``torch.amp.GradScaler`` does), so the parameters stay
+    as of the last good step; :meth:`check` reads the flag on the host, at log points, and
+    raises :class:`NonFiniteLossError` with the first non-finite step and its loss, as a check
+    at that step would have.
     """
-    if not _distributed.all_finite(loss.detach(), world):
-        raise NonFiniteLossError(step, float(loss.detach()), subnetwork())
+
+    def __init__(self) -> None:
+        self.ok: Tensor | None = None  # 0-dim bool: no loss so far was non-finite
+        self.step: Tensor | None = None  # 0-dim int64: the first non-finite step, else -1
+        self.value: Tensor | None = None  # that step's loss (this rank's)
+
+    def observe(self, loss: Tensor, step: int, world: _distributed.World | None) -> None:
+        """Note ``loss`` (of ``step``); non-finite on any rank counts on every rank."""
+        loss = loss.detach()
+        finite = _distributed.finite_everywhere(loss, world)
+        if self.ok is None:
+            self.ok = torch.ones((), dtype=torch.bool, device=loss.device)
+            self.step = torch.full((), -1, dtype=torch.int64, device=loss.device)
+            self.value = torch.zeros_like(loss)
+        first = self.ok & ~finite
+        self.step = torch.where(first, step, self.step)
+        self.value = torch.where(first, loss, self.value)
+        self.ok = self.ok & finite
+
+    def check(self, subnetwork: Callable[[], Subnetwork]) -> None:
+        """Raise :class:`NonFiniteLossError` (on every rank alike) if a loss was not finite.
+
+        Args:
+            subnetwork: called only then; the mask as of the last good step, for the error.
+        """
+        if self.ok is not None and not bool(self.ok):  # the one host read, at a log point
+            raise NonFiniteLossError(int(self.step), float(self.value), subnetwork())
+
+
+def step_while_finite(optimizer: torch.optim.Optimizer, watch: FiniteWatch) -> None:
+    """``optimizer.step()``, skipped on the device once a loss was not finite.
+
+    An optimiser that takes ``found_inf`` (the fused ones, as ``GradScaler`` uses them) skips
+    the whole step, its step count included. Any other steps, then puts its parameters back
+    where the flag says so; its own state may take the skipped step, which does not matter:
+    the run stops at the next log point, and only the parameters are kept (in the error).
+    """
+    ok = watch.ok
+    if ok is None:
+        optimizer.step()
+        return
+    if getattr(optimizer, "_step_supports_amp_scaling", False):
+        optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]
+        optimizer.grad_scale = None  # type: ignore[attr-defined]
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    with torch.no_grad():
+        before = [_distributed.local(p.detach()).clone() for p in params]
+        optimizer.step()
+        for param, old in zip(params, before, strict=True):
+            value = _distributed.local(param.detach())  # this rank's part, in place
+            torch.where(ok.to(value.device), value, old, out=value)  # True: bit-exactly the step
 
 
 def endless(data: Any) -> Iterator[Any]:
@@ -121,6 +173,7 @@ def stacked(values: Sequence[Tensor]) -> Tensor:
 
 
 __all__ = [
+    "FiniteWatch",
     "NonFiniteLossError",
     "check_loss",
     "endless",
@@ -128,5 +181,5 @@ __all__ = [
     "report",
     "skip",
     "stacked",
-    "stop_unless_finite",
+    "step_while_finite",
 ]

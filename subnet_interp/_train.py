@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         for step in range(start, context.steps):
             loss, penalty = _step(plan, run, attachment, step)
             if step % context.log_every == 0 or step == context.steps - 1:
+                plan.watch.check(lambda: _last_good(plan, run))  # the host reads it here only
                 _log(plan, run, step, loss, penalty, bar)
             _save_if_due(plan, run, step)
             bar.update(1)
@@ -78,6 +79,7 @@ class _Plan:
     base: Path | None  # the checkpoint path the user gave
     identity: dict[str, Any]  # what a checkpoint must match
     unchecked_reads: bool  # sharded: whether the first loss is still to be checked
+    watch: _loop.FiniteWatch = field(default_factory=_loop.FiniteWatch)  # losses, on the device
 
     @property
     def rank(self) -> int:
@@ -255,6 +257,7 @@ def _begin_step(plan: _Plan, run: RunState, step: int) -> None:
 
 def _end_round(plan: _Plan, run: RunState) -> None:
     """Between rounds: the method's reset, then a fresh mask optimiser."""
+    plan.watch.check(lambda: _last_good(plan, run))  # before the reset changes the mask
     params = list(run.params.values())
     plan.method.on_round_end(params, run.state)
     run.optimizer = _mask_optimizer(plan.method, params, plan.context)
@@ -274,7 +277,7 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
             _distributed.check_sharded_reads(reads, plan.world, context.device)
             plan.unchecked_reads = False
         _loop.check_loss(loss, step)
-        _loop.stop_unless_finite(loss, step, plan.world, lambda: _stopped(plan, run, attachment))
+        plan.watch.observe(loss, step, plan.world)  # a non-finite loss: the update is skipped
         (loss / len(chunks)).backward()
         loss_sum = loss_sum + loss.detach() / len(chunks)
     attachment.set_masks({})
@@ -302,9 +305,9 @@ def _attach_samples(plan: _Plan, run: RunState, attachment: Attachment) -> None:
         attachment.set_masks({name: sample() for name, sample in samplers.items()})
 
 
-def _stopped(plan: _Plan, run: RunState, attachment: Attachment) -> Subnetwork:
-    """At a non-finite loss: the masks off the model, and the mask as of the last good step."""
-    attachment.set_masks({})
+def _last_good(plan: _Plan, run: RunState) -> Subnetwork:
+    """The mask as of the last good step (for the error at a non-finite loss): the updates
+    since were skipped, so it is the mask the parameters stand for now."""
     return Subnetwork(_final_masks(plan, run))
 
 
@@ -318,7 +321,7 @@ def _update(plan: _Plan, run: RunState) -> None:
         torch.nn.utils.clip_grad_norm_(list(run.params.values()), plan.clip, foreach=True)
     for optimizer in (run.optimizer, run.weight_optimizer, run.extra_optimizer):
         if optimizer is not None:
-            optimizer.step()
+            _loop.step_while_finite(optimizer, plan.watch)
             optimizer.zero_grad(set_to_none=True)
     plan.method.after_step(run.state)
 
@@ -339,7 +342,11 @@ def _log(plan: _Plan, run: RunState, step: int, loss: Tensor, penalty: Tensor, b
     history["penalty"].append(_distributed.full(penalty.detach()).float())
     history["density"].append(kept / max(1, plan.total_weights))
     history["temperature"].append(torch.tensor(float(run.state.temperature)))
-    record = {k: float(v[-1]) for k, v in history.items()}
+    # the device's values in one read (float() of each would wait for the device three times)
+    read = ("loss", "penalty", "density")
+    on_device = torch.stack([history[k][-1].to(history["loss"][-1].device) for k in read])
+    record = dict(zip(read, on_device.tolist(), strict=True))
+    record = {k: record[k] if k in record else float(v[-1]) for k, v in history.items()}
     _loop.report(step, record, plan.context.callbacks, bar)
 
 
@@ -349,6 +356,7 @@ def _save_if_due(plan: _Plan, run: RunState, step: int) -> None:
     last = step == context.steps - 1
     if plan.checkpoint is None or not ((step + 1) % context.checkpoint_every == 0 or last):
         return
+    plan.watch.check(lambda: _last_good(plan, run))  # never save a run past a non-finite loss
     run.step = step
     run.extra_state = plan.method.extra_state(run.state)
     writes = plan.rank == 0 or context.mesh is not None  # one writer, or each rank its shard

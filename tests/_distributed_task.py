@@ -50,6 +50,33 @@ def ablation(kind: str):
 
 _TASK = task()
 task_loss = _TASK.loss_fn
+NAN_AT = os.environ.get("SI_TEST_NAN_AT")  # "rank:step": that rank's loss is NaN at that step
+LOG_EVERY = int(os.environ.get("SI_TEST_LOG_EVERY", "10"))  # the host reads the flag then
+
+
+def nan_on(loss_fn, rank: int):
+    """``loss_fn``, NaN on rank ``NAN_AT`` at its step (one call per step: one mask sample)."""
+    if NAN_AT is None:
+        return loss_fn
+    bad_rank, bad_step = map(int, NAN_AT.split(":"))
+    calls = []
+
+    def loss(net, batch):
+        calls.append(1)
+        value = loss_fn(net, batch)
+        return value * float("nan") if rank == bad_rank and len(calls) - 1 == bad_step else value
+
+    return loss
+
+
+def find_or_stop(out: str, rank: int, find):
+    """``find()``'s subnetwork; at a non-finite loss, the error's, and its step in a file."""
+    try:
+        return find().subnetwork
+    except si.NonFiniteLossError as error:
+        with open(f"{out}.rank{rank}.stopped", "w") as file:
+            file.write(str(error.step))
+        return error.subnetwork
 
 
 def main(out: str, steps: int) -> None:
@@ -60,11 +87,12 @@ def main(out: str, steps: int) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
-    result = si.find(
-        model(), METHOD, loss, data(rank, world), steps=steps, progress=False,
+    found = find_or_stop(out, rank, lambda: si.find(
+        model(), METHOD, nan_on(loss, rank), data(rank, world), steps=steps, progress=False,
         generator=torch.Generator().manual_seed(0), ablation=ablation(ABLATION),
-    )  # fmt: skip
-    result.subnetwork.save(f"{out}.rank{rank}.safetensors")
+        log_every=LOG_EVERY,
+    ))  # fmt: skip
+    found.save(f"{out}.rank{rank}.safetensors")
     if world > 1:
         dist.destroy_process_group()
 

@@ -5,11 +5,13 @@ shards MODEL (``mlp``: the planted MLP, every Linear and the root; ``gpt2``: a t
 every block and the root; ``gpt2+checkpointing``: the same with activation checkpointing of
 the blocks) with ``fully_shard`` over a 1-D gloo mesh, runs si.find on this
 rank's shard of each global batch, and saves the mask of each rank, the masked model's logits
-on a fixed batch, and whether the weights came back unchanged.
+on a fixed batch, and whether the weights came back unchanged. With ``SI_TEST_NAN_AT`` set
+(see ``_distributed_task.nan_on``) it saves the mask a NaN loss stopped the run at instead.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -72,6 +74,17 @@ def main(out: str, kind: str, method: str, steps: int) -> None:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     hparams = HPARAMS.get(method, {})
+    if os.environ.get("SI_TEST_NAN_AT"):  # the parameters are DTensors: the skip works locally
+        from _distributed_task import LOG_EVERY, find_or_stop, nan_on
+
+        found = find_or_stop(out, rank, lambda: si.find(
+            model, si.methods.create(method, **hparams), nan_on(loss, rank),
+            [shard_of(b, rank, world) for b in batches], steps=steps, progress=False,
+            generator=torch.Generator().manual_seed(0), log_every=LOG_EVERY,
+        ))  # fmt: skip
+        found.save(f"{out}.rank{rank}.safetensors")
+        dist.destroy_process_group()
+        return
     result = si.find(
         model, si.methods.create(method, **hparams), loss, [shard_of(b, rank, world) for b in batches], steps=steps,
         progress=False, generator=torch.Generator().manual_seed(0),

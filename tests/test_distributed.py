@@ -23,7 +23,9 @@ pytestmark = pytest.mark.skipif(
 
 
 def torchrun(*args, env_extra=None):
-    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    # this checkout's package, not an installed one
+    path = os.pathsep.join([str(HERE), str(HERE.parent)])
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     return subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
          *args],
@@ -61,6 +63,26 @@ def test_two_processes_find_the_single_process_mask(method, ablation, tmp_path, 
     ).subnetwork  # fmt: skip
     # all-reduce sums in another order than one process: a gate at the threshold may flip
     assert iou(ranks[0], single) >= 0.99
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["data-parallel", "fsdp"])
+def test_a_nan_on_one_rank_stops_every_rank_at_its_step(sharded, tmp_path):
+    # the finiteness flag is all-reduced on the device and read at log points: every step
+    # (as an immediate check) or every 10, after steps 4 to 9 were skipped on the device
+    def stopped(log_every):
+        out = tmp_path / f"every{log_every}"
+        script = ["_fsdp_task.py", str(out), "mlp", "continuous_sparsification_lepori", "20"]
+        if not sharded:
+            script = ["_distributed_task.py", str(out), "20"]
+        env = {"SI_TEST_NAN_AT": "1:3", "SI_TEST_LOG_EVERY": str(log_every)}
+        done = torchrun(str(HERE / script[0]), *script[1:], env_extra=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert [pathlib.Path(f"{out}.rank{r}.stopped").read_text() for r in (0, 1)] == ["3", "3"]
+        return [si.Subnetwork.load(f"{out}.rank{r}.safetensors") for r in (0, 1)]
+
+    at_once, later = stopped(1), stopped(10)
+    assert later[0] == later[1] == at_once[0] == at_once[1]
+    assert later[0].density() > 0  # the updates were skipped: NaN parameters would keep none
 
 
 def test_cli_find_under_torchrun_writes_once(tmp_path):

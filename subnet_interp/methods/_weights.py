@@ -109,12 +109,15 @@ def train_weights(
         )
         attachment.set_masks(keep)
     recent: list[Tensor] = []
+    watch = _loop.FiniteWatch()
     bar = _loop.progress_bar(steps, description, show=context.progress)
     try:
         for step in range(steps):
-            recent.append(_weight_step(context, optimizer, step, keep, trainable, attachment))
+            recent.append(_weight_step(context, optimizer, step, watch, attachment))
             if len(recent) > context.log_every:
                 recent.pop(0)
+            if step % context.log_every == 0 or step == steps - 1:  # the host reads it here only
+                watch.check(lambda: _current_subnetwork(context, keep, trainable))
             if on_step is not None:
                 on_step(step)
             bar.update(1)
@@ -162,20 +165,18 @@ def _weight_step(
     context: FindContext,
     optimizer: torch.optim.Optimizer,
     step: int,
-    keep: Mapping[str, Tensor] | None,
-    trainable: Mapping[str, Tensor] | None,
+    watch: _loop.FiniteWatch,
     attachment: Attachment | None,
 ) -> Tensor:
-    """One optimiser step on the next batch; returns the (detached) loss."""
+    """One optimiser step on the next batch (skipped on the device once ``watch`` saw a
+    non-finite loss); returns the (detached) loss."""
     batch = next(context.batches)
     if attachment is not None:
         attachment.on_batch(batch)
     loss = context.loss_fn(context.model, batch)
     _loop.check_loss(loss, step)
-    _loop.stop_unless_finite(
-        loss, step, None, lambda: _current_subnetwork(context, keep, trainable)
-    )
+    watch.observe(loss, step, None)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    optimizer.step()
+    _loop.step_while_finite(optimizer, watch)
     return loss.detach()

@@ -76,6 +76,7 @@ class Attribution(Method):
         }
         losses = []
         world = _distributed.world()
+        watch = _loop.FiniteWatch()
         attachment = Attachment(
             context.root, context.targets, context.ablation, adapter=context.adapter,
             model=context.model,
@@ -88,12 +89,14 @@ class Attribution(Method):
                 attachment.on_batch(batch)
                 loss = context.loss_fn(context.model, batch)
                 _loop.check_loss(loss, step)
-                _loop.stop_unless_finite(loss, step, world, lambda: Subnetwork(_all_kept(ones)))
+                watch.observe(loss, step, world)
                 grads = torch.autograd.grad(loss, [ones[n] for n in names], allow_unused=True)
                 for name, grad in zip(names, grads, strict=True):
                     if grad is not None:
                         totals[name] += grad.abs() if self.accumulate == "absolute" else grad
                 losses.append(loss.detach())
+                if step % context.log_every == 0 or step == context.steps - 1:
+                    watch.check(lambda: Subnetwork(_all_kept(ones)))  # the host reads it here
                 bar.update(1)
         finally:
             bar.close()
