@@ -287,6 +287,8 @@ def _find(args: argparse.Namespace) -> int:
                 f"wrote {config['out']}: density {result.subnetwork.density():.4f} after "
                 f"{config['steps']} steps on {world_size} process(es)"
             )
+        if started:
+            dist.barrier()  # no process tears the group down while another still writes
     finally:
         if started:
             dist.destroy_process_group()
