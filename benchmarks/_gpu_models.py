@@ -218,20 +218,9 @@ def neurosurgeon_timer(model, precision, batches, device, warmup: int, total: in
     layers ``continuous_sparsification_lepori`` masks by default), timed as ``finetune_timer``."""
     import copy
 
-    from NeuroSurgeon.Models import circuit_model, model_configs
+    from _neurosurgeon import circuit_model
 
-    layers = [
-        f"transformer.h.{i}.{m}"
-        for i in range(model.config.n_layer)
-        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    ]
-    config = model_configs.CircuitConfig(
-        mask_method="continuous_sparsification",
-        mask_hparams={"ablation": "none", "mask_unit": "weight", "mask_bias": False,
-                      "mask_init_value": 0.0},
-        target_layers=layers, freeze_base=True, add_l0=True, l0_lambda=1e-8,
-    )  # fmt: skip
-    wrapped = circuit_model.CircuitModel(config, copy.deepcopy(model)).to(device)
+    wrapped = circuit_model(copy.deepcopy(model)).to(device)
     wrapped.train()
     optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
     marks = {}

@@ -161,6 +161,24 @@ def passes(row):
     )
 
 
+def method_configurations(method, hp=None, no_presets=False, presets_only=False):
+    """The hyper-parameter dicts to run ``method`` with: each ``--hp`` JSON if given, else its
+    defaults (unless ``presets_only`` and it has a preset) and its preset (unless
+    ``no_presets``)."""
+    if hp:
+        yield from (json.loads(h) for h in hp)
+        return
+    if not (presets_only and method in PRESETS):
+        yield {}
+    if method in PRESETS and not no_presets:
+        yield PRESETS[method]
+
+
+def print_row(row):
+    cells = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
+    print(" ".join(cells), flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=500)
@@ -223,17 +241,10 @@ def main(argv=None) -> int:
     def record(row):
         row["passes"] = passes(row)
         rows.append(row)
-        cells = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
-        print(" ".join(cells), flush=True)
+        print_row(row)
 
     def configurations(method):
-        if args.hp:
-            yield from (json.loads(hp) for hp in args.hp)
-            return
-        if not (args.presets_only and method in PRESETS):
-            yield {}
-        if method in PRESETS and not args.no_presets:
-            yield PRESETS[method]
+        return method_configurations(method, args.hp, args.no_presets, args.presets_only)
 
     if not args.no_planted:
         for method in methods:

@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from ground_truth import PRESETS  # noqa: E402  (a sibling script, not a package)
+from ground_truth import method_configurations, print_row  # noqa: E402  (a sibling script)
 
 TASKS = ("induction", "add_mul", "ioi")
 PASS = {"head_auc": 0.95, "accuracy": 0.95}
@@ -360,16 +360,10 @@ def main(argv=None) -> int:
     def record(row):
         row["passes"] = passes(row)
         rows.append(row)
-        cells = [f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()]
-        print(" ".join(cells), flush=True)
+        print_row(row)
 
     def configurations(method):
-        if args.hp:
-            yield from (json.loads(hp) for hp in args.hp)
-            return
-        yield {}
-        if method in PRESETS and not args.no_presets:
-            yield PRESETS[method]
+        return method_configurations(method, args.hp, args.no_presets)
 
     for name in args.tasks:
         if name == "add_mul":

@@ -154,27 +154,9 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
 def _neurosurgeon(model, batches, device, warmup, steps) -> float:
     """NeuroSurgeon 0.1.0's continuous-sparsification masks on the same model and batches."""
     import torch
-    from NeuroSurgeon.Models import circuit_model, model_configs
+    from _neurosurgeon import circuit_model
 
-    layers = [
-        f"transformer.h.{i}.{m}"
-        for i in range(model.config.n_layer)
-        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    ]
-    config = model_configs.CircuitConfig(
-        mask_method="continuous_sparsification",
-        mask_hparams={
-            "ablation": "none",
-            "mask_unit": "weight",
-            "mask_bias": False,
-            "mask_init_value": 0.0,
-        },
-        target_layers=layers,
-        freeze_base=True,
-        add_l0=True,
-        l0_lambda=1e-8,
-    )
-    wrapped = circuit_model.CircuitModel(config, model).to(device)
+    wrapped = circuit_model(model).to(device)
     optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
 
     def step(i):

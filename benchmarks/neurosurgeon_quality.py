@@ -66,23 +66,9 @@ def ours(model, batches, steps, l0_lambda, held_out):
 
 
 def neurosurgeon(model, batches, steps, l0_lambda, held_out):
-    from NeuroSurgeon.Models import circuit_model, model_configs
+    from _neurosurgeon import circuit_model
 
-    layers = [
-        f"transformer.h.{i}.{m}"
-        for i in range(model.config.n_layer)
-        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    ]
-    config = model_configs.CircuitConfig(
-        mask_method="continuous_sparsification",
-        mask_hparams={"ablation": "none", "mask_unit": "weight", "mask_bias": False,
-                      "mask_init_value": 0.0},
-        target_layers=layers,
-        freeze_base=True,
-        add_l0=True,
-        l0_lambda=l0_lambda,
-    )  # fmt: skip
-    wrapped = circuit_model.CircuitModel(config, copy.deepcopy(model))
+    wrapped = circuit_model(copy.deepcopy(model), l0_lambda)
     wrapped.train()
     masks = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(masks, lr=1e-2)

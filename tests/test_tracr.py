@@ -125,6 +125,21 @@ def test_inert_noise_leaves_the_program_exact_and_writes_only_spare_dimensions()
     with pytest.raises(ValueError, match="spare_dims"):
         plant_noise(model, 1.0, inert=True)
     assert si.fingerprint(model.bridge) == before
+    with pytest.raises(ValueError, match="spare_dims must be >= 0, got -1"):
+        compile_program(program(), {"a", "b", "c"}, max_seq_len=6, spare_dims=-1)
+
+
+def test_needed_truth_refuses_a_model_that_does_not_compute_its_program():
+    from subnet_interp.tasks._tracr_truth import needed_truth
+    from subnet_interp.tasks.tracr_library import library_task
+
+    task = library_task("frac_prevs", noise=0.1, max_per_length=32)  # noise breaks frac_prevs
+    assert task.evaluate()["accuracy"] < 1.0
+    before = si.fingerprint(task.bridge)
+    with pytest.raises(ValueError, match="does not compute the program.*before planting"):
+        needed_truth(task)
+    assert si.fingerprint(task.bridge) == before
+    assert task.truth()["heads"]  # the task's own truth is taken on the clean weights
 
 
 def test_needed_truth_is_what_single_ablation_breaks_and_recovery_scores_it():
