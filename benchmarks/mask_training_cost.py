@@ -139,6 +139,7 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
             log_every=warmup,
             progress=False,
             recompute_masks="recompute" in variants,
+            sample_batching="sequential" if "sequential" in variants else "auto",
         )
         per_step = (times[total - 1] - times[warmup]) / (total - 1 - warmup)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -196,7 +197,7 @@ def main(argv=None) -> int:
         configs = ["finetune", "gumbel_sigmoid", "continuous_sparsification_lepori"]
         configs += ["continuous_sparsification_lepori:patch"]
     else:
-        configs = ["finetune", *METHODS, "gumbel_sigmoid:1sample"]
+        configs = ["finetune", *METHODS, "gumbel_sigmoid:sequential", "gumbel_sigmoid:1sample"]
         configs += [
             "continuous_sparsification_lepori:recompute",
             "gumbel_sigmoid:1sample+recompute",

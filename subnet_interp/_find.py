@@ -22,6 +22,7 @@ from ._find_checks import (
     init_probabilities,
 )
 from ._fingerprint import fingerprint
+from ._fused import SAMPLE_BATCHING
 from ._loop import endless
 from ._masked import Prepared, prepare
 from ._registry import check_hparams
@@ -110,6 +111,7 @@ def find(
     mask_dtype: torch.dtype = torch.float32,
     mask_optimizer: str = "paper",
     recompute_masks: bool = False,
+    sample_batching: str = "auto",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     extra_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
@@ -154,6 +156,17 @@ def find(
             saves. Same masks and history as without it; costs a second elementwise pass
             (about 1-10% per step on a GPT-2-style model on CPU, more on tiny models). Always
             on for FSDP-sharded models (a layer's mask is gathered only while it computes).
+        sample_batching: for methods that see each batch through several mask samples
+            (``gumbel_sigmoid``'s ``mask_samples``): ``"auto"`` (default) applies the samples
+            to their parts of the batch side by side in one forward pass, each masked
+            ``nn.Linear`` / ``Conv1D`` multiplying its part with its own masked weight in one
+            batched matmul (as Csordás et al.'s code does), and falls back to one forward per
+            sample where that cannot be done (other weight owners, a layer whose inputs do
+            not lead with the batch dimension, ablations other than zero, sharded weights);
+            ``"sequential"`` always runs one forward per sample; ``"fused"`` refuses to fall
+            back. Same noise, parts and mean loss either way; sequence-first layers whose
+            sequence length happens to equal the batch size cannot be told apart, so use
+            ``"sequential"`` for them.
         checkpoint: a file path for learnable-mask methods: every ``checkpoint_every`` steps
             (and at the end) the run's whole state is written there atomically (mask
             parameters, optimiser state, schedule position, seed generator, history, and the
@@ -214,6 +227,11 @@ def find(
         )
     if not isinstance(recompute_masks, bool):
         raise TypeError(f"`recompute_masks` must be True or False, got {recompute_masks!r}.")
+    if sample_batching not in SAMPLE_BATCHING:
+        raise ValueError(
+            f"`sample_batching` must be one of {', '.join(map(repr, SAMPLE_BATCHING))}, got "
+            f"{sample_batching!r}."
+        )
     if mask_optimizer not in ("paper", "adafactor"):
         raise ValueError(
             f"`mask_optimizer` must be 'paper' or 'adafactor', got {mask_optimizer!r}."
@@ -312,6 +330,7 @@ def find(
             mask_dtype=mask_dtype,
             mask_optimizer=mask_optimizer,
             recompute_masks=recompute_masks,
+            sample_batching=sample_batching,
             extra_parameters=extras,
             extra_lr=float(extra_lr),
             checkpoint=checkpoint,

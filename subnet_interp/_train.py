@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import _checkpoint, _distributed, _loop
+from . import _checkpoint, _distributed, _fused, _loop
 from ._attach import Attachment
 from ._checkpoint import RunState
 from ._checkpoint import save as _save  # a module global, looked up at each save
@@ -45,6 +45,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     )
     bar = _loop.progress_bar(context.steps, method.name, show=context.progress, rank=plan.rank)
     try:
+        plan.fused = _fused.sample_batching(plan, attachment)
         start = _resume(plan, run, bar)
         for step in range(start, context.steps):
             loss, penalty = _step(plan, run, attachment, step)
@@ -55,6 +56,8 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
             bar.update(1)
     finally:
         bar.close()
+        if plan.fused is not None:
+            plan.fused.remove()
         attachment.remove()
     return _finish(plan, run)
 
@@ -80,6 +83,7 @@ class _Plan:
     identity: dict[str, Any]  # what a checkpoint must match
     unchecked_reads: bool  # sharded: whether the first loss is still to be checked
     watch: _loop.FiniteWatch = field(default_factory=_loop.FiniteWatch)  # losses, on the device
+    fused: _fused.SampleBatching | None = None  # the mask samples side by side in one forward
 
     @property
     def rank(self) -> int:
@@ -266,10 +270,21 @@ def _end_round(plan: _Plan, run: RunState) -> None:
 def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, step: int) -> Tensor:
     """Forward and backward of each mask sample on its share of the batch; the mean loss."""
     context = plan.context
+    size = batch_size(batch)
+    if plan.fused is not None and size % plan.samples == 0:
+        seeds = run.seed_source.get_state()
+        loss = _fused.fused_loss(plan, batch, size, step, lambda: _samplers(plan, run))
+        if loss is not None:
+            return loss
+        run.seed_source.set_state(seeds)  # not fusable: the sequential loop draws the same noise
     chunks = split_batch(batch, plan.samples)
     loss_sum = torch.zeros((), device=context.device)
     for chunk in chunks:
-        _attach_samples(plan, run, attachment)
+        samplers = _samplers(plan, run)
+        if context.recompute_masks or context.mesh is not None:
+            attachment.set_mask_functions(samplers)
+        else:
+            attachment.set_masks({name: sample() for name, sample in samplers.items()})
         attachment.on_batch(chunk)
         loss = context.loss_fn(context.model, chunk)
         if plan.unchecked_reads:
@@ -284,11 +299,11 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     return loss_sum
 
 
-def _attach_samples(plan: _Plan, run: RunState, attachment: Attachment) -> None:
-    """Attach one fresh mask sample per target (sampled when read, under recomputation)."""
+def _samplers(plan: _Plan, run: RunState) -> dict[str, Any]:
+    """One fresh mask sample function per target (each returns the same sample every call)."""
     context = plan.context
     seeds = torch.randint(2**62, (len(plan.names),), generator=run.seed_source).tolist()
-    samplers = {
+    return {
         name: _sampler(
             plan.method,
             run.params[name],
@@ -299,10 +314,6 @@ def _attach_samples(plan: _Plan, run: RunState, attachment: Attachment) -> None:
         )
         for name, seed in zip(plan.names, seeds, strict=True)
     }
-    if context.recompute_masks or context.mesh is not None:
-        attachment.set_mask_functions(samplers)
-    else:
-        attachment.set_masks({name: sample() for name, sample in samplers.items()})
 
 
 def _last_good(plan: _Plan, run: RunState) -> Subnetwork:

@@ -52,6 +52,7 @@ class FindContext:
     mask_dtype: torch.dtype = torch.float32  # learnable methods' gate parameters
     mask_optimizer: str = "paper"  # or "adafactor"
     recompute_masks: bool = False  # sample masks when weights are read, recompute in backward
+    sample_batching: str = "auto"  # several mask samples: side by side in one forward, or not
     extra_parameters: Sequence[Tensor] = ()  # trained alongside the masks (e.g. a probe)
     extra_lr: float = 1e-3
     checkpoint: Any = None  # path of the run's checkpoint (resumed if it exists)

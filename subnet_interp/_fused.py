@@ -1,0 +1,212 @@
+"""Several mask samples in one forward pass.
+
+Gumbel-sigmoid masks (Csordás et al. 2021) see each batch through ``S`` independent mask
+samples, sample ``s`` on the ``s``-th equal part of the batch. Run one sample at a time, that
+is ``S`` forward and backward passes on ``1/S`` of the batch each. Csordás' code instead holds
+the ``S`` masked weights of a layer side by side and multiplies each part of its input with its
+own weight in one batched matmul, so the model runs once per step. This module does the same
+for every masked ``nn.Linear`` and transformers ``Conv1D``: while a run is fused, the layer's
+``forward`` is an instance attribute that reads the unmasked weight, builds the ``S`` masked
+weights (``[S, *weight.shape]``) and computes ``torch.bmm`` of the parts with them.
+
+The maths is that of the sequential loop (same noise, same parts, same mean loss when the parts
+are equal); only floating-point summation order differs. A run is fused only where that holds:
+every targeted weight is a plain ``nn.Linear`` / ``Conv1D`` weight under zero ablation, and every
+such layer sees inputs whose leading dimension is the batch's. The first forward that breaks this
+raises :class:`NotFusable` before anything is updated, and the loop falls back to one sample at a
+time (or reports it, when ``sample_batching="fused"`` was asked for).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+from torch.utils.checkpoint import checkpoint
+
+from . import _loop, adapters
+from ._ablations import Ablation
+from ._attach import Attachment, _Location, _real_mask
+
+SAMPLE_BATCHING = ("auto", "fused", "sequential")
+
+
+class NotFusable(RuntimeError):
+    """A forward pass cannot apply the mask samples side by side (the reason is the message)."""
+
+
+def _is_linear(module: nn.Module) -> bool | None:
+    """True for a plain ``nn.Linear``, False for transformers' ``Conv1D``, None otherwise
+    (subclasses included: their forward may do more than the matmul)."""
+    cls = adapters.model_class(module)  # through the class parametrize derives
+    if cls is nn.Linear:
+        return True
+    return False if adapters.is_conv1d(module) else None
+
+
+def unfusable_reason(attachment: Attachment) -> str | None:
+    """Why ``attachment``'s masks cannot be applied side by side, or None if they can."""
+    if type(attachment.ablation) is not Ablation:
+        return f"training under the {attachment.ablation.name!r} ablation"
+    for loc in attachment._locations:
+        where = f"{loc.slot.location[0]}.{loc.attribute}"
+        if loc.shadow is not None:
+            return f"{where} is FSDP-sharded"
+        if loc.attribute != "weight" or _is_linear(loc.module) is None:
+            return f"{where} is not the weight of a plain nn.Linear or transformers Conv1D"
+        if len(loc.module.parametrizations[loc.attribute]) != 1:
+            return f"{where} carries another parametrization"
+        if "forward" in vars(loc.module):
+            return f"{where}'s layer has its forward replaced (e.g. by another library's hook)"
+    return None
+
+
+class SampleBatching:
+    """The fused forwards of one run: install with :meth:`set_samples`, undo with :meth:`remove`."""
+
+    def __init__(self, attachment: Attachment):
+        self.attachment = attachment
+        self.batch_size = 0
+        self.installed: list[tuple[nn.Module, Callable]] = []  # (layer, its fused forward)
+
+    def set_samples(
+        self,
+        functions: Sequence[Mapping[str, Callable[[], Tensor]]],
+        batch_size: int,
+        *,
+        recompute: bool,
+        fill: float = 1.0,
+    ) -> None:
+        """Make every targeted layer compute sample ``s`` of ``functions`` (name -> mask
+        function) on part ``s`` of a batch of ``batch_size`` examples."""
+        self.batch_size = batch_size
+        for loc in self.attachment._locations:
+            loc.slot.mask = None
+            loc.slot.checkpointed = False
+            loc.slot.compute = _refuse(loc)  # a read outside the fused forward
+            present = [t for t in loc.targets if t.name in functions[0]]
+
+            def stacked(weight: Tensor, loc=loc, present=present) -> Tensor:
+                masks = [
+                    _real_mask(loc, weight, {t.name: f[t.name]() for t in present}, present, fill)
+                    for f in functions
+                ]
+                return weight * torch.stack(masks)
+
+            forward = _make_forward(loc, self, stacked, recompute)
+            loc.module.forward = forward
+            self.installed.append((loc.module, forward))
+
+    def remove(self) -> None:
+        """Put every layer's own forward back and clear the masks; idempotent."""
+        for module, forward in self.installed:
+            if module.__dict__.get("forward") is forward:
+                del module.forward
+        self.installed = []
+        for loc in self.attachment._locations:
+            loc.slot.compute = None
+            loc.slot.mask = None
+
+
+def _refuse(loc: _Location) -> Callable[[Tensor], Tensor]:
+    def compute(weight: Tensor) -> Tensor:
+        raise NotFusable(
+            f"{loc.slot.location[0]}.{loc.attribute} was read outside its layer's forward "
+            "(the model uses the weight directly)"
+        )
+
+    return compute
+
+
+def _make_forward(
+    loc: _Location, batching: SampleBatching, stacked: Callable[[Tensor], Tensor], recompute: bool
+) -> Callable[[Tensor], Tensor]:
+    module = loc.module
+    is_linear = _is_linear(module)  # Linear stores [out, in]; Conv1D stores [in, out]
+
+    def forward(x: Tensor) -> Tensor:
+        if x.dim() < 2 or x.shape[0] != batching.batch_size:
+            raise NotFusable(
+                f"{loc.slot.location[0]} sees inputs of shape {tuple(x.shape)}, whose leading "
+                f"dimension is not the batch's ({batching.batch_size} examples)"
+            )
+        weight = parametrize_original(module, loc.attribute)
+        weights = (
+            checkpoint(stacked, weight, use_reentrant=False)
+            if recompute and torch.is_grad_enabled()
+            else stacked(weight)
+        )
+        parts = weights.shape[0]
+        rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
+        out = torch.bmm(rows, weights.transpose(1, 2) if is_linear else weights)
+        out = out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if module.bias is None else out + module.bias
+
+    return forward
+
+
+def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
+    """The unmasked tensor under this module's (single) parametrization."""
+    assert parametrize.is_parametrized(module, attribute)
+    return module.parametrizations[attribute].original
+
+
+def sample_batching(plan: Any, attachment: Attachment) -> SampleBatching | None:
+    """The fused forwards when the run has several mask samples and they can be side by side."""
+    asked = plan.context.sample_batching
+    if plan.samples == 1 or asked == "sequential":
+        return None
+    reason = unfusable_reason(attachment)
+    if reason is None:
+        return SampleBatching(attachment)
+    if asked == "fused":
+        raise ValueError(_not_fused_message(reason))
+    return None
+
+
+def _not_fused_message(reason: str) -> str:
+    return (
+        f"sample_batching='fused' cannot apply the mask samples side by side: {reason}. Use "
+        "sample_batching='auto' (falls back to one sample at a time) or 'sequential'."
+    )
+
+
+def fused_loss(
+    plan: Any,
+    batch: Any,
+    size: int,
+    step: int,
+    samplers: Callable[[], Mapping[str, Callable[[], Tensor]]],
+) -> Tensor | None:
+    """Every mask sample on its part of the batch in one forward and backward; None (nothing
+    done) when the model turns out not to allow it, after which the run is sequential."""
+    context, fused = plan.context, plan.fused
+    functions = [samplers() for _ in range(plan.samples)]  # the sequential loop's seeds
+    try:
+        fused.set_samples(functions, size, recompute=context.recompute_masks)
+        try:
+            loss = context.loss_fn(context.model, batch)
+        except NotFusable as reason:
+            if context.sample_batching == "fused":
+                raise ValueError(_not_fused_message(str(reason))) from None
+            plan.fused = None
+            return None
+        _loop.check_loss(loss, step)
+        plan.watch.observe(loss, step, plan.world)
+        loss.backward()
+    finally:
+        fused.remove()
+    return loss.detach()
+
+
+__all__ = [
+    "SAMPLE_BATCHING",
+    "NotFusable",
+    "SampleBatching",
+    "fused_loss",
+    "sample_batching",
+    "unfusable_reason",
+]
