@@ -221,3 +221,46 @@ def test_opt_word_embedding_projections_are_non_default_targets():
         model.model.decoder.project_in.weight.zero_()
         expected = model(TOKENS).logits
     torch.testing.assert_close(removed, expected)
+
+
+def bridge(kind, hf=None):
+    """A TransformerLens 4 ``TransformerBridge`` around a :func:`decoder` model."""
+    sources = pytest.importorskip("transformer_lens.model_bridge.sources")
+    hf = hf if hf is not None else decoder(kind)
+    return sources.build_bridge_from_module(hf, type(hf).__name__, hf_config=hf.config).eval()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_same_targets_and_fingerprint_in_hf_bridge_and_nnsight(kind):
+    nnsight = pytest.importorskip("nnsight")
+    hf, tl, wrapped = decoder(kind), bridge(kind), nnsight.NNsight(decoder(kind))
+    shapes = {n: t.shape for n, t in si.targets(hf, include="*").items()}
+    assert {n: t.shape for n, t in si.targets(tl, include="*").items()} == shapes
+    assert list(si.targets(tl)) == list(si.targets(hf))
+    assert si.fingerprint(tl) == si.fingerprint(hf) == si.fingerprint(wrapped)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_mask_same_logits_in_hf_bridge_nnsight_and_reference(kind):
+    nnsight = pytest.importorskip("nnsight")
+    masks = si.Subnetwork(masks_for(decoder(kind), kind))
+    results = {}
+    hf = decoder(kind)
+    with torch.no_grad(), si.masked(hf, masks):
+        results["hf"] = hf(TOKENS).logits
+    tl = bridge(kind)
+    before = snapshot(tl)
+    with torch.no_grad(), si.masked(tl, masks):
+        results["bridge"] = tl(TOKENS)
+    assert_bit_exact(tl, before)
+    wrapped = nnsight.NNsight(decoder(kind))
+    with torch.no_grad(), si.masked(wrapped, masks):
+        with wrapped.trace(TOKENS):
+            saved = wrapped.output.save()
+    results["nnsight"] = saved.logits
+    reference = decoder(kind)
+    hand_zeroed_decoder(kind, reference, masks.masks)
+    with torch.no_grad():
+        expected = reference(TOKENS).logits
+    for name, got in results.items():
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{kind}/{name}")
