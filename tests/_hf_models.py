@@ -102,3 +102,94 @@ def hand_zeroed(kind, model, masks):
                 mlp.gate_proj.weight.mul_(m["mlp.W_gate"].T)
                 mlp.up_proj.weight.mul_(m["mlp.W_in"].T)
                 mlp.down_proj.weight.mul_(m["mlp.W_out"].T)
+
+
+# Decoders of subnet_interp.adapters.hf_decoders and the Llama-named families (Qwen2, Mistral,
+# Gemma, Gemma-2). Grouped-query attention with KV_HEADS key/value heads; Gemma's head_dim is
+# not D // HEADS, as in the real models.
+KV_HEADS, D_MLP, GEMMA_D_HEAD = 2, 48, 12
+DECODER_CLASSES = {
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": GEMMA_D_HEAD}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        # small caps so that soft-capping bends the scores and logits of these random weights
+        {
+            "head_dim": GEMMA_D_HEAD,
+            "attn_logit_softcapping": 0.5,
+            "final_logit_softcapping": 0.5,
+            "sliding_window": 4,
+        },
+    ),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": D_MLP, "word_embed_proj_dim": D}),
+}
+
+
+def decoder(kind):
+    """A tiny ``kind`` causal LM whose biases and norm weights are random too (transformers
+    initialises them to constants), so that masks that touched them would show."""
+    torch.manual_seed(0)
+    config_name, model_name, extra = DECODER_CLASSES[kind]
+    sizes = dict(
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        hidden_size=D,
+        vocab_size=VOCAB,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    if kind != "opt":
+        sizes.update(num_key_value_heads=KV_HEADS, intermediate_size=D_MLP)
+    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**sizes, **extra))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "bias" in name or "norm" in name:
+                parameter.add_(torch.randn_like(parameter) * 0.3)
+    return model.eval()
+
+
+def decoder_layer(kind, model, layer):
+    """The ``layer``-th block of a :func:`decoder` model."""
+    return (model.model.decoder.layers if kind == "opt" else model.model.layers)[layer]
+
+
+def hand_zeroed_decoder(kind, model, masks):
+    """Zero the real tensors' entries of a :func:`decoder` model, written from each model's
+    forward: Phi-3's ``qkv_proj`` rows are ``[q; k; v]`` and ``gate_up_proj`` rows
+    ``[gate; up]``; OPT reads positional-embedding row ``position + 2``."""
+    with torch.no_grad():
+        if "pos_embed.W_pos" in masks:
+            model.model.decoder.embed_positions.weight[2:].mul_(masks["pos_embed.W_pos"])
+        for layer in range(LAYERS):
+            m = {
+                k.split(".", 2)[2]: v.float()
+                for k, v in masks.items()
+                if k.startswith(f"blocks.{layer}.")
+            }
+            block = decoder_layer(kind, model, layer)
+            rows = {x: rearrange(m[f"attn.W_{x}"], "h d e -> (h e) d") for x in "QKV"}
+            o_rows = rearrange(m["attn.W_O"], "h e d -> d (h e)")
+            if kind == "opt":
+                attn = block.self_attn
+                for x in "QKV":
+                    getattr(attn, f"{x.lower()}_proj").weight.mul_(rows[x])
+                attn.out_proj.weight.mul_(o_rows)
+                block.fc1.weight.mul_(m["mlp.W_in"].T)
+                block.fc2.weight.mul_(m["mlp.W_out"].T)
+                continue
+            attn, mlp = block.self_attn, block.mlp
+            if kind == "phi3":
+                attn.qkv_proj.weight.mul_(torch.cat([rows["Q"], rows["K"], rows["V"]]))
+                mlp.gate_up_proj.weight.mul_(torch.cat([m["mlp.W_gate"].T, m["mlp.W_in"].T]))
+            else:
+                for x in "QKV":
+                    getattr(attn, f"{x.lower()}_proj").weight.mul_(rows[x])
+                mlp.gate_proj.weight.mul_(m["mlp.W_gate"].T)
+                mlp.up_proj.weight.mul_(m["mlp.W_in"].T)
+            attn.o_proj.weight.mul_(o_rows)
+            mlp.down_proj.weight.mul_(m["mlp.W_out"].T)

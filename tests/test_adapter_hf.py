@@ -152,18 +152,12 @@ def test_mask_found_on_hf_model_trains_and_restores():
 
 
 def test_unknown_hf_architecture_falls_back_to_parameter_names():
-    cfg = transformers.OPTConfig(
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        hidden_size=8,
-        ffn_dim=16,
-        word_embed_proj_dim=8,
-        vocab_size=20,
-        max_position_embeddings=16,
+    cfg = transformers.GPTJConfig(
+        n_layer=1, n_head=2, n_embd=8, rotary_dim=4, vocab_size=20, n_positions=16
     )
-    model = transformers.OPTModel(cfg)
+    model = transformers.GPTJModel(cfg)
     names = list(si.targets(model))
-    assert "decoder.layers.0.self_attn.q_proj.weight" in names
+    assert "h.0.attn.q_proj.weight" in names
     with pytest.raises(KeyError, match="plain nn.Module"):
         si.targets(model, include="blocks.*.attn.W_Q")
 

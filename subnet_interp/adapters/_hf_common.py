@@ -154,6 +154,28 @@ def embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str
     return found
 
 
+def unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]:
+    """``unembed.W_U`` ``[d_model, d_vocab]`` of the ``nn.Linear`` at ``path`` (not a default
+    target; masked separately from a tied embedding); ``{}`` if there is none."""
+    head = getattr(model, path, None)
+    if not isinstance(head, nn.Linear):
+        return {}
+    vocab, d_model = head.weight.shape
+    return {
+        "unembed.W_U": Target(
+            "unembed.W_U",
+            path,
+            "weight",
+            (d_model, vocab),
+            ("d_model", "d_vocab"),
+            Layout((("permute", (1, 0)),)),
+            default=False,
+            kind="unembedding",
+            unit_axes=("d_vocab",),
+        )
+    }
+
+
 __all__ = [
     "BLOCK_LISTS",
     "TRANSPOSE",
@@ -169,4 +191,5 @@ __all__ = [
     "linear_qkv",
     "mlp_target",
     "outermost_pretrained",
+    "unembed_target",
 ]

@@ -1,6 +1,7 @@
-"""Hugging Face ``transformers`` causal LMs: GPT-2, GPT-NeoX / Pythia, Llama-family (encoders:
-BERT, RoBERTa and ViT are in :mod:`.hf_encoders`, registered in :data:`FAMILIES` below; the
-builders both use are in :mod:`._hf_common`).
+"""Hugging Face ``transformers`` causal LMs: GPT-2, GPT-NeoX / Pythia, Llama and the families
+with Llama's module names (Qwen2 / Qwen2.5, Mistral, Gemma, Gemma-2). Phi-3 and OPT are in
+:mod:`.hf_decoders`, the encoders BERT, RoBERTa and ViT in :mod:`.hf_encoders`; all are
+registered in :data:`FAMILIES` below, and the builders they share are in :mod:`._hf_common`.
 
 Canonical names and layouts are TransformerLens's (``blocks.{L}.attn.W_Q`` is
 ``[head, d_model, d_head]``, ...). Each canonical target is a view into the real tensor:
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .._types import Layout, Target
+from .._types import Target
 from . import Adapter
 from ._hf_common import (
     BLOCK_LISTS,
@@ -31,30 +32,12 @@ from ._hf_common import (
     linear_qkv,
     mlp_target,
     outermost_pretrained,
+    unembed_target,
 )
+from .hf_decoders import opt_targets, phi3_targets
 from .hf_encoders import bert_targets, vit_targets
 
 _Q, _K, _V = 0, 1, 2
-
-
-def _unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]:
-    head = getattr(model, path, None)
-    if not isinstance(head, nn.Linear):
-        return {}
-    vocab, d_model = head.weight.shape
-    return {
-        "unembed.W_U": Target(
-            "unembed.W_U",
-            path,
-            "weight",
-            (d_model, vocab),
-            ("d_model", "d_vocab"),
-            Layout((("permute", (1, 0)),)),
-            default=False,
-            kind="unembedding",
-            unit_axes=("d_vocab",),
-        )
-    }
 
 
 def gpt2_targets(model: nn.Module) -> dict[str, Target]:
@@ -100,7 +83,7 @@ def gpt2_targets(model: nn.Module) -> dict[str, Target]:
             (d_mlp, d_model),
             ("neuron", "d_model"),
         )
-    found.update(_unembed_target(model))
+    found.update(unembed_target(model))
     return found
 
 
@@ -138,7 +121,7 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
                 d_mlp,
             )
         )
-    found.update(_unembed_target(model, "lm_head" if hasattr(model, "lm_head") else "embed_out"))
+    found.update(unembed_target(model, "lm_head" if hasattr(model, "lm_head") else "embed_out"))
     return found
 
 
@@ -162,7 +145,7 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
         found.update(linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
         inputs = {"W_gate": f"{block}.mlp.gate_proj", "W_in": f"{block}.mlp.up_proj"}
         found.update(linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, d_mlp))
-    found.update(_unembed_target(model))
+    found.update(unembed_target(model))
     return found
 
 
@@ -170,6 +153,14 @@ FAMILIES = {
     "gpt2": gpt2_targets,
     "gpt_neox": neox_targets,
     "llama": llama_targets,
+    # Llama's module names; q/k/v biases (Qwen2), (1 + w) RMS norms, the embedding scale,
+    # post-norms and soft-capping (Gemma, Gemma-2) are all outside the target matrices
+    "qwen2": llama_targets,
+    "mistral": llama_targets,
+    "gemma": llama_targets,
+    "gemma2": llama_targets,
+    "phi3": phi3_targets,
+    "opt": opt_targets,
     "bert": bert_targets,
     "roberta": bert_targets,
     "vit": vit_targets,

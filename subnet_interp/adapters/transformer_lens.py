@@ -98,12 +98,15 @@ class TransformerBridgeAdapter(Adapter):
             )
         pos = _component(root, "pos_embed")
         if pos is not None and hasattr(pos, "weight"):
+            rows, width = pos.weight.shape
+            offset = getattr(pos, "offset", 0)  # OPT reads row position + 2, as the HF adapter
             found["pos_embed.W_pos"] = Target(
                 "pos_embed.W_pos",
                 "pos_embed._original_component",
                 "weight",
-                tuple(pos.weight.shape),
+                (rows - offset, width),
                 ("n_ctx", "d_model"),
+                Layout((("narrow", 0, offset, rows - offset),)) if offset else Layout(),
                 default=False,
                 kind="embedding",
                 unit_axes=("n_ctx",),
