@@ -25,7 +25,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
-from torch.utils.checkpoint import checkpoint
 
 from . import _loop, adapters
 from ._ablations import Ablation
@@ -74,29 +73,36 @@ class SampleBatching:
 
     def set_samples(
         self,
-        functions: Sequence[Mapping[str, Callable[[], Tensor]]],
+        functions: Sequence[Mapping[str, Callable[[Tensor], Tensor]]],
+        params: Mapping[str, Tensor],
         batch_size: int,
         *,
-        recompute: bool,
+        lean: bool,
         fill: float = 1.0,
     ) -> None:
-        """Make every targeted layer compute sample ``s`` of ``functions`` (name -> mask
-        function) on part ``s`` of a batch of ``batch_size`` examples."""
+        """Make every targeted layer compute sample ``s`` on part ``s`` of a batch of
+        ``batch_size`` examples; ``functions[s][name](params[name])`` is that sample's mask of
+        target ``name``. ``lean``: keep nothing mask- or weight-sized for backward; the
+        backward pass recomputes the masked weights from ``params`` (the functions must return
+        the same values every call)."""
         self.batch_size = batch_size
         for loc in self.attachment._locations:
             loc.slot.mask = None
             loc.slot.checkpointed = False
             loc.slot.compute = _refuse(loc)  # a read outside the fused forward
-            present = [t for t in loc.targets if t.name in functions[0]]
+            present = [t for t in loc.targets if t.name in params]
 
-            def stacked(weight: Tensor, loc=loc, present=present) -> Tensor:
-                masks = [
-                    _real_mask(loc, weight, {t.name: f[t.name]() for t in present}, present, fill)
-                    for f in functions
-                ]
+            def build(weight: Tensor, leaves: Sequence[Tensor], loc=loc, present=present) -> Tensor:
+                masks = []
+                for sample in functions:
+                    canonical = {
+                        t.name: sample[t.name](leaf) for t, leaf in zip(present, leaves, strict=True)
+                    }
+                    masks.append(_real_mask(loc, weight, canonical, present, fill))
                 return weight * torch.stack(masks)
 
-            forward = _make_forward(loc, self, stacked, recompute)
+            leaves = [params[t.name] for t in present]
+            forward = _make_forward(loc, self, build, leaves, lean)
             loc.module.forward = forward
             self.installed.append((loc.module, forward))
 
@@ -122,10 +128,14 @@ def _refuse(loc: _Location) -> Callable[[Tensor], Tensor]:
 
 
 def _make_forward(
-    loc: _Location, batching: SampleBatching, stacked: Callable[[Tensor], Tensor], recompute: bool
+    loc: _Location,
+    batching: SampleBatching,
+    build: Callable[[Tensor, Sequence[Tensor]], Tensor],
+    leaves: list[Tensor],
+    lean: bool,
 ) -> Callable[[Tensor], Tensor]:
     module = loc.module
-    is_linear = _is_linear(module)  # Linear stores [out, in]; Conv1D stores [in, out]
+    is_linear = bool(_is_linear(module))  # Linear stores [out, in]; Conv1D stores [in, out]
 
     def forward(x: Tensor) -> Tensor:
         if x.dim() < 2 or x.shape[0] != batching.batch_size:
@@ -134,18 +144,61 @@ def _make_forward(
                 f"dimension is not the batch's ({batching.batch_size} examples)"
             )
         weight = parametrize_original(module, loc.attribute)
-        weights = (
-            checkpoint(stacked, weight, use_reentrant=False)
-            if recompute and torch.is_grad_enabled()
-            else stacked(weight)
-        )
-        parts = weights.shape[0]
-        rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
-        out = torch.bmm(rows, weights.transpose(1, 2) if is_linear else weights)
-        out = out.reshape(*x.shape[:-1], out.shape[-1])
-        return out if module.bias is None else out + module.bias
+        if lean and torch.is_grad_enabled():
+            return _LeanMaskedMatmul.apply(x, weight, module.bias, build, is_linear, *leaves)
+        return _matmul(x, build(weight, leaves), module.bias, is_linear)
 
     return forward
+
+
+def _matmul(x: Tensor, weights: Tensor, bias: Tensor | None, is_linear: bool) -> Tensor:
+    """Part ``s`` of ``x`` (along dim 0) times ``weights[s]``, plus ``bias``."""
+    parts = weights.shape[0]
+    rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
+    weights = weights.to(rows.dtype) if torch.is_autocast_enabled(x.device.type) else weights
+    out = torch.bmm(rows, weights.transpose(1, 2) if is_linear else weights)
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out if bias is None else out + bias
+
+
+class _LeanMaskedMatmul(torch.autograd.Function):
+    """:func:`_matmul` with the masked weights built from the mask parameters, keeping only
+    the input (which the layer keeps anyway) for backward: the masked weights are rebuilt there,
+    one layer at a time, and their gradient is taken back to the mask parameters."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, build, is_linear, *leaves):
+        ctx.build, ctx.is_linear = build, is_linear
+        ctx.save_for_backward(x, weight, *leaves)
+        return _matmul(x, build(weight, leaves), bias, is_linear)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, *leaves = ctx.saved_tensors
+        with torch.enable_grad():
+            copies = [leaf.detach().requires_grad_(leaf.requires_grad) for leaf in leaves]
+            weights = ctx.build(weight, copies)
+        parts = weights.shape[0]
+        grad_rows = grad_out.reshape(parts, -1, grad_out.shape[-1])
+        rows = x.reshape(parts, -1, x.shape[-1]).to(grad_rows.dtype)
+        masked = weights.detach().to(grad_rows.dtype)
+        if ctx.is_linear:  # y = x W^T: dx = dy W, dW = dy^T x
+            grad_x = torch.bmm(grad_rows, masked) if ctx.needs_input_grad[0] else None
+            grad_weights = torch.bmm(grad_rows.transpose(1, 2), rows)
+        else:  # y = x W: dx = dy W^T, dW = x^T dy
+            grad_x = torch.bmm(grad_rows, masked.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+            grad_weights = torch.bmm(rows.transpose(1, 2), grad_rows)
+        trained = [c for c in copies if c.requires_grad]
+        found = iter(
+            torch.autograd.grad(weights, trained, grad_weights.to(weights.dtype)) if trained else ()
+        )
+        grad_leaves = [next(found) if c.requires_grad else None for c in copies]
+        grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(x.shape).to(x.dtype)
+        return grad_x, None, grad_bias, None, None, *grad_leaves
 
 
 def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
@@ -157,7 +210,7 @@ def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
 def sample_batching(plan: Any, attachment: Attachment) -> SampleBatching | None:
     """The fused forwards when the run has several mask samples and they can be side by side."""
     asked = plan.context.sample_batching
-    if plan.samples == 1 or asked == "sequential":
+    if plan.samples == 1 or asked == "sequential" or plan.method.trains_weights:
         return None
     reason = unfusable_reason(attachment)
     if reason is None:
@@ -179,14 +232,17 @@ def fused_loss(
     batch: Any,
     size: int,
     step: int,
-    samplers: Callable[[], Mapping[str, Callable[[], Tensor]]],
+    samplers: Callable[[], Mapping[str, Callable[[Tensor], Tensor]]],
+    params: Mapping[str, Tensor],
+    *,
+    lean: bool,
 ) -> Tensor | None:
     """Every mask sample on its part of the batch in one forward and backward; None (nothing
     done) when the model turns out not to allow it, after which the run is sequential."""
     context, fused = plan.context, plan.fused
     functions = [samplers() for _ in range(plan.samples)]  # the sequential loop's seeds
     try:
-        fused.set_samples(functions, size, recompute=context.recompute_masks)
+        fused.set_samples(functions, params, size, lean=lean)
         try:
             loss = context.loss_fn(context.model, batch)
         except NotFusable as reason:

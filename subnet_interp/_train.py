@@ -10,8 +10,10 @@ checkpoints in ``_checkpoint.py`` and the pieces the weight-training loop shares
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,7 @@ from ._loop import NonFiniteLossError, endless
 from ._subnetwork import Subnetwork
 from .methods._base import FindContext, FindResult, MaskMethod, TrainState
 
+LEAN = os.environ.get("SI_LEAN", "1") == "1"  # TEMPORARY: measuring
 HISTORY = ("step", "loss", "penalty", "density", "temperature")
 
 
@@ -273,14 +276,16 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     size = batch_size(batch)
     if plan.fused is not None and size % plan.samples == 0:
         seeds = run.seed_source.get_state()
-        loss = _fused.fused_loss(plan, batch, size, step, lambda: _samplers(plan, run))
+        loss = _fused.fused_loss(
+            plan, batch, size, step, lambda: _samplers(plan, run), run.params, lean=LEAN
+        )
         if loss is not None:
             return loss
         run.seed_source.set_state(seeds)  # not fusable: the sequential loop draws the same noise
     chunks = split_batch(batch, plan.samples)
     loss_sum = torch.zeros((), device=context.device)
     for chunk in chunks:
-        samplers = _samplers(plan, run)
+        samplers = {n: partial(f, run.params[n]) for n, f in _samplers(plan, run).items()}
         if context.recompute_masks or context.mesh is not None:
             attachment.set_mask_functions(samplers)
         else:
@@ -300,13 +305,13 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
 
 
 def _samplers(plan: _Plan, run: RunState) -> dict[str, Any]:
-    """One fresh mask sample function per target (each returns the same sample every call)."""
+    """One fresh mask sample function per target, of its mask parameters (each returns the
+    same sample every call)."""
     context = plan.context
     seeds = torch.randint(2**62, (len(plan.names),), generator=run.seed_source).tolist()
     return {
         name: _sampler(
             plan.method,
-            run.params[name],
             run.state,
             seed,
             context.targets[name].shape,
@@ -416,7 +421,6 @@ def _finish(plan: _Plan, run: RunState) -> FindResult:
 
 def _sampler(
     method: MaskMethod,
-    params: Tensor,
     state: TrainState,
     seed: int,
     shape: tuple[int, ...],
@@ -426,7 +430,7 @@ def _sampler(
     Every call falls within one step (forward, and the recomputation in its backward), so it
     reads the step's ``state`` as it is."""
 
-    def sample() -> Tensor:
+    def sample(params: Tensor) -> Tensor:
         generator = torch.Generator(device=device).manual_seed(seed)
         return method.sample(_distributed.gathered(params), state, generator).expand(shape)
 

@@ -231,8 +231,8 @@ def _raise_no_match(pattern: str, arg: str, available: Mapping[str, Target], fam
     if family == "torch" and ("blocks." in pattern or "W_" in pattern):
         canonical_hint = (
             " Canonical transformer names (blocks.L.attn.W_Q, ...) exist only for model "
-            "families subnet_interp knows (TransformerLens, nnsight, Hugging Face GPT-2 / "
-            "GPT-NeoX / Llama); this model is a plain nn.Module, so its targets are its "
+            "families subnet_interp knows (TransformerLens, nnsight, and the Hugging Face "
+            "families in the README's model table); this model is a plain nn.Module, so its targets are its "
             "parameter names."
         )
     raise NotFoundError(

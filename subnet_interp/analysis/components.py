@@ -77,8 +77,8 @@ def _layers_and_sizes(model: Any, subnetwork: Subnetwork, kind: str, axis_names:
         raise ValueError(
             f"The subnetwork has no canonical {kind} targets with a {axis_names[0]} axis "
             f"(blocks.L.{kind}.W_*); it covers {list(subnetwork.names)[:8]}. Scores need a "
-            "transformer family subnet_interp knows (Hugging Face GPT-2 / GPT-NeoX / Llama, "
-            "TransformerLens, or nnsight wrappers of them)."
+            "transformer family subnet_interp knows (see the README's model table: Hugging "
+            "Face, TransformerLens, or nnsight wrappers of them)."
         )
     layers = [t.layer for t in available.values() if _is_block_weight(t, kind)]
     return 1 + max(layers), entries
@@ -204,8 +204,8 @@ def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
         raise ValueError(
             "Edge scores need canonical attention weights (blocks.L.attn.W_Q ...); this model "
             f"has none, its weights are {list(found)[:6]}. They need a transformer family "
-            "subnet_interp knows (Hugging Face GPT-2 / GPT-NeoX / Llama, TransformerLens, or "
-            "nnsight wrappers of them)."
+            "subnet_interp knows (see the README's model table: Hugging Face, TransformerLens, "
+            "or nnsight wrappers of them)."
         )
     out = []
     for layer in layers:
