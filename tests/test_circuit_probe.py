@@ -149,9 +149,13 @@ def test_circuit_probe_leaves_the_model_unchanged_and_refuses_a_block_without_we
     )  # fmt: skip
     assert_bit_exact(model, before)
     with pytest.raises(ValueError, match="No maskable weight is named under 'mlp.1'"):
-        circuit_probe(model, "mlp.1", [(TRAIN, h_of(TRAIN))], eval_data=[], steps=2)
+        circuit_probe(
+            model, "mlp.1", [(TRAIN, h_of(TRAIN))], eval_data=[(TEST, h_of(TEST))], steps=2
+        )
     with pytest.raises(ValueError, match="learnable-mask method"):
-        circuit_probe(model, "mlp", [], eval_data=[], steps=2, method="magnitude")
+        circuit_probe(model, "mlp", [], eval_data=[(TEST, h_of(TEST))], steps=2, method="magnitude")
+    with pytest.raises(ValueError, match="`eval_data` is empty"):
+        circuit_probe(model, "mlp", [(TRAIN, h_of(TRAIN))], eval_data=[], steps=2)
 
 
 def test_soft_nearest_neighbor_loss_is_low_for_clustered_points_and_high_for_mixed():
