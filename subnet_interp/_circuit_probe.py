@@ -273,19 +273,26 @@ def _resolve_method(method: str | Method, hparams: Mapping[str, Any]) -> Method:
 
 
 def _block_targets(model: Any, block: str, targets: Any) -> Any:
-    if targets is not None:
-        return targets
+    """The default targets of ``block``: every default target whose real tensor belongs to the
+    module at that path or one under it (``mlp`` -> ``mlp.0.weight``; Hugging Face
+    ``transformer.h.0.mlp`` -> ``blocks.0.mlp.W_in``, ``W_out``)."""
     if not isinstance(block, str):
         raise TypeError(f"`block` must be a module path (str), got {block!r}.")
+    if targets is not None:
+        return targets
     available = adapters.resolve(model).all_targets(model)
-    prefix = block + "."
-    if not any(name.startswith(prefix) for name in available):
+    chosen = [
+        name
+        for name, target in available.items()
+        if target.default and (target.module == block or target.module.startswith(block + "."))
+    ]
+    if not chosen:
         raise ValueError(
-            f"No maskable weight is named under {block!r} (the default targets are "
-            f"'{block}.*'); pass `targets=` with the canonical names of the block's weights, "
-            f"e.g. 'blocks.0.mlp.*'. Available: {list(available)[:12]}."
+            f"No maskable weight lies under the module {block!r}; pass `targets=` with the "
+            f"canonical names of the block's weights (e.g. 'blocks.0.mlp.*'), or a `block` that "
+            f"owns weights. Available: {list(available)[:12]}."
         )
-    return f"{block}.*"
+    return chosen
 
 
 def _ablation_test(
@@ -360,8 +367,8 @@ def circuit_probe(
             ``method_hparams`` override.
         position: the token whose update is read (e.g. ``-1``), for ``[batch]`` labels.
         temperature: of the soft nearest-neighbour loss (Lepori et al.: 1).
-        targets: the weights to mask; default every maskable weight named ``{block}.*``
-            (pass canonical names where they differ from module paths, e.g. Hugging Face).
+        targets: the weights to mask; default every default target whose weight belongs to
+            ``block`` or a module under it.
         ks: the ``k`` of the k-NN accuracies reported in ``knn_accuracies`` (1 is the paper's).
         task_metric: ``fn(model, batch) -> scalar`` (higher is better, e.g. accuracy) for the
             ablation test, on ``task_data``; without it ``ablation`` is ``None``.

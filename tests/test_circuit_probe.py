@@ -148,7 +148,7 @@ def test_circuit_probe_leaves_the_model_unchanged_and_refuses_a_block_without_we
         progress=False,
     )  # fmt: skip
     assert_bit_exact(model, before)
-    with pytest.raises(ValueError, match="No maskable weight is named under 'mlp.1'"):
+    with pytest.raises(ValueError, match="No maskable weight lies under the module 'mlp.1'"):
         circuit_probe(
             model, "mlp.1", [(TRAIN, h_of(TRAIN))], eval_data=[(TEST, h_of(TEST))], steps=2
         )
@@ -176,3 +176,18 @@ def test_knn_predict_votes_among_the_nearest_by_cosine():
     assert knn_predict(references, labels, queries, 1).tolist() == [0, 1, 0]
     assert knn_predict(references, labels, queries, 5).tolist() == [1, 1, 1]  # majority 3 of 5
     assert probing.circuit_probe is circuit_probe
+
+
+def test_on_a_hugging_face_gpt2_the_block_path_selects_its_canonical_weights():
+    pytest.importorskip("transformers")
+    from subnet_interp import tasks
+
+    model = tasks.tiny_gpt2(16, n_layer=2, n_head=4, d_model=32, n_positions=8)
+    tokens = torch.randint(16, (32, 8), generator=torch.Generator().manual_seed(0))
+    data = [(tokens, tokens[:, -1] % 2)]
+    before = snapshot(model)
+    result = circuit_probe(
+        model, "transformer.h.1.attn", data, eval_data=data, steps=3, position=-1, progress=False
+    )
+    assert list(result.subnetwork.names) == [f"blocks.1.attn.W_{m}" for m in "QKVO"]
+    assert_bit_exact(model, before)
