@@ -4,7 +4,7 @@
 nnsight; adapters load their library when a model of that family is first seen.
 """
 
-from . import analysis, methods, probing, testing
+from . import analysis, methods, objectives, probing, testing
 from ._ablations import Ablation, MeanAblation, ReinitAblation, ResampleAblation
 from ._find import find
 from ._fingerprint import fingerprint
@@ -35,6 +35,7 @@ __all__ = [
     "fingerprint",
     "masked",
     "methods",
+    "objectives",
     "probing",
     "random_like",
     "targets",

@@ -33,6 +33,9 @@ positionally (token ids; pixel values for ViT) or a mapping of keyword arguments
 (``input_ids``, ``attention_mask``, ...); ``labels`` is ``[batch, seq]`` (token level) or
 ``[batch]`` (sequence level).
 
+Circuit probing (Lepori, Pavlick & Serre 2023; :func:`circuit_probe`) lives in
+:mod:`subnet_interp._circuit_probe` and is re-exported here.
+
 Hidden states are read in :mod:`subnet_interp._hidden` (where each family's adapter says the
 blocks are), the probe, its loss and accuracy live in :mod:`subnet_interp._probe`; this module
 holds the procedures and re-exports the rest. Nothing here imports transformers,
@@ -50,6 +53,14 @@ import torch
 from torch import Tensor
 
 from . import adapters
+from ._circuit_probe import (
+    LEPORI_CIRCUIT_PROBING,
+    CircuitAblation,
+    CircuitProbeResult,
+    circuit_probe,
+    knn_predict,
+    soft_nearest_neighbor_loss,
+)
 from ._find import find, select_targets, to_device
 from ._fingerprint import fingerprint
 from ._hidden import CapturedHidden, capture_hidden, device_of, evaluating, read_hidden
@@ -422,7 +433,13 @@ def complexity_curve(
 
 __all__ = [
     "CAO_HARD_CONCRETE",
+    "LEPORI_CIRCUIT_PROBING",
     "CapturedHidden",
+    "CircuitAblation",
+    "CircuitProbeResult",
+    "circuit_probe",
+    "knn_predict",
+    "soft_nearest_neighbor_loss",
     "Probe",
     "ProbeBaselines",
     "ProbeResult",

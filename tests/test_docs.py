@@ -28,6 +28,7 @@ PUBLIC_MODULES = (
     "subnet_interp.analysis.circuit_formats",
     "subnet_interp.methods",
     "subnet_interp.probing",
+    "subnet_interp.objectives",
     "subnet_interp.testing",
     "subnet_interp.tasks",
     "subnet_interp.tasks.tracr",
