@@ -44,6 +44,7 @@ from .faithfulness import (
     faithfulness_areas,
     faithfulness_curve,
 )
+from .hierarchical import HierarchicalModules, hierarchical_modules, plot_dendrogram
 from .modules import Lesion, Modules, module_enrichment, module_lesions, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import (
@@ -78,6 +79,9 @@ __all__ = [
     "mlp_node",
     "roc_auc",
     "MeanAblation",
+    "HierarchicalModules",
+    "hierarchical_modules",
+    "plot_dendrogram",
     "Lesion",
     "Modules",
     "module_lesions",
