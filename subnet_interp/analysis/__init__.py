@@ -38,6 +38,7 @@ from .components import (
     neuron_scores,
     top_heads,
 )
+from .compositionality import AblationCell, Compositionality, Subtask, compositionality
 from .faithfulness import (
     MIB_DENSITIES,
     FaithfulnessCurve,
@@ -61,6 +62,10 @@ from .report import html_report
 from .subspaces import head_ov, retained_energy, subspace_angles
 
 __all__ = [
+    "AblationCell",
+    "Compositionality",
+    "Subtask",
+    "compositionality",
     "AblationReport",
     "Circuit",
     "CircuitPlot",
