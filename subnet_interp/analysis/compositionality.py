@@ -170,7 +170,7 @@ class Compositionality:
                     else f"{'-':>19s}"
                 )
                 lines.append(
-                    f"{s:>12s} {density:7.3f} | {t:>12s} {c.metric[:10]:>10s} {c.full:9.4g} "
+                    f"{s:>12s} {density:7.3g} | {t:>12s} {c.metric[:10]:>10s} {c.full:9.4g} "
                     f"{c.ablated:9.4g} {c.alone:9.4g} {random_part} {c.z:7.2f} {c.p_value:6.3f}"
                 )
         return "\n".join(lines)
