@@ -56,7 +56,9 @@ tree = hierarchical_modules(toy.model, toy.batches())
 three = tree.cut(3)
 recovered = all(len(three[toy.unit_blocks == b].unique()) == 1 for b in range(3))
 recovered &= len(three.unique()) == 3
-print(f"{tree.n_units} hidden units; the cut into 3 modules recovers the 3 sub-networks: {recovered}")
+print(
+    f"{tree.n_units} hidden units; the cut into 3 modules recovers the 3 sub-networks: {recovered}"
+)
 print("last merge heights:", [round(h, 2) for h in tree.heights()[-4:].tolist()])
 plot_dendrogram(tree, 3, path="dendrogram_toy.png")
 
@@ -128,7 +130,9 @@ for k in (2, 3, 4):
     labels = hm.cut(k)
     inputs, _ = hm.profiles(k)
     print(f"\ncut into {k} modules")
-    print(f"{'module':>6s} {'units':>6s} {'per layer':>18s} {'r(op=mul)':>9s} {'add enr.':>8s} {'mul enr.':>8s}")
+    print(
+        f"{'module':>6s} {'units':>6s} {'per layer':>18s} {'r(op=mul)':>9s} {'add enr.':>8s} {'mul enr.':>8s}"
+    )
     enrich = {op: hm.enrichment(masks[op], k) for op in ("add", "mul")}
     for module in range(k):
         members = labels == module
