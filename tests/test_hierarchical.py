@@ -110,6 +110,8 @@ def test_bad_arguments_are_refused():
         hierarchical_modules(task.model, task.batches(), signs="flip")
     with pytest.raises(ValueError, match="at least two weights"):
         hierarchical_modules(task.model, task.batches(), include="0.weight")
+    with pytest.raises(ValueError, match="at least 2 examples"):
+        hierarchical_modules(task.model, [])
     result = hierarchical_modules(task.model, task.batches())
     with pytest.raises(ValueError, match="n_clusters must be"):
         result.cut(0)

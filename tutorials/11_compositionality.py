@@ -172,5 +172,6 @@ plot_dendrogram(hm, 3, path="dendrogram_add_mul.png")
 #   mask's weights (0.93 × of the addition mask's); the other 459 units fall with it
 #   (r = −0.17) and hold 1.46 × their share of the addition mask (0.93 × of the
 #   multiplication mask). Cut into four, a module of 79 units, nearly all in the last hidden
-#   layer, has r = −0.46 and 3.1 × its share of the addition mask. The modules overlap the
-#   masks well beyond chance but are far from the clean split of the independent sub-networks.
+#   layer, has r = −0.46 and 3.1 × its share of the addition mask. The modules hold more than
+#   their share of one mask or the other (enrichment has no significance test here), but are
+#   far from the clean split of the independent sub-networks.
