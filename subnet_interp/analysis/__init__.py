@@ -38,12 +38,14 @@ from .components import (
     neuron_scores,
     top_heads,
 )
+from .compositionality import AblationCell, Compositionality, Subtask, compositionality
 from .faithfulness import (
     MIB_DENSITIES,
     FaithfulnessCurve,
     faithfulness_areas,
     faithfulness_curve,
 )
+from .hierarchical import HierarchicalModules, hierarchical_modules, plot_dendrogram
 from .modules import Lesion, Modules, module_enrichment, module_lesions, modules
 from .overlap import Overlap, OverlapStats, OverlapTest, overlap, overlap_matrix, overlap_test
 from .plots import (
@@ -60,6 +62,10 @@ from .report import html_report
 from .subspaces import head_ov, retained_energy, subspace_angles
 
 __all__ = [
+    "AblationCell",
+    "Compositionality",
+    "Subtask",
+    "compositionality",
     "AblationReport",
     "Circuit",
     "CircuitPlot",
@@ -78,6 +84,9 @@ __all__ = [
     "mlp_node",
     "roc_auc",
     "MeanAblation",
+    "HierarchicalModules",
+    "hierarchical_modules",
+    "plot_dendrogram",
     "Lesion",
     "Modules",
     "module_lesions",

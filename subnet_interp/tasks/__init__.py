@@ -1,6 +1,7 @@
 """Synthetic tasks with known answers, for tests, tutorials and benchmarks."""
 
 from .arithmetic import add_mul_batches, add_mul_network, digit_loss, exact_accuracy
+from .composed import ComposedTask, independent_mlps
 from .induction import (
     induction_accuracy,
     induction_loss,
@@ -27,6 +28,8 @@ from .templates import (
 from .training import logits_of, train
 
 __all__ = [
+    "ComposedTask",
+    "independent_mlps",
     "PlantedTask",
     "VOCAB",
     "ioi_accuracy",
