@@ -39,6 +39,11 @@ def build(model_name: str, device: str):
     if model_name == "gpt2-small":
         cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         batch, seq = 8, 128
+    elif model_name == "gpt2-4x256":  # the step-time setting
+        cfg = transformers.GPT2Config(
+            n_layer=4, n_head=4, n_embd=256, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
+        batch, seq = 8, 128
     else:
         cfg = transformers.GPT2Config(
             n_layer=2,
@@ -174,7 +179,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["gpt2-small", "tiny"], default="gpt2-small")
+    parser.add_argument("--model", choices=["gpt2-small", "gpt2-4x256", "tiny"], default="gpt2-small")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)
