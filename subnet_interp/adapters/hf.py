@@ -32,6 +32,7 @@ from ._hf_common import (
     mlp_target,
     outermost_pretrained,
 )
+from .hf_biases import bias_targets
 from .hf_encoders import bert_targets, vit_targets
 
 _Q, _K, _V = 0, 1, 2
@@ -186,7 +187,7 @@ class HuggingFaceAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
-        return FAMILIES[root.config.model_type](root)
+        return {**FAMILIES[root.config.model_type](root), **bias_targets(root)}
 
     def blocks(self, model: object) -> list[nn.Module]:
         """``h`` (GPT-2), ``layers`` (GPT-NeoX, Llama, ViT in transformers 5) or
