@@ -107,7 +107,7 @@ MASKED = [
         lambda: {"layers.9.weight": ones(8, 6)},
         si.NotFoundError,
         r"'layers.9.weight' is not a maskable weight of this TinyMLP\. Closest: \[.*\]\. "
-        r"Available: layers.0.weight, layers.1.weight",
+        r"Available: layers.0.weight, layers.0.bias, layers.1.weight, layers.1.bias",  # opt-in
         id="unknown-target",
     ),
     pytest.param(
