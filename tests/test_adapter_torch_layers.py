@@ -105,6 +105,8 @@ def test_mha_canonical_views_are_torchs_heads():
     assert list(found) == [f"attn.W_{x}" for x in "QKVO"] + [f"attn.b_{x}" for x in "QKVO"]
     assert found["attn.W_Q"].axes == ("head", "d_model", "d_head")
     assert found["attn.W_O"].axes == ("head", "d_head", "d_model")
+    bias = found["attn.b_Q"]  # one unit per entry; a head gate covers the head's entries
+    assert bias.gate_shape("neuron") == (H, DH) and bias.gate_shape("head") == (H, 1)
     assert "attn.out_proj.weight" not in si.targets(model, include="*")  # named W_O instead
     by_hand = canonical_by_hand(model.attn)
     for name, target in found.items():

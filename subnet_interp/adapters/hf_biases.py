@@ -24,7 +24,15 @@ def _add(found, root, name, path, attribute, shape, axes, ops=(), kind="bias") -
         return
     if isinstance(real_tensor(module, attribute), nn.Parameter):
         found[name] = Target(
-            name, path, attribute, shape, axes, Layout(ops), default=False, kind=kind
+            name,
+            path,
+            attribute,
+            shape,
+            axes,
+            Layout(ops),
+            default=False,
+            kind=kind,
+            unit_axes=axes,
         )
 
 

@@ -139,13 +139,14 @@ def bias_norm_targets(path: str, module: nn.Module) -> dict[str, Target]:
             axes = ("out",) if isinstance(module, nn.Linear) else ("out_channels",)
         kind = "norm" if is_norm else "bias"
         found[name] = Target(
-            name, path, attribute, tuple(real.shape), axes, default=False, kind=kind
+            name, path, attribute, tuple(real.shape), axes, default=False, kind=kind, unit_axes=axes
         )
     return found
 
 
 def _bias(name, module, attribute, shape, axes, ops=()) -> Target:
-    return Target(name, module, attribute, shape, axes, Layout(ops), default=False, kind="bias")
+    # every entry is one unit's bias: one gate each at granularity="neuron"
+    return Target(name, module, attribute, shape, axes, Layout(ops), False, "bias", unit_axes=axes)
 
 
 def refresh_rnns(root: nn.Module) -> None:
