@@ -306,6 +306,24 @@ def test_find_trains_gumbel_sigmoid_through_heads_and_gates(build, inputs):
     assert_bit_exact(model, before)
 
 
+def test_nnsight_wrapper_names_masks_and_fingerprints_the_same_weights():
+    nnsight = pytest.importorskip("nnsight")
+    model = SelfAttention().eval()
+    wrapped = nnsight.NNsight(model)
+    assert si.targets(wrapped, biases=True) == si.targets(model, biases=True)
+    assert si.fingerprint(wrapped) == si.fingerprint(model)
+    masks = si.Subnetwork(random_masks(si.targets(model, biases=True)))
+    with torch.no_grad():
+        with si.masked(model, masks):
+            bare = model(X)
+        with si.masked(wrapped, masks):
+            through_wrapper = model(X)
+    assert torch.equal(bare, through_wrapper)
+    with pytest.raises(TypeError, match="nn.MultiheadAttention"):
+        with si.masked(wrapped, masks, ablation=si.ResampleAblation([X])):
+            pass
+
+
 # ------------------------------------------------------------------ opt-in biases and norms
 class Planted(nn.Module):
     """``y = LayerNorm(W x + b)``."""
