@@ -253,7 +253,7 @@ def _raise_no_match(pattern: str, arg: str, available: Mapping[str, Target], fam
             " Canonical transformer names (blocks.L.attn.W_Q, ...) exist only for model "
             "families subnet_interp knows (TransformerLens, nnsight, Hugging Face GPT-2 / "
             "GPT-NeoX / Llama); this model is a plain nn.Module, so its targets are its "
-            "parameter names."
+            "parameter names (a torch nn.MultiheadAttention at path P: P.W_Q ... P.W_O)."
         )
     raise NotFoundError(
         f"`{arg}` pattern {pattern!r} matches no maskable weight of this {family} model.{hint}"
