@@ -152,10 +152,10 @@ def _bias(name, module, attribute, shape, axes, ops=()) -> Target:
 def refresh_rnns(root: nn.Module) -> None:
     """Point every torch RNN under ``root`` back at its parameters: an RNN keeps the tensors its
     last forward read (``_flat_weights``), which after masks are removed are masked copies
-    until its next forward."""
+    until its next forward. RNNs whose weights did not change are left alone."""
     for module in root.modules():
         if isinstance(module, nn.RNNBase):
-            module._init_flat_weights()
+            module._update_flat_weights()
 
 
 def functional_site_error(root: nn.Module, location: tuple[str, str]) -> TypeError | None:
