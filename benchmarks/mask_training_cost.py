@@ -179,7 +179,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["gpt2-small", "gpt2-4x256", "tiny"], default="gpt2-small")
+    parser.add_argument(
+        "--model", choices=["gpt2-small", "gpt2-4x256", "tiny"], default="gpt2-small"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--warmup", type=int, default=2)

@@ -45,12 +45,15 @@ def fingerprint(model: object) -> str:
 
     Cheap for billion-weight models (a few hundred values per target are read). The same
     weights give the same fingerprint through any supported wrapper, because it is computed
-    on canonical names and layouts.
+    on canonical names and layouts. Bias and norm targets are left out (only some families
+    name them).
     """
     adapter = adapters.resolve(model)
     root = adapter.root(model)
     digest = hashlib.sha256()
     for name, target in adapter.all_targets(model).items():
+        if target.kind in adapters.OPTIONAL_KINDS:  # not every wrapper of a model names them
+            continue
         tensor = read_canonical(root, target)
         digest.update(name.encode())
         digest.update(repr(tuple(tensor.shape)).encode())

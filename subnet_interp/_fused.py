@@ -96,7 +96,8 @@ class SampleBatching:
                 masks = []
                 for sample in functions:
                     canonical = {
-                        t.name: sample[t.name](leaf) for t, leaf in zip(present, leaves, strict=True)
+                        t.name: sample[t.name](leaf)
+                        for t, leaf in zip(present, leaves, strict=True)
                     }
                     masks.append(_real_mask(loc, weight, canonical, present, fill))
                 return weight * torch.stack(masks)
@@ -186,7 +187,9 @@ class _LeanMaskedMatmul(torch.autograd.Function):
             grad_x = torch.bmm(grad_rows, masked) if ctx.needs_input_grad[0] else None
             grad_weights = torch.bmm(grad_rows.transpose(1, 2), rows)
         else:  # y = x W: dx = dy W^T, dW = x^T dy
-            grad_x = torch.bmm(grad_rows, masked.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+            grad_x = (
+                torch.bmm(grad_rows, masked.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+            )
             grad_weights = torch.bmm(rows.transpose(1, 2), grad_rows)
         trained = [c for c in copies if c.requires_grad]
         found = iter(

@@ -45,8 +45,8 @@ def linear_sites(
 ) -> dict[tuple[str, str], LinearSite]:
     """The site of every targeted weight; a clear ``TypeError`` for a weight with none.
 
-    ``nn.Linear`` / ``Conv1D`` weights are their own layer's map; for other weights the adapter
-    of ``model`` (of ``root`` when there is no model) is asked.
+    The adapter of ``model`` (of ``root`` when there is no model) is asked first; where it
+    knows no site, ``nn.Linear`` / ``Conv1D`` weights are their own layer's map.
     """
     adapter = adapters.resolve(model if model is not None else root)
     found: dict[tuple[str, str], LinearSite] = {}
@@ -54,11 +54,12 @@ def linear_sites(
         module_path, attribute = location
         module = root.get_submodule(module_path)
         kind = module_kind(module)
-        if attribute == "weight" and kind != "other":
+        # the adapter first: it may know a layer whose forward the model never calls
+        site = adapter.linear_site(root, location)
+        if site is None and attribute == "weight" and kind != "other":
             equation = LINEAR if kind == "linear" else CONV1D
             found[location] = LinearSite(module_path, "input", module_path, equation)
             continue
-        site = adapter.linear_site(root, location)
         if site is None:
             names = sorted(t.name for t in targets.values() if t.location == location)
             raise TypeError(

@@ -264,3 +264,12 @@ def test_one_mask_same_logits_in_hf_bridge_nnsight_and_reference(kind):
         expected = reference(TOKENS).logits
     for name, got in results.items():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"{kind}/{name}")
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_opt_in_bias_and_norm_targets_pass_the_conformance_checks(kind):
+    report = si.testing.check_adapter(decoder(kind), TOKENS, biases=True)
+    names = set(report.targets)
+    assert {"blocks.0.ln1.w", "ln_final.w"} <= names
+    assert ("blocks.0.attn.b_Q" in names) == (kind == "qwen2")  # Qwen2's Q/K/V biases
+    assert "by_hand" in report.passed and "restore" in report.passed

@@ -107,7 +107,7 @@ MASKED = [
         lambda: {"layers.9.weight": ones(8, 6)},
         si.NotFoundError,
         r"'layers.9.weight' is not a maskable weight of this TinyMLP\. Closest: \[.*\]\. "
-        r"Available: layers.0.weight, layers.1.weight",
+        r"Available: layers.0.weight, layers.0.bias, layers.1.weight, layers.1.bias",  # opt-in
         id="unknown-target",
     ),
     pytest.param(
@@ -384,7 +384,7 @@ FIND = [
     pytest.param(
         dict(loss_fn=lambda model, batch: (model(batch[0]) - batch[1]) ** 2),
         TypeError,
-        r"must return a scalar tensor; at step 0 it returned Tensor\(4, 4\)\. Reduce it, e\.g\. "
+        r"must return a scalar tensor; at step 0 it returned Tensor\(16, 4\)\. Reduce it, e\.g\. "
         r"with `\.mean\(\)`",
         id="loss-not-scalar",
     ),

@@ -127,6 +127,11 @@ def real_tensor(module: nn.Module, attribute: str):
 
 _ADAPTERS: list[Adapter] = []
 
+OPTIONAL_KINDS = frozenset({"bias", "norm"})
+"""Kinds of target selected only on request (``si.targets(..., biases=True)``): biases and
+norm weights. They are not weight matrices, are left out of the fingerprint, and only some
+families name them (plain modules, Hugging Face GPT-2 and Llama)."""
+
 
 def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
     """Add an adapter; adapters registered first are tried first (the plain one is last)."""
@@ -178,18 +183,33 @@ def select(
     exclude: str | Iterable[str] | None = None,
     *,
     family: str = "?",
+    biases: bool = False,
 ) -> dict[str, Target]:
     """Select targets by glob patterns over canonical names.
 
     With no ``include`` the default targets are taken (weight matrices; no embeddings,
     unembeddings, biases or norms). Each ``include`` pattern must match something, and so must
-    each ``exclude`` pattern; otherwise the error lists the available names.
+    each ``exclude`` pattern; otherwise the error lists the available names. Bias and norm
+    targets (kinds in ``OPTIONAL_KINDS``) exist for patterns only with ``biases=True``, which
+    also adds all of them to the default selection.
     """
     include_patterns = _as_patterns(include, "include")
     exclude_patterns = _as_patterns(exclude, "exclude") or []
+    if not biases:
+        hidden = {n: t for n, t in available.items() if t.kind in OPTIONAL_KINDS}
+        available = {n: t for n, t in available.items() if n not in hidden}
+        for pattern in include_patterns or []:
+            named = [n for n in hidden if fnmatch.fnmatchcase(n, pattern)]
+            if named and not any(fnmatch.fnmatchcase(n, pattern) for n in available):
+                raise NotFoundError(
+                    f"`include` pattern {pattern!r} matches only bias / norm targets "
+                    f"({_abbreviated(named, 6)}), which are selected on request: pass "
+                    "`biases=True` to si.targets (and the mapping it returns to si.find's "
+                    "`targets=`)."
+                )
     names = list(available)
     if include_patterns is None:
-        chosen = [n for n in names if available[n].default]
+        chosen = [n for n in names if available[n].default or available[n].kind in OPTIONAL_KINDS]
     else:
         chosen = []
         for pattern in include_patterns:
@@ -232,8 +252,9 @@ def _raise_no_match(pattern: str, arg: str, available: Mapping[str, Target], fam
         canonical_hint = (
             " Canonical transformer names (blocks.L.attn.W_Q, ...) exist only for model "
             "families subnet_interp knows (TransformerLens, nnsight, and the Hugging Face "
-            "families in the README's model table); this model is a plain nn.Module, so its targets are its "
-            "parameter names."
+            "families in the README's model table); this model is a plain nn.Module, so its "
+            "targets are its parameter names (a torch nn.MultiheadAttention at path P: P.W_Q "
+            "... P.W_O)."
         )
     raise NotFoundError(
         f"`{arg}` pattern {pattern!r} matches no maskable weight of this {family} model.{hint}"
@@ -259,6 +280,7 @@ _register_builtin()
 __all__ = [
     "Adapter",
     "LinearSite",
+    "OPTIONAL_KINDS",
     "fsdp_mesh",
     "is_dtensor",
     "model_class",

@@ -34,6 +34,7 @@ from ._hf_common import (
     outermost_pretrained,
     unembed_target,
 )
+from .hf_biases import bias_targets
 from .hf_decoders import opt_targets, phi3_targets
 from .hf_encoders import bert_targets, vit_targets
 
@@ -177,7 +178,7 @@ class HuggingFaceAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
-        return FAMILIES[root.config.model_type](root)
+        return {**FAMILIES[root.config.model_type](root), **bias_targets(root)}
 
     def blocks(self, model: object) -> list[nn.Module]:
         """``h`` (GPT-2), ``layers`` (GPT-NeoX, Llama, ViT in transformers 5) or

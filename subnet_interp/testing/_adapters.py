@@ -59,6 +59,7 @@ def check_adapter(
     forward: Callable[[Any, Any], Tensor] | None = None,
     include: str | list[str] | None = None,
     seed: int = 0,
+    biases: bool = False,
 ) -> AdapterReport:
     """Run the conformance checks on a model as its adapter sees it.
 
@@ -70,6 +71,7 @@ def check_adapter(
             ``.logits`` / the first element / ``.last_hidden_state``.
         include: target patterns to check (default: the default targets).
         seed: seed of the random masks.
+        biases: also check the bias and norm-weight targets (``si.targets(..., biases=True)``).
 
     Checks: targets resolve; each target's canonical view of its real tensor round-trips exactly
     and targets sharing a tensor do not overlap; an all-ones mask leaves the output unchanged
@@ -80,7 +82,7 @@ def check_adapter(
     forward = forward or _default_forward
     adapter = adapters.resolve(model)
     root = adapter.root(model)
-    found = resolve_targets(model, include=include)
+    found = resolve_targets(model, include=include, biases=biases)
     if not found:
         fail("targets", f"{type(adapter).__name__} found no targets in {type(model).__name__}.")
     passed = ["targets"]
