@@ -57,6 +57,19 @@ def moe():
     return transformers.MixtralForCausalLM(config).eval()
 
 
+def fsdp_moe(world_size: int):
+    """:func:`moe` sharded with FSDP2's ``fully_shard`` (each block, then the root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = moe()
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in sharded.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return sharded
+
+
 def moe_data(rank: int, world_size: int):
     """Global batches of 8 random sequences of 8 tokens; this rank's equal shard of each."""
     tokens = torch.randint(0, 20, (2, 8, 8), generator=torch.Generator().manual_seed(1))
@@ -120,6 +133,13 @@ def main(out: str, steps: int) -> None:
         log_every=LOG_EVERY,
     ))  # fmt: skip
     found.save(f"{out}.rank{rank}.safetensors")
+    if MODEL == "moe" and world > 1:  # the same again with the model sharded by FSDP2
+        sharded = fsdp_moe(world)
+        found = si.find(
+            sharded, METHOD, moe_loss, shards(rank, world), steps=steps, progress=False,
+            generator=torch.Generator().manual_seed(0),
+        ).subnetwork  # fmt: skip
+        found.save(f"{out}.fsdp.rank{rank}.safetensors")
     if world > 1:
         dist.destroy_process_group()
 
