@@ -368,3 +368,26 @@ def test_seq2seq_and_moe_pass_the_conformance_kit(kind):
         forward=lambda model, batch: outputs(kind, model, *batch),
     )  # fmt: skip
     assert report.passed[-1] == "find"
+
+
+def test_a_renamed_module_or_unfused_experts_are_named_in_the_error():
+    t5 = build("t5")
+    t5.decoder.block[1].layer[1].EncDecAttention.k = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"no nn\.Linear at 'decoder\.block\.1\.layer\.1\."):
+        si.targets(t5)
+    mixtral = build("mixtral")
+    experts = mixtral.model.layers[0].mlp.experts
+    experts.down_proj = torch.nn.Parameter(experts.down_proj.detach().transpose(1, 2).clone())
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.experts\.down_proj has shape"):
+        si.targets(mixtral)
+    mixtral.model.layers[0].mlp.experts = torch.nn.ModuleList([torch.nn.Linear(D, D)])
+    with pytest.raises(ValueError, match=r"not stored as transformers 5 fuses"):
+        si.targets(mixtral)
+
+
+def test_a_decoder_alone_has_no_cross_attention_targets():
+    cfg = build("bart").config
+    decoder_only = transformers.BartForCausalLM(cfg).eval()
+    found = si.targets(decoder_only, include="*")
+    assert not any(".cross_attn." in n or n.startswith("encoder.") for n in found)
+    assert "decoder.blocks.1.attn.W_O" in found and "decoder.embed.W_E" in found

@@ -74,17 +74,18 @@ class _Stack:
         self.model, self.stack, self.heads = model, stack, heads
 
     def attention(self, layer: int, kind: str, paths: tuple[str, ...]) -> dict[str, Target]:
-        d_inner, d_model = _shape(self.model, paths[0])
-        d_head = d_inner // self.heads
+        shapes = [_shape(self.model, path) for path in paths]  # [out, in] each
+        d_model, d_head = shapes[3][0], shapes[3][1] // self.heads
         found: dict[str, Target] = {}
         for letter, path in zip("QKV", paths[:3], strict=True):
             found.update(linear_qkv(layer, letter, path, self.heads, d_model, d_head, "head"))
-        found.update(linear_o(layer, paths[3], self.heads, d_head, _shape(self.model, paths[3])[0]))
+        found.update(linear_o(layer, paths[3], self.heads, d_head, d_model))
         return _renamed(found, f"blocks.{layer}.attn.", f"{self.stack}.blocks.{layer}.{kind}.")
 
     def mlp(self, layer: int, inputs: dict[str, str], output: str) -> dict[str, Target]:
-        d_mlp, d_model = _shape(self.model, next(iter(inputs.values())))
-        _shape(self.model, output)
+        d_model, d_mlp = _shape(self.model, output)
+        for path in inputs.values():
+            _shape(self.model, path)
         found = linear_mlp(layer, inputs, output, d_model, d_mlp)
         return _renamed(found, f"blocks.{layer}.mlp.", f"{self.stack}.blocks.{layer}.mlp.")
 
@@ -153,19 +154,21 @@ def t5_targets(model: nn.Module) -> dict[str, Target]:
 
 def bart_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of a BART model (``BartModel``, ``BartForConditionalGeneration``,
-    ``BartForSequenceClassification``)."""
+    ``BartForSequenceClassification``; ``BartForCausalLM``, a decoder alone, has no
+    ``cross_attn`` targets)."""
     cfg = model.config
     base = base_prefix(model)
     found: dict[str, Target] = {}
     heads = {"encoder": cfg.encoder_attention_heads, "decoder": cfg.decoder_attention_heads}
-    for stack in _stacks(model, base):
+    stacks = _stacks(model, base)
+    for stack in stacks:
         found.update(_token_embedding(model, base, stack))
         builder = _Stack(model, stack, heads[stack])
         layers = model.get_submodule(f"{base}{stack}.layers")
         for layer in range(len(layers)):
             prefix = f"{base}{stack}.layers.{layer}"
             sublayers = [("attn", "self_attn")]
-            if stack == "decoder":
+            if stack == "decoder" and "encoder" in stacks:  # BartForCausalLM never runs it
                 sublayers.append(("cross_attn", "encoder_attn"))
             for kind, module in sublayers:
                 paths = tuple(f"{prefix}.{module}.{x}_proj" for x in ("q", "k", "v", "out"))
