@@ -127,7 +127,15 @@ def moe_targets(model: nn.Module) -> dict[str, Target]:
             path = f"{block}.self_attn.{proj}"
             found.update(linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
         found.update(linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
-        mlp = model.get_submodule(f"{block}.mlp")
+        try:
+            mlp = model.get_submodule(f"{block}.mlp")
+        except AttributeError:
+            raise ValueError(
+                f"{type(model).__qualname__} (model_type {cfg.model_type!r}) has no module "
+                f"{block}.mlp, where transformers 5 keeps a block's experts (transformers 4 "
+                "named it block_sparse_moe); use transformers 5, or the plain adapter's "
+                "parameter names (wrap the model in a plain nn.Module)."
+            ) from None
         if not hasattr(mlp, "experts"):  # a dense layer (mlp_only_layers, decoder_sparse_step)
             found.update(_dense(model, layer, f"{block}.mlp", f"blocks.{layer}.mlp"))
             continue
