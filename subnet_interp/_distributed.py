@@ -32,8 +32,9 @@ def fsdp_mesh(model: object, root: nn.Module):
     Every FSDP module is resharded first (``FSDPModule.reshard``), so the parameters are the
     sharded DTensors FSDP manages (after a forward without backward, FSDP keeps the root's
     parameters gathered). Only FSDP2's layout is accepted: every DTensor parameter on one 1-D
-    mesh, sharded on dim 0. Tensor parallelism, HSDP and mixture-of-experts models get a clear
-    error.
+    mesh, sharded on dim 0. Tensor parallelism, HSDP and mixture-of-experts models whose
+    experts are separate modules (each run only where tokens were routed to it) get a clear
+    error; experts fused in one module (transformers 5) are accepted.
     """
     name_of_model = model_class(model).__qualname__
     fsdp_modules = reshard(root)
@@ -63,12 +64,15 @@ def fsdp_mesh(model: object, root: nn.Module):
             "one process group per model."
         )
     experts = _expert_counts(getattr(root, "config", None))
-    if experts:
+    if experts and not _fused_experts(root):
         raise ValueError(
-            f"{name_of_model} is a mixture-of-experts model ({experts}) sharded with FSDP2. "
-            "subnet_interp gathers a sharded mask while its module runs, and experts run on "
-            "some ranks and not others, so the ranks' collectives would not match. Run it "
-            "unsharded (data-parallel under torchrun)."
+            f"{name_of_model} is a mixture-of-experts model ({experts}) sharded with FSDP2 "
+            "whose experts are separate modules (or not in a module named `experts`). "
+            "subnet_interp gathers a sharded mask while its module runs, and such experts run "
+            "on some ranks and not others, so the ranks' collectives would not match. Run it "
+            "unsharded (data-parallel under torchrun), or store the experts fused as "
+            "transformers 5 does (one `experts` module with [expert, ...] tensors, which runs "
+            "on every rank)."
         )
     if not fsdp_modules:
         raise ValueError(
@@ -109,6 +113,17 @@ def _expert_counts(config: object, depth: int = 0) -> dict[str, int]:
         if hasattr(value, "to_dict") and hasattr(value, "__dict__"):  # a nested config
             found.update({f"{key}.{k}": v for k, v in _expert_counts(value, depth + 1).items()})
     return found
+
+
+def _fused_experts(root: nn.Module) -> bool:
+    """Whether every module named ``experts`` under ``root`` holds its experts fused in 3-D
+    ``[expert, ...]`` tensors (transformers 5's layout): such a module runs on every rank,
+    whether or not a rank routed tokens to each expert, so its masks gather on every rank."""
+    found = [m for name, m in root.named_modules() if name.rsplit(".", 1)[-1] == "experts"]
+    return bool(found) and all(
+        not isinstance(m, nn.ModuleList) and any(p.dim() == 3 for p in m.parameters(recurse=False))
+        for m in found
+    )
 
 
 def world() -> World | None:

@@ -12,6 +12,7 @@ from subnet_interp.tasks import planted_mlp
 
 METHOD = os.environ.get("SI_TEST_METHOD", "continuous_sparsification_lepori")
 ABLATION = os.environ.get("SI_TEST_ABLATION", "zero")
+MODEL = os.environ.get("SI_TEST_MODEL", "mlp")  # or "moe": a tiny Mixtral
 
 
 def task():
@@ -41,6 +42,44 @@ def data(rank: int, world_size: int):
 
 def loss(net, batch):
     return task_loss(net, batch[:2])
+
+
+def moe():
+    """A tiny Mixtral: 1 block, 4 experts, 2 per token, random weights."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=8, num_attention_heads=2,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=20,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def fsdp_moe(world_size: int):
+    """:func:`moe` sharded with FSDP2's ``fully_shard`` (each block, then the root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sharded = moe()
+    mesh = init_device_mesh("cpu", (world_size,))
+    for block in sharded.model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(sharded, mesh=mesh)
+    return sharded
+
+
+def moe_data(rank: int, world_size: int):
+    """Global batches of 8 random sequences of 8 tokens; this rank's equal shard of each."""
+    tokens = torch.randint(0, 20, (2, 8, 8), generator=torch.Generator().manual_seed(1))
+    return [batch.chunk(world_size)[rank] for batch in tokens]
+
+
+def moe_loss(net, batch):
+    """Next-token cross-entropy."""
+    logits = net(batch).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
 
 
 def ablation(kind: str):
@@ -87,12 +126,20 @@ def main(out: str, steps: int) -> None:
     if world > 1:
         dist.init_process_group("gloo")
     rank = dist.get_rank() if world > 1 else 0
+    build, loss_fn, shards = (moe, moe_loss, moe_data) if MODEL == "moe" else (model, loss, data)
     found = find_or_stop(out, rank, lambda: si.find(
-        model(), METHOD, nan_on(loss, rank), data(rank, world), steps=steps, progress=False,
+        build(), METHOD, nan_on(loss_fn, rank), shards(rank, world), steps=steps, progress=False,
         generator=torch.Generator().manual_seed(0), ablation=ablation(ABLATION),
         log_every=LOG_EVERY,
     ))  # fmt: skip
     found.save(f"{out}.rank{rank}.safetensors")
+    if MODEL == "moe" and world > 1:  # the same again with the model sharded by FSDP2
+        sharded = fsdp_moe(world)
+        found = si.find(
+            sharded, METHOD, moe_loss, shards(rank, world), steps=steps, progress=False,
+            generator=torch.Generator().manual_seed(0),
+        ).subnetwork  # fmt: skip
+        found.save(f"{out}.fsdp.rank{rank}.safetensors")
     if world > 1:
         dist.destroy_process_group()
 

@@ -65,6 +65,31 @@ def test_two_processes_find_the_single_process_mask(method, ablation, tmp_path, 
     assert iou(ranks[0], single) >= 0.99
 
 
+def test_two_processes_train_a_mixture_of_experts_as_one(tmp_path):
+    # each token's routing depends on the token alone: the shards route as the global batch does
+    # (one rank's shard alone gives a mask of IoU 0.6 with this one). Data-parallel, then sharded
+    # by FSDP2: the fused experts module runs on every rank, routed tokens or not.
+    pytest.importorskip("transformers")
+    out = tmp_path / "mask"
+    done = torchrun(
+        str(HERE / "_distributed_task.py"), str(out), "4", env_extra={"SI_TEST_MODEL": "moe"}
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [si.Subnetwork.load(tmp_path / f"mask.rank{r}.safetensors") for r in (0, 1)]
+    sharded = [si.Subnetwork.load(tmp_path / f"mask.fsdp.rank{r}.safetensors") for r in (0, 1)]
+    assert ranks[0] == ranks[1] and sharded[0] == sharded[1]
+    assert "blocks.0.mlp.experts.3.W_out" in ranks[0].names and 0 < ranks[0].density() < 1
+    sys.path.insert(0, str(HERE))
+    import _distributed_task as task_module
+
+    single = si.find(
+        task_module.moe(), "continuous_sparsification_lepori", task_module.moe_loss,
+        task_module.moe_data(0, 1), steps=4, progress=False,
+        generator=torch.Generator().manual_seed(0),
+    ).subnetwork  # fmt: skip
+    assert iou(ranks[0], single) >= 0.99 and iou(sharded[0], single) >= 0.99
+
+
 @pytest.mark.parametrize("sharded", [False, True], ids=["data-parallel", "fsdp"])
 def test_a_nan_on_one_rank_stops_every_rank_at_its_step(sharded, tmp_path):
     # the finiteness flag is all-reduced on the device and read at log points: every step
@@ -277,11 +302,12 @@ with pytest.raises(RuntimeError, match=r"\['lin.weight'\] were not read through 
 assert len(odd.lin._forward_pre_hooks) == 0 and "weight" not in odd.lin.__dict__
 print("ok")
 
-import transformers  # a mixture of experts: experts run on some ranks only
+import transformers  # a mixture of experts stored as separate modules: they run on some ranks
 moe = transformers.MixtralForCausalLM(transformers.MixtralConfig(
     vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
     num_attention_heads=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1))
-for layer in moe.model.layers:
+for layer in moe.model.layers:  # as transformers 4 stored them (fused experts are accepted)
+    layer.mlp.experts = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
     fully_shard(layer, mesh=mesh)
 fully_shard(moe, mesh=mesh)
 with pytest.raises(ValueError, match=r"^MixtralForCausalLM is a mixture-of-experts model"):

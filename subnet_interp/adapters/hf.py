@@ -37,6 +37,8 @@ from ._hf_common import (
 from .hf_biases import bias_targets
 from .hf_decoders import opt_targets, phi3_targets
 from .hf_encoders import bert_targets, vit_targets
+from .hf_moe import moe_targets
+from .hf_seq2seq import bart_targets, t5_targets
 
 _Q, _K, _V = 0, 1, 2
 
@@ -165,6 +167,11 @@ FAMILIES = {
     "bert": bert_targets,
     "roberta": bert_targets,
     "vit": vit_targets,
+    "t5": t5_targets,
+    "bart": bart_targets,
+    "mixtral": moe_targets,
+    "qwen2_moe": moe_targets,
+    "qwen3_moe": moe_targets,
 }
 
 
