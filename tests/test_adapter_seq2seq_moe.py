@@ -407,3 +407,32 @@ def test_an_nnsight_wrapper_has_the_same_targets_fingerprint_and_masked_output(k
         with wrapped.trace(**inputs):
             saved = wrapped.output.save()
     assert torch.equal(saved.logits, expected)
+
+
+@pytest.mark.parametrize("kind", MOE)
+def test_a_bridge_of_an_moe_model_names_experts_and_router_as_hugging_face_does(kind):
+    from transformer_lens.model_bridge import sources
+
+    hf, wrapped = build(kind), build(kind)  # the bridge takes over the model it wraps
+    bridge = sources.build_bridge_from_module(
+        wrapped, type(wrapped).__name__, hf_config=wrapped.config
+    )
+    bridge.eval()
+    assert list(si.targets(bridge)) == list(si.targets(hf))  # the router is no W_gate
+    assert si.fingerprint(bridge) == si.fingerprint(hf)
+    ours = si.targets(bridge, include="*")
+    shared = {n: t for n, t in si.targets(hf, include="*").items() if n in ours}
+    assert "blocks.1.mlp.W_router" in shared and not shared["blocks.1.mlp.W_router"].default
+    gen = torch.Generator().manual_seed(3)
+    sub = si.Subnetwork({n: torch.rand(t.shape, generator=gen) < 0.7 for n, t in shared.items()})
+    tokens = torch.randint(0, 40, (2, 6), generator=gen)
+    before = snapshot(bridge)
+    with torch.no_grad():
+        with si.masked(hf, sub):
+            expected = hf(tokens).logits
+        with si.masked(bridge, sub):
+            got = bridge(tokens)
+        unmasked = bridge(tokens)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(unmasked, expected, atol=1e-3)
+    assert_bit_exact(bridge, before)

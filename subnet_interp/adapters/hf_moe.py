@@ -91,6 +91,7 @@ def _gate_target(model: nn.Module, name: str, path: str, unit: str) -> dict[str,
         module = model.get_submodule(path)
     except AttributeError:
         return {}
+    module = getattr(module, "_original_component", module)  # a bridge's router wrapper
     weight = real_tensor(module, "weight")
     if weight is None or weight.dim() != 2:
         return {}
@@ -172,4 +173,37 @@ def _dense(model: nn.Module, layer: int, path: str, name: str) -> dict[str, Targ
     }
 
 
-__all__ = ["moe_targets"]
+def bridge_moe_targets(root: nn.Module, layer: int, mlp_path: str) -> dict[str, Target]:
+    """The same targets for a TransformerLens bridge's MoE block at ``mlp_path``, which wraps
+    the Hugging Face sparse-MoE (or dense) block as ``_original_component``; where the bridge
+    wrapped one of its linear layers again (the router, a dense layer's projections), the
+    target points at the ``nn.Linear`` inside."""
+    block = f"{mlp_path}._original_component"
+    original = root.get_submodule(block)
+    if not hasattr(original, "experts"):  # a dense layer of an MoE model
+        found = _dense(root, layer, block, f"blocks.{layer}.mlp")
+    else:
+        found = _expert_targets(root, layer, f"{block}.experts")
+        if hasattr(original, "shared_expert"):
+            shared = _dense(
+                root, layer, f"{block}.shared_expert", f"blocks.{layer}.mlp.shared_expert"
+            )
+            found.update(shared)
+        for name, attribute, unit in (
+            ("W_router", "gate", "expert"),
+            ("W_shared_gate", "shared_expert_gate", "shared_gate"),
+        ):
+            found.update(
+                _gate_target(root, f"blocks.{layer}.mlp.{name}", f"{block}.{attribute}", unit)
+            )
+    return {name: _inner_linear(root, target) for name, target in found.items()}
+
+
+def _inner_linear(root: nn.Module, target: Target) -> Target:
+    module = root.get_submodule(target.module)
+    if target.attribute in module._parameters or not hasattr(module, "_original_component"):
+        return target
+    return replace(target, module=f"{target.module}._original_component")
+
+
+__all__ = ["bridge_moe_targets", "moe_targets"]

@@ -21,6 +21,7 @@ from torch import nn
 from .._types import Layout, LinearSite, Target
 from . import Adapter, is_conv1d, model_class, real_tensor
 from ._hf_common import TRANSPOSE, init_weights, outermost_pretrained
+from .hf_moe import bridge_moe_targets
 
 # the hook points on the residual stream after a block: HookedTransformer's, the bridge's
 _RESID_POST_HOOKS = ("hook_resid_post", "hook_out")
@@ -142,6 +143,10 @@ class TransformerBridgeAdapter(Adapter):
                     kind="attn",
                     unit_axes=units,
                 )
+            mlp = _component(root, f"blocks.{layer}.mlp")
+            if hasattr(mlp, "experts") or type(mlp).__name__.endswith("MoeMLP"):  # MoE models
+                found.update(bridge_moe_targets(root, layer, f"blocks.{layer}.mlp"))
+                continue  # (its `gate` is the router, not a gated MLP's W_gate)
             for canonical, which in (("W_gate", "gate"), ("W_in", "in"), ("W_out", "out")):
                 path = f"blocks.{layer}.mlp.{which}"
                 module = _component(root, path)
