@@ -519,7 +519,8 @@ def test_rotary_families_whole_head_mask_equals_zeroing_its_hook_z(kind):
 def test_rotary_families_pass_the_conformance_kit_and_find_trains(kind):
     """``si.testing.check_adapter`` over every target (layouts, identity, effect, by-hand
     zeroing, restore also on error, fingerprint, gradients reach every mask), then ``si.find``
-    with the model's own next-token loss leaves the weights bit-exact."""
+    with the model's own next-token loss leaves the weights bit-exact, and the subnetwork it
+    finds applies to the HF model (its fingerprint checked) with the same logits."""
     model = hooked_from(ROTARY[kind]())
     report = si.testing.check_adapter(model, TOKENS, include="*")
     assert report.targets == tuple(si.targets(ROTARY[kind](), include="*"))
@@ -534,8 +535,10 @@ def test_rotary_families_pass_the_conformance_kit_and_find_trains(kind):
         progress=False,
     )
     assert result.subnetwork.meta["family"] == "transformer_lens.HookedTransformer"
-    assert result.subnetwork.meta["fingerprint"] == si.fingerprint(ROTARY[kind]())
     assert_bit_exact(model, before)
+    hf = ROTARY[kind]()  # the subnetwork carries the fingerprint si.masked checks on the HF model
+    with torch.no_grad(), si.masked(hf, result.subnetwork), si.masked(model, result.subnetwork):
+        torch.testing.assert_close(model(TOKENS), hf(TOKENS).logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", list(ROTARY))
