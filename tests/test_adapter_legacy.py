@@ -11,28 +11,73 @@ import subnet_interp as si
 pytest.importorskip("transformers")
 try:
     from transformer_lens import HookedTransformer, HookedTransformerConfig
-    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights
+    from transformer_lens.pretrained.weight_conversions import (
+        convert_gpt2_weights,
+        convert_llama_weights,
+        convert_neox_weights,
+    )
 except ImportError:  # transformer-lens >= 4 removed HookedTransformer
     pytest.skip("needs transformer-lens < 4 (HookedTransformer)", allow_module_level=True)
 
-from _hf_models import D_HEAD, HEADS, LAYERS, TOKENS, VOCAB, D, gpt2, hand_zeroed, random_masks  # noqa: E402
+from _hf_models import (  # noqa: E402
+    D_HEAD,
+    HEADS,
+    LAYERS,
+    TOKENS,
+    VOCAB,
+    D,
+    gpt2,
+    hand_zeroed,
+    llama,
+    neox,
+    random_masks,
+)
+
+
+def _rope(config) -> tuple[float, float]:
+    """(fraction of each head rotated, base) of a transformers config (5.x ``rope_parameters``,
+    4.x ``rotary_pct`` / ``rotary_emb_base`` / ``rope_theta``)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    fraction = rope.get("partial_rotary_factor", getattr(config, "rotary_pct", 1.0))
+    base = rope.get("rope_theta", getattr(config, "rotary_emb_base", None))
+    return fraction, base or getattr(config, "rope_theta", 10000.0)
+
+
+def _config(hf) -> tuple[HookedTransformerConfig, object]:
+    """The HookedTransformerConfig transformer-lens 3 derives from ``hf``'s config (the fields
+    of ``convert_hf_model_config``, filled in by hand: that function reads the hub), and the
+    weight conversion for its architecture."""
+    c = hf.config
+    sizes = dict(n_layers=LAYERS, d_model=D, n_heads=HEADS, d_head=D_HEAD, d_vocab=VOCAB,
+                 n_ctx=16, default_prepend_bos=False)  # fmt: skip
+    if c.model_type == "gpt2":
+        fields = dict(d_mlp=4 * D, act_fn="gelu_new", normalization_type="LN")
+        return HookedTransformerConfig(**sizes, **fields), convert_gpt2_weights
+    fraction, base = _rope(c)
+    rotary = dict(positional_embedding_type="rotary", rotary_adjacent_pairs=False,
+                  rotary_dim=round(fraction * D_HEAD), rotary_base=base)  # fmt: skip
+    if c.model_type == "gpt_neox":  # parallel attention and MLP, rotary on a quarter of d_head
+        fields = dict(d_mlp=c.intermediate_size, act_fn=c.hidden_act, eps=c.layer_norm_eps,
+                      parallel_attn_mlp=c.use_parallel_residual, normalization_type="LN")  # fmt: skip
+        return HookedTransformerConfig(**sizes, **rotary, **fields), convert_neox_weights
+    assert c.model_type == "llama", c.model_type  # RMS norms, gated MLP, grouped-query attention
+    fields = dict(d_mlp=c.intermediate_size, act_fn=c.hidden_act, eps=c.rms_norm_eps,
+                  normalization_type="RMS", final_rms=True, gated_mlp=True,
+                  n_key_value_heads=c.num_key_value_heads)  # fmt: skip
+    return HookedTransformerConfig(**sizes, **rotary, **fields), convert_llama_weights
 
 
 def hooked_from(hf) -> HookedTransformer:
-    cfg = HookedTransformerConfig(
-        n_layers=LAYERS,
-        d_model=D,
-        n_heads=HEADS,
-        d_head=D_HEAD,
-        d_mlp=4 * D,
-        d_vocab=VOCAB,
-        n_ctx=16,
-        act_fn="gelu_new",
-        normalization_type="LN",
-        default_prepend_bos=False,
-    )
+    """A legacy HookedTransformer holding ``hf``'s weights (no folding or centring)."""
+    cfg, convert = _config(hf)
     model = HookedTransformer(cfg)
-    model.load_state_dict(convert_gpt2_weights(hf, cfg), strict=False)
+    # strict=False: the attention's mask / rotary buffers are not in the converted dict, nor is
+    # GPT-2's unembedding bias (it has none; TransformerLens starts it at zero)
+    loaded = model.load_state_dict(convert(hf, cfg), strict=False)
+    assert not loaded.unexpected_keys and all(
+        k.rpartition(".")[2] in ("mask", "IGNORE", "rotary_sin", "rotary_cos", "b_U")
+        for k in loaded.missing_keys
+    ), loaded
     return model.eval()
 
 
@@ -295,13 +340,24 @@ def read_maps(model, tokens, maps):
         {"use_attn_in": True, "gated_mlp": True, "act_fn": "silu"},
         {"n_key_value_heads": 2, "use_split_qkv_input": True},
         {"n_key_value_heads": 2, "gated_mlp": True, "act_fn": "silu"},
+        # NeoX's and Llama's: rotary (hook_q / hook_k come before the rotation), parallel
+        # attention and MLP; RMS norms with grouped-query attention and a gated MLP
+        {"positional_embedding_type": "rotary", "rotary_dim": 2, "parallel_attn_mlp": True},
+        dict(
+            positional_embedding_type="rotary",
+            rotary_dim=D_HEAD,
+            normalization_type="RMS",
+            n_key_value_heads=2,
+            gated_mlp=True,
+            act_fn="silu",
+        ),
     ],
 )
 def test_each_weights_map_is_patched_where_the_model_computes_it(overrides):
     """One weight masked at a time: where the model computes its map, the output is
     ``(m W) x + ((1 - m) W) x' + b``, ``x'`` the twin's input (patching) or the mean input per
     feature (mean ablation); with split / per-head inputs, grouped keys and values,
-    ``use_attn_result`` and the gated MLP."""
+    ``use_attn_result``, the gated MLP, rotary embeddings and parallel attention and MLP."""
     from einops import einsum
 
     model = variant(**overrides)
@@ -357,3 +413,162 @@ def test_find_trains_under_patching_on_hooked_transformer():
     assert result.subnetwork.meta["ablation"] == "patch"
     assert_bit_exact(model, before)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+# ------------------------------------------------- GPT-NeoX and Llama (rotary, RMS, GQA, gated)
+ROTARY = {"neox": neox, "llama": llama}
+
+
+def _canonical(model, name):
+    """The canonical tensor of target ``name`` as the model's adapter reads it."""
+    from subnet_interp._fingerprint import read_canonical
+
+    root = si.adapters.resolve(model).root(model)
+    return read_canonical(root, si.targets(model, include="*")[name])
+
+
+@pytest.mark.parametrize("kind", list(ROTARY))
+def test_rotary_families_have_the_hf_models_targets_tensors_and_fingerprint(kind):
+    """Loaded with the same weights, the HookedTransformer has the HF model's target names,
+    shapes, axes and canonical tensors (grouped-query W_K / W_V are its ``_W_K`` / ``_W_V``
+    parameters), hence its fingerprint; each canonical tensor is the parameter itself and writes
+    back exactly; and the unmasked logits agree (the config reproduces the model)."""
+    hf = ROTARY[kind]()
+    model = hooked_from(hf)
+    ours, theirs = si.targets(model, include="*"), si.targets(hf, include="*")
+    assert list(ours) == list(theirs)
+    grouped = kind == "llama"
+    for name, target in ours.items():
+        described = (target.shape, target.axes, target.default)
+        assert described == (theirs[name].shape, theirs[name].axes, theirs[name].default), name
+        assert torch.equal(_canonical(model, name), _canonical(hf, name)), name
+        real = si.adapters.real_tensor(model.get_submodule(target.module), target.attribute)
+        assert isinstance(real, torch.nn.Parameter) and target.layout.is_identity, name
+        written = target.layout.write_real(real.detach().clone(), torch.zeros_like(real))
+        assert torch.equal(written, real), name
+    assert ours["blocks.1.attn.W_K"].attribute == ("_W_K" if grouped else "W_K")
+    assert ("blocks.0.mlp.W_gate" in ours) == grouped
+    assert si.fingerprint(model) == si.fingerprint(hf)
+    with torch.no_grad():
+        torch.testing.assert_close(model(TOKENS), hf(TOKENS).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(ROTARY))
+def test_rotary_families_random_mask_equals_hand_zeroed_hf_and_restores(kind):
+    """One random mask over every target: the masked HookedTransformer gives the logits of the
+    HF model with the same weights zeroed by hand (``hand_zeroed``, written from HF's forward)
+    and of the masked HF model; every parameter and buffer is bit-exact afterwards."""
+    masks = si.Subnetwork(random_masks(ROTARY[kind](), include="*"))
+    model, hf = hooked_from(ROTARY[kind]()), ROTARY[kind]()
+    before = snapshot(model)
+    with torch.no_grad():
+        with si.masked(model, masks):
+            got = model(TOKENS)
+        with si.masked(hf, masks):
+            masked_hf = hf(TOKENS).logits
+    assert_bit_exact(model, before)
+    reference = ROTARY[kind]()
+    blocks = {n: m for n, m in masks.masks.items() if n.startswith("blocks.")}
+    hand_zeroed(kind, reference, blocks)
+    with torch.no_grad():
+        reference.get_output_embeddings().weight.mul_(masks["unembed.W_U"].T)
+        reference.get_input_embeddings().weight.mul_(masks["embed.W_E"])
+        expected = reference(TOKENS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, masked_hf, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, hf(TOKENS).logits.detach(), atol=1e-3)  # the mask did act
+
+
+@pytest.mark.parametrize("kind", list(ROTARY))
+def test_rotary_families_whole_head_mask_equals_zeroing_its_hook_z(kind):
+    """Masking head 2's rows of W_Q and W_O (and its own W_K / W_V where it has them) equals
+    zeroing head 2 in ``hook_z``; with grouped-query attention, masking key/value head 0's W_K
+    and W_V equals zeroing query heads 0 and 1 (those that read it) in ``hook_z`` (Llama's value
+    bias is zero)."""
+    model = hooked_from(ROTARY[kind]())
+    found = si.targets(model)
+    layer, grouped = 1, kind == "llama"
+
+    def run(masked_heads, zeroed_heads):
+        masks = {}
+        for letter, heads in masked_heads.items():
+            mask = torch.ones(found[f"blocks.{layer}.attn.W_{letter}"].shape, dtype=torch.bool)
+            mask[heads] = False
+            masks[f"blocks.{layer}.attn.W_{letter}"] = mask
+        with torch.no_grad(), si.masked(model, masks):
+            got = model(TOKENS)
+
+        def zero(z, hook):
+            z[:, :, zeroed_heads] = 0
+            return z
+
+        with torch.no_grad():
+            hook = f"blocks.{layer}.attn.hook_z"
+            expected = model.run_with_hooks(TOKENS, fwd_hooks=[(hook, zero)])
+            clean = model(TOKENS)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, clean, atol=1e-4)
+
+    run({"Q": [2], "O": [2]} if grouped else {x: [2] for x in "QKVO"}, [2])
+    if grouped:
+        assert model.cfg.n_heads // model.cfg.n_key_value_heads == 2
+        run({"K": [0], "V": [0]}, [0, 1])
+
+
+@pytest.mark.parametrize("kind", list(ROTARY))
+def test_rotary_families_pass_the_conformance_kit_and_find_trains(kind):
+    """``si.testing.check_adapter`` over every target (layouts, identity, effect, by-hand
+    zeroing, restore also on error, fingerprint, gradients reach every mask), then ``si.find``
+    with the model's own next-token loss leaves the weights bit-exact, and the subnetwork it
+    finds applies to the HF model (its fingerprint checked) with the same logits."""
+    model = hooked_from(ROTARY[kind]())
+    report = si.testing.check_adapter(model, TOKENS, include="*")
+    assert report.targets == tuple(si.targets(ROTARY[kind](), include="*"))
+    assert report.passed[-1] == "find"
+    before = snapshot(model)
+    result = si.find(
+        model,
+        "gumbel_sigmoid",
+        lambda m, batch: m(batch, return_type="loss"),
+        [torch.cat([TOKENS, TOKENS])],
+        steps=3,
+        progress=False,
+    )
+    assert result.subnetwork.meta["family"] == "transformer_lens.HookedTransformer"
+    assert_bit_exact(model, before)
+    hf = ROTARY[kind]()  # the subnetwork carries the fingerprint si.masked checks on the HF model
+    with torch.no_grad(), si.masked(hf, result.subnetwork), si.masked(model, result.subnetwork):
+        torch.testing.assert_close(model(TOKENS), hf(TOKENS).logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", list(ROTARY))
+def test_rotary_families_patch_and_mean_ablation_give_the_hf_models_logits(kind):
+    """Patching and mean ablation of one random mask: the same logits as on the HF model (whose
+    patched forward is checked against a hand-written reference in test_patching.py)."""
+    masks = random_masks(ROTARY[kind](), include="blocks.*")
+    hf, model = ROTARY[kind](), hooked_from(ROTARY[kind]())
+    for make in (
+        lambda run: si.PatchAblation(lambda m, batch: run(m, batch[1])),
+        lambda run: si.MeanAblation([TWIN, TOKENS[:1]], forward=run),
+    ):
+        logits = []
+        for wrapper, run in ((model, lambda m, x: m(x)), (hf, lambda m, x: m(x).logits)):
+            ablation = make(run)
+            with torch.no_grad(), si.masked(wrapper, masks, ablation=ablation):
+                ablation.on_batch((TOKENS, TWIN))
+                logits.append(run(wrapper, TOKENS))
+        torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_4bit_hooked_transformer_is_refused_clearly_and_left_unchanged():
+    """transformer-lens 3 keeps a ``load_in_4bit`` model's attention and MLP weights as packed
+    bitsandbytes tensors; the adapter reads the flag (set here on a float model: bitsandbytes
+    is not installed) and refuses before anything is attached."""
+    model = hooked_from(llama())
+    before = snapshot(model)
+    model.cfg.load_in_4bit = True
+    with pytest.raises(TypeError, match=r"load_in_4bit=True.*Load the model without load_in_4bit"):
+        with si.masked(model, random_masks(llama())):
+            pass
+    assert_bit_exact(model, before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())

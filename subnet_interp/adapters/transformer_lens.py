@@ -9,7 +9,11 @@ weights (``fold_ln`` etc.), so it must run before masks are attached: while a ma
 it is blocked with an explanation.
 
 **HookedTransformer** (transformer-lens < 4) already stores ``W_Q`` etc. in the canonical layout,
-so every target is an identity view of a parameter of ``blocks.{L}.attn`` / ``.mlp``.
+so every target is an identity view of a parameter of ``blocks.{L}.attn`` / ``.mlp``, for every
+architecture it builds (GPT-2; GPT-NeoX's rotary, parallel attention and MLP; Llama's RMS norms,
+gated MLP and grouped-query attention, whose ``W_K`` / ``W_V`` are the ``_W_K`` / ``_W_V``
+parameters ``[kv_head, d_model, d_head]``: the properties of those names repeat them per query
+head). A ``load_in_4bit`` model, whose weights are packed, is refused.
 
 Detection reads class names and modules only; nothing here imports transformer_lens.
 """
@@ -265,6 +269,13 @@ class HookedTransformerAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
+        if getattr(root.cfg, "load_in_4bit", False):
+            raise TypeError(
+                f"This {model_class(root).__qualname__} was loaded with load_in_4bit=True: its "
+                "attention and MLP weights are bitsandbytes Params4bit tensors (packed uint8 of "
+                "shape [n / 2, 1]), which have no [head, d_model, d_head] layout to mask. Load "
+                "the model without load_in_4bit (e.g. dtype=torch.bfloat16) to mask it."
+            )
         found: dict[str, Target] = {}
 
         def add(name, module, attribute, axes, kind, units, default=True):
@@ -343,8 +354,6 @@ class HookedTransformerAdapter(Adapter):
         is_mlp = path.endswith(".mlp") and attribute in ("W_in", "W_gate", "W_out")
         if not (is_attn or is_mlp or (path == "unembed" and attribute == "W_U")):
             return None
-        if getattr(cfg, "load_in_4bit", False):
-            raise TypeError(_no_site(name, "the model is loaded in 4 bits (load_in_4bit)"))
         if path == "unembed":
             out = "unembed.hook_out" if hasattr(owner, "hook_out") else "unembed"
             return LinearSite(path, "input", out, "...d,dv->...v")
