@@ -77,14 +77,13 @@ class SampleBatching:
         params: Mapping[str, Tensor],
         batch_size: int,
         *,
-        lean: bool,
         fill: float = 1.0,
     ) -> None:
         """Make every targeted layer compute sample ``s`` on part ``s`` of a batch of
         ``batch_size`` examples; ``functions[s][name](params[name])`` is that sample's mask of
-        target ``name``. ``lean``: keep nothing mask- or weight-sized for backward; the
-        backward pass recomputes the masked weights from ``params`` (the functions must return
-        the same values every call)."""
+        target ``name``. Nothing mask- or weight-sized is kept for backward: the backward pass
+        rebuilds the masked weights from ``params`` (the functions must return the same values
+        every call)."""
         self.batch_size = batch_size
         for loc in self.attachment._locations:
             loc.slot.mask = None
@@ -103,7 +102,7 @@ class SampleBatching:
                 return weight * torch.stack(masks)
 
             leaves = [params[t.name] for t in present]
-            forward = _make_forward(loc, self, build, leaves, lean)
+            forward = _make_forward(loc, self, build, leaves)
             loc.module.forward = forward
             self.installed.append((loc.module, forward))
 
@@ -133,7 +132,6 @@ def _make_forward(
     batching: SampleBatching,
     build: Callable[[Tensor, Sequence[Tensor]], Tensor],
     leaves: list[Tensor],
-    lean: bool,
 ) -> Callable[[Tensor], Tensor]:
     module = loc.module
     is_linear = bool(_is_linear(module))  # Linear stores [out, in]; Conv1D stores [in, out]
@@ -145,7 +143,7 @@ def _make_forward(
                 f"dimension is not the batch's ({batching.batch_size} examples)"
             )
         weight = parametrize_original(module, loc.attribute)
-        if lean and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             return _LeanMaskedMatmul.apply(x, weight, module.bias, build, is_linear, *leaves)
         return _matmul(x, build(weight, leaves), module.bias, is_linear)
 
@@ -237,15 +235,13 @@ def fused_loss(
     step: int,
     samplers: Callable[[], Mapping[str, Callable[[Tensor], Tensor]]],
     params: Mapping[str, Tensor],
-    *,
-    lean: bool,
 ) -> Tensor | None:
     """Every mask sample on its part of the batch in one forward and backward; None (nothing
     done) when the model turns out not to allow it, after which the run is sequential."""
     context, fused = plan.context, plan.fused
     functions = [samplers() for _ in range(plan.samples)]  # the sequential loop's seeds
     try:
-        fused.set_samples(functions, params, size, lean=lean)
+        fused.set_samples(functions, params, size)
         try:
             loss = context.loss_fn(context.model, batch)
         except NotFusable as reason:

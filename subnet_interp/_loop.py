@@ -172,14 +172,62 @@ def stacked(values: Sequence[Tensor]) -> Tensor:
     return torch.stack([v.detach().float() for v in values])
 
 
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Split a batch (tensor, tuple/list, or mapping of them) into ``parts`` along dim 0."""
+    if parts == 1:
+        return [batch]
+    if isinstance(batch, Tensor):
+        if batch.dim() == 0 or batch.shape[0] < parts:
+            raise ValueError(
+                f"Cannot split a batch of {tuple(batch.shape)} into {parts} mask samples: the "
+                f"batch needs at least {parts} examples. Use bigger batches or fewer mask "
+                "samples (e.g. mask_samples=1)."
+            )
+        return list(torch.tensor_split(batch, parts, dim=0))
+    if isinstance(batch, Mapping):
+        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
+        return [_same_mapping(batch, {k: pieces[k][i] for k in batch}) for i in range(parts)]
+    if isinstance(batch, (tuple, list)):
+        pieces = [split_batch(v, parts) for v in batch]
+        return [type(batch)(p[i] for p in pieces) for i in range(parts)]
+    return [batch] * parts  # non-tensor leaves (ints, strings) go to every part
+
+
+def batch_size(batch: Any) -> int:
+    """The leading dimension of the first tensor in a (nested) batch; 1 if there is none."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = (
+        batch.values()
+        if isinstance(batch, Mapping)
+        else batch
+        if isinstance(batch, (tuple, list))
+        else ()
+    )
+    for item in items:
+        size = batch_size(item)
+        if isinstance(item, (Tensor, Mapping, tuple, list)) and size:
+            return size
+    return 1
+
+
+def _same_mapping(original: Mapping, items: dict) -> Mapping:
+    try:
+        return type(original)(items)  # dict subclasses such as transformers' BatchEncoding
+    except TypeError:
+        return items
+
+
 __all__ = [
     "FiniteWatch",
     "NonFiniteLossError",
+    "batch_size",
     "check_loss",
     "endless",
     "progress_bar",
     "report",
     "skip",
+    "split_batch",
     "stacked",
     "step_while_finite",
 ]

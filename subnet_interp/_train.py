@@ -10,8 +10,7 @@ checkpoints in ``_checkpoint.py`` and the pieces the weight-training loop shares
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,11 +25,10 @@ from ._attach import Attachment
 from ._checkpoint import RunState
 from ._checkpoint import save as _save  # a module global, looked up at each save
 from ._fingerprint import canonical_copy, read_canonical
-from ._loop import NonFiniteLossError, endless
+from ._loop import NonFiniteLossError, batch_size, endless, split_batch
 from ._subnetwork import Subnetwork
 from .methods._base import FindContext, FindResult, MaskMethod, TrainState
 
-LEAN = os.environ.get("SI_LEAN", "1") == "1"  # TEMPORARY: measuring
 HISTORY = ("step", "loss", "penalty", "density", "temperature")
 
 
@@ -276,9 +274,7 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     size = batch_size(batch)
     if plan.fused is not None and size % plan.samples == 0:
         seeds = run.seed_source.get_state()
-        loss = _fused.fused_loss(
-            plan, batch, size, step, lambda: _samplers(plan, run), run.params, lean=LEAN
-        )
+        loss = _fused.fused_loss(plan, batch, size, step, lambda: _samplers(plan, run), run.params)
         if loss is not None:
             return loss
         run.seed_source.set_state(seeds)  # not fusable: the sequential loop draws the same noise
@@ -447,52 +443,6 @@ def _mask_optimizer(
     if lr is None:
         raise ValueError(f"{method.name} has no `lr`; mask_optimizer='adafactor' needs one.")
     return torch.optim.Adafactor(params, lr=lr, foreach=True)
-
-
-def split_batch(batch: Any, parts: int) -> list[Any]:
-    """Split a batch (tensor, tuple/list, or mapping of them) into ``parts`` along dim 0."""
-    if parts == 1:
-        return [batch]
-    if isinstance(batch, Tensor):
-        if batch.dim() == 0 or batch.shape[0] < parts:
-            raise ValueError(
-                f"Cannot split a batch of {tuple(batch.shape)} into {parts} mask samples: the "
-                f"batch needs at least {parts} examples. Use bigger batches or fewer mask "
-                "samples (e.g. mask_samples=1)."
-            )
-        return list(torch.tensor_split(batch, parts, dim=0))
-    if isinstance(batch, Mapping):
-        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
-        return [_same_mapping(batch, {k: pieces[k][i] for k in batch}) for i in range(parts)]
-    if isinstance(batch, (tuple, list)):
-        pieces = [split_batch(v, parts) for v in batch]
-        return [type(batch)(p[i] for p in pieces) for i in range(parts)]
-    return [batch] * parts  # non-tensor leaves (ints, strings) go to every part
-
-
-def batch_size(batch: Any) -> int:
-    """The leading dimension of the first tensor in a (nested) batch; 1 if there is none."""
-    if isinstance(batch, Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    items = (
-        batch.values()
-        if isinstance(batch, Mapping)
-        else batch
-        if isinstance(batch, (tuple, list))
-        else ()
-    )
-    for item in items:
-        size = batch_size(item)
-        if isinstance(item, (Tensor, Mapping, tuple, list)) and size:
-            return size
-    return 1
-
-
-def _same_mapping(original: Mapping, items: dict) -> Mapping:
-    try:
-        return type(original)(items)  # dict subclasses such as transformers' BatchEncoding
-    except TypeError:
-        return items
 
 
 __all__ = [

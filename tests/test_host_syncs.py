@@ -22,7 +22,7 @@ READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "num
 # reads of tensors that live on the host whatever the device: the per-step mask seeds come from
 # a CPU generator, and torch's Adam keeps its step count on the CPU unless capturable or fused
 HOST_ONLY = {
-    ("_train.py", "_attach_samples"),
+    ("_train.py", "_samplers"),
     ("adam.py", "_single_tensor_adam"),
     ("optimizer.py", "_get_value"),
 }
