@@ -37,12 +37,16 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = {  # the conformance settings' hyper-parameters (see tests/test_methods_conformance.py)
     "gumbel_sigmoid": {"mask_samples": 1},
+    "gumbel_sigmoid (4 samples, the default)": {"mask_samples": 4},
     "continuous_sparsification_lepori": {},
     "hard_concrete": {},
     "continuous_sparsification": {},
 }
 OPTIONS = {
     "fp32 + Adam (paper)": dict(mask_dtype="float32", mask_optimizer="paper", recompute=False),
+    "fp32 + Adam, layer by layer": dict(
+        mask_dtype="float32", mask_optimizer="paper", recompute=False, batching="sequential"
+    ),
     "fp32 + Adam, recompute": dict(mask_dtype="float32", mask_optimizer="paper", recompute=True),
     "bf16 + Adam, recompute": dict(mask_dtype="bfloat16", mask_optimizer="paper", recompute=True),
     "bf16 + Adafactor, recompute": dict(
@@ -83,7 +87,7 @@ def state_bytes_per_gate(method: str, option: dict) -> float:
     params = [torch.zeros(512, 512, dtype=dtype, requires_grad=True)]
     hparams = dict(METHODS[method])
     hparams["granularity"] = "weight"
-    m = si.methods.create(method, **hparams)
+    m = si.methods.create(method.split(" (")[0], **hparams)
     context = FindContext(
         model=None, root=torch.nn.Module(), targets={}, loss_fn=None, batches=iter(()),
         steps=1, device=torch.device("cpu"), generator=torch.Generator(),
@@ -121,7 +125,8 @@ def child(config: dict) -> dict:
     tiny = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     tiny_data = [(torch.randn(8, 8), torch.randn(8, 8))]
     if config["method"] != "fine-tuning":
-        si.find(tiny, config["method"], loss_fn, tiny_data, steps=2, progress=False, inplace=True)
+        warm = config["method"].split(" (")[0]
+        si.find(tiny, warm, loss_fn, tiny_data, steps=2, progress=False, inplace=True)
     else:
         loss_fn(tiny, tiny_data[0]).backward()
     if config["method"] == "fine-tuning":  # the reference: Adam on the weights themselves
@@ -134,13 +139,15 @@ def child(config: dict) -> dict:
         return {"masked": masked, "peak": (peak_bytes() - before) / masked}
     option = OPTIONS[config["option"]]
     hparams = dict(METHODS[config["method"]], granularity=option.get("granularity", "weight"))
+    method = config["method"].split(" (")[0]
     before = rss_bytes()
     si.find(
         model,
-        si.methods.create(config["method"], **hparams),
+        si.methods.create(method, **hparams),
         loss_fn,
         batches,
         steps=3,
+        sample_batching=option.get("batching", "auto"),
         progress=False,
         mask_dtype=getattr(torch, option["mask_dtype"]),
         mask_optimizer=option["mask_optimizer"],

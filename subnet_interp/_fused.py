@@ -91,18 +91,17 @@ class SampleBatching:
             loc.slot.compute = _refuse(loc)  # a read outside the fused forward
             present = [t for t in loc.targets if t.name in params]
 
-            def build(weight: Tensor, leaves: Sequence[Tensor], loc=loc, present=present) -> Tensor:
-                masks = []
-                for sample in functions:
-                    canonical = {
-                        t.name: sample[t.name](leaf)
-                        for t, leaf in zip(present, leaves, strict=True)
-                    }
-                    masks.append(_real_mask(loc, weight, canonical, present, fill))
-                return weight * torch.stack(masks)
+            def build(
+                weight: Tensor, leaves: Sequence[Tensor], part: int, loc=loc, present=present
+            ) -> Tensor:
+                sample = functions[part]
+                canonical = {
+                    t.name: sample[t.name](leaf) for t, leaf in zip(present, leaves, strict=True)
+                }
+                return weight * _real_mask(loc, weight, canonical, present, fill)
 
             leaves = [params[t.name] for t in present]
-            forward = _make_forward(loc, self, build, leaves)
+            forward = _make_forward(loc, self, build, leaves, len(functions))
             loc.module.forward = forward
             self.installed.append((loc.module, forward))
 
@@ -130,8 +129,9 @@ def _refuse(loc: _Location) -> Callable[[Tensor], Tensor]:
 def _make_forward(
     loc: _Location,
     batching: SampleBatching,
-    build: Callable[[Tensor, Sequence[Tensor]], Tensor],
+    build: Callable[[Tensor, Sequence[Tensor], int], Tensor],
     leaves: list[Tensor],
+    parts: int,
 ) -> Callable[[Tensor], Tensor]:
     module = loc.module
     is_linear = bool(_is_linear(module))  # Linear stores [out, in]; Conv1D stores [in, out]
@@ -144,62 +144,84 @@ def _make_forward(
             )
         weight = parametrize_original(module, loc.attribute)
         if torch.is_grad_enabled():
-            return _LeanMaskedMatmul.apply(x, weight, module.bias, build, is_linear, *leaves)
-        return _matmul(x, build(weight, leaves), module.bias, is_linear)
+            return _LeanMaskedMatmul.apply(x, weight, module.bias, build, is_linear, parts, *leaves)
+        with torch.no_grad():
+            return _matmul(x, weight, module.bias, build, leaves, parts, is_linear)
 
     return forward
 
 
-def _matmul(x: Tensor, weights: Tensor, bias: Tensor | None, is_linear: bool) -> Tensor:
-    """Part ``s`` of ``x`` (along dim 0) times ``weights[s]``, plus ``bias``."""
-    parts = weights.shape[0]
+def _matmul(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    build: Callable[[Tensor, Sequence[Tensor], int], Tensor],
+    leaves: Sequence[Tensor],
+    parts: int,
+    is_linear: bool,
+) -> Tensor:
+    """Part ``s`` of ``x`` (along dim 0) times sample ``s``'s masked weight, plus ``bias``; one
+    masked weight exists at a time."""
     rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
-    weights = weights.to(rows.dtype) if torch.is_autocast_enabled(x.device.type) else weights
-    out = torch.bmm(rows, weights.transpose(1, 2) if is_linear else weights)
+    out = None
+    for part in range(parts):
+        masked = build(weight, leaves, part)
+        masked = masked.to(rows.dtype) if masked.dtype != rows.dtype else masked
+        piece = rows[part] @ (masked.t() if is_linear else masked)
+        if out is None:
+            out = piece.new_empty((parts, *piece.shape))
+        out[part] = piece
     out = out.reshape(*x.shape[:-1], out.shape[-1])
     return out if bias is None else out + bias
 
 
 class _LeanMaskedMatmul(torch.autograd.Function):
-    """:func:`_matmul` with the masked weights built from the mask parameters, keeping only
-    the input (which the layer keeps anyway) for backward: the masked weights are rebuilt there,
-    one layer at a time, and their gradient is taken back to the mask parameters."""
+    """:func:`_matmul`, keeping only the input (which the layer keeps anyway) for backward: the
+    masked weights are rebuilt there, one sample at a time, and their gradient is taken back to
+    the mask parameters."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, build, is_linear, *leaves):
-        ctx.build, ctx.is_linear = build, is_linear
+    def forward(ctx, x, weight, bias, build, is_linear, parts, *leaves):
+        ctx.build, ctx.is_linear, ctx.parts = build, is_linear, parts
         ctx.save_for_backward(x, weight, *leaves)
-        return _matmul(x, build(weight, leaves), bias, is_linear)
+        return _matmul(x, weight, bias, build, leaves, parts, is_linear)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *leaves = ctx.saved_tensors
-        with torch.enable_grad():
-            copies = [leaf.detach().requires_grad_(leaf.requires_grad) for leaf in leaves]
-            weights = ctx.build(weight, copies)
-        parts = weights.shape[0]
+        parts = ctx.parts
         grad_rows = grad_out.reshape(parts, -1, grad_out.shape[-1])
-        rows = x.reshape(parts, -1, x.shape[-1]).to(grad_rows.dtype)
-        masked = weights.detach().to(grad_rows.dtype)
-        if ctx.is_linear:  # y = x W^T: dx = dy W, dW = dy^T x
-            grad_x = torch.bmm(grad_rows, masked) if ctx.needs_input_grad[0] else None
-            grad_weights = torch.bmm(grad_rows.transpose(1, 2), rows)
-        else:  # y = x W: dx = dy W^T, dW = x^T dy
-            grad_x = (
-                torch.bmm(grad_rows, masked.transpose(1, 2)) if ctx.needs_input_grad[0] else None
-            )
-            grad_weights = torch.bmm(rows.transpose(1, 2), grad_rows)
+        rows = x.reshape(parts, -1, x.shape[-1])
+        grad_x = x.new_empty(rows.shape) if ctx.needs_input_grad[0] else None
+        copies = [leaf.detach().requires_grad_(leaf.requires_grad) for leaf in leaves]
         trained = [c for c in copies if c.requires_grad]
-        found = iter(
-            torch.autograd.grad(weights, trained, grad_weights.to(weights.dtype)) if trained else ()
-        )
-        grad_leaves = [next(found) if c.requires_grad else None for c in copies]
+        sums: list[Tensor | None] = [None] * len(trained)
+        for part in range(parts):
+            with torch.enable_grad():
+                masked = ctx.build(weight, copies, part)
+            dy, inputs = grad_rows[part], rows[part].to(grad_rows.dtype)
+            plain = masked.detach().to(dy.dtype)
+            if ctx.is_linear:  # y = x W^T: dx = dy W, dW = dy^T x
+                if grad_x is not None:
+                    grad_x[part] = dy @ plain
+                grad_masked = dy.t() @ inputs
+            else:  # y = x W: dx = dy W^T, dW = x^T dy
+                if grad_x is not None:
+                    grad_x[part] = dy @ plain.t()
+                grad_masked = inputs.t() @ dy
+            if trained:
+                found = torch.autograd.grad(masked, trained, grad_masked.to(masked.dtype))
+                sums = [
+                    g if total is None else total + g for total, g in zip(sums, found, strict=True)
+                ]
+        gathered = iter(sums)
+        grad_leaves = [next(gathered) if c.requires_grad else None for c in copies]
         grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if grad_x is not None:
-            grad_x = grad_x.reshape(x.shape).to(x.dtype)
-        return grad_x, None, grad_bias, None, None, *grad_leaves
+            grad_x = grad_x.reshape(x.shape)
+        return grad_x, None, grad_bias, None, None, None, *grad_leaves
 
 
 def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
@@ -211,7 +233,7 @@ def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
 def sample_batching(plan: Any, attachment: Attachment) -> SampleBatching | None:
     """The fused forwards when the run has several mask samples and they can be side by side."""
     asked = plan.context.sample_batching
-    if plan.samples == 1 or asked == "sequential" or plan.method.trains_weights:
+    if asked == "sequential" or plan.method.trains_weights:
         return None
     reason = unfusable_reason(attachment)
     if reason is None:

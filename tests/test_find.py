@@ -66,7 +66,9 @@ def test_bad_steps(setup, steps):
 def test_non_scalar_loss_is_explained_and_model_restored(setup):
     model, data = setup
     before = snapshot(model)
-    with pytest.raises(TypeError, match=r"must return a scalar tensor.*Tensor\(16, 4\).*\.mean\(\)"):
+    with pytest.raises(
+        TypeError, match=r"must return a scalar tensor.*Tensor\(16, 4\).*\.mean\(\)"
+    ):
         si.find(model, "gumbel_sigmoid", lambda m, b: m(b[0]) - b[1], data, steps=2, progress=False)
     assert_bit_exact(model, before)
     assert all(p.requires_grad for p in model.parameters())
@@ -117,6 +119,12 @@ def test_gumbel_splits_the_batch_among_mask_samples(setup):
         return mse(m, b)
 
     si.find(model, "gumbel_sigmoid", recording, data, steps=1, progress=False)
+    assert sizes == [16]  # the four samples side by side, each on its quarter (test_fused_samples)
+    sizes.clear()
+    si.find(
+        model, "gumbel_sigmoid", recording, data, steps=1, progress=False,
+        sample_batching="sequential",
+    )  # fmt: skip
     assert sizes == [4, 4, 4, 4]
 
 
