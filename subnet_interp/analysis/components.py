@@ -18,9 +18,9 @@ plain kept fraction. ``weighted=True`` counts each weight by ``|theta|`` (zeros 
 too); ``count_zeros=True`` gives the plain kept fraction of every weight, zeros included (the
 mask's density in the unit, the definition before this change).
 
-Across layers: a mask rarely keeps every layer at the same density (on a tiny GPT-2 trained on
-IOI, masks keep layer 0's heads denser than layer 1's whatever their role), so kept fractions
-rank heads well within a layer but can mis-rank them across layers. ``relative=True`` divides
+Across layers: a mask rarely keeps every layer at the same density (masks found on a tiny GPT-2
+trained on IOI keep its layer-0 heads denser than its layer-1 heads), so kept fractions rank
+heads well within a layer but can mis-rank them across layers. ``relative=True`` divides
 each unit's kept amount by what it would keep at its layer's rate, weight matrix by weight
 matrix: an enrichment ratio (observed / expected, as in enrichment analysis), 1 for a unit as
 dense as its layer. It assumes a layer's density says nothing about which of its units matter;
