@@ -22,7 +22,7 @@ tracr's outputs are one-hot values in [0, 1], so an unscaled cross-entropy moves
 a right and a wrong model (``reverse``: 0.55 at accuracy 1.0) and the sparsity penalty wins.
 
 Columns: head / neuron AUC of ``head_scores`` / ``neuron_scores`` (default: the kept fraction of
-the non-zero weights), weight AUC of the method's continuous weight scores (else the mask);
+the non-zero weights; ``_relative``: with ``relative=True``, over the layer's kept fraction), weight AUC of the method's continuous weight scores (else the mask);
 accuracy under the mask (``--ablation``: zero, or mean ablation over the task's inputs, the same
 ablation the mask was trained under; categorical: argmax on the positions where the program's
 value is defined; numerical: within 0.05 of tracr's value) and the loss; density, steps, seconds.
@@ -116,6 +116,8 @@ def run_tracr(task, method_name, hp, steps, seed, ablation="zero", loss_scale=1.
     row = {"task": task.name, "numerical": task.numerical, "method": method_name, "hp": hp,
            "ablation": ablation, "steps": steps, "seconds": seconds, "density": sub.density()}  # fmt: skip
     row.update(task.recovery(sub, getattr(result, "scores", None)))
+    relative = task.recovery(sub, relative=True)  # head_scores(..., relative=True)
+    row.update({f"{k}_relative": relative[k] for k in ("head_auc", "neuron_auc")})
     row.update(task.evaluate(sub, ablation=judged_under))
     return row
 

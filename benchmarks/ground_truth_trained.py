@@ -23,7 +23,8 @@ under zero ablation, the ablation the truths are measured with.
   held-out prompts) by more than ``--ioi-threshold`` of the full model's (default 0.1).
 
 Head AUC: ROC AUC of ``si.analysis.head_scores(model, sub)`` (kept fraction of each head's
-non-zero weights) against the truth's heads. Passes (``passes``): head AUC and accuracy under
+non-zero weights) against the truth's heads; ``head_auc_relative``: the same with
+``relative=True`` (each head's kept amount over its layer's rate, comparable across layers). Passes (``passes``): head AUC and accuracy under
 the mask >= 0.95; add/mul: each op's accuracy under its own mask >= 0.95, under the other op's
 mask <= 0.5, and with the weights only the other op's mask keeps removed >= 0.95.
 
@@ -115,15 +116,17 @@ def find(model, method_name, hp, loss_fn, data, steps, seed, targets=None):
     return result, seconds
 
 
-def head_aucs(model, sub, heads) -> tuple[float, float]:
-    """ROC AUC of ``head_scores`` for the truth's heads over all heads, and the mean of the
-    AUCs within each layer that has heads in and out of the truth (nan where none)."""
+def head_aucs(model, sub, heads, relative=False) -> tuple[float, float]:
+    """ROC AUC of ``head_scores`` (with ``relative``) for the truth's heads over all heads, and
+    the mean of the AUCs within each layer that has heads in and out of the truth (nan where
+    none; the same for both scores, which order a layer's heads alike)."""
     import torch
 
     from subnet_interp.analysis import head_scores
     from subnet_interp.analysis.circuits import roc_auc
 
-    scores = torch.nan_to_num(head_scores(model, sub), nan=-1.0)  # uncovered heads rank lowest
+    scores = head_scores(model, sub, relative=relative)
+    scores = torch.nan_to_num(scores, nan=-1.0)  # uncovered heads rank lowest
     labels = torch.zeros(scores.shape, dtype=torch.bool)
     for layer, head in heads:
         labels[layer, head] = True
@@ -238,6 +241,7 @@ def head_row(task, truth, name, method, hp, steps, seed):
     row = {"task": name, "method": method, "hp": hp, "steps": steps, "seconds": seconds,
            "density": sub.density()}  # fmt: skip
     row["head_auc"], row["head_auc_within_layers"] = head_aucs(model, sub, truth["heads"])
+    row["head_auc_relative"] = head_aucs(model, sub, truth["heads"], relative=True)[0]
     row["accuracy"] = mean_over(model, task["metric"], task["held_out"], sub)
     if "logit_diff" in task:
         row["logit_diff"] = mean_over(model, task["logit_diff"], task["held_out"], sub)

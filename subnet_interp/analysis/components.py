@@ -17,6 +17,15 @@ ranking of compiled against planted-noise neurons. On a model without exact zero
 plain kept fraction. ``weighted=True`` counts each weight by ``|theta|`` (zeros weigh 0 there
 too); ``count_zeros=True`` gives the plain kept fraction of every weight, zeros included (the
 mask's density in the unit, the definition before this change).
+
+Across layers: a mask rarely keeps every layer at the same density (masks found on a tiny GPT-2
+trained on IOI keep its layer-0 heads denser than its layer-1 heads), so kept fractions rank
+heads well within a layer but can mis-rank them across layers. ``relative=True`` divides
+each unit's kept amount by what it would keep at its layer's rate, weight matrix by weight
+matrix: an enrichment ratio (observed / expected, as in enrichment analysis), 1 for a unit as
+dense as its layer. It assumes a layer's density says nothing about which of its units matter;
+a layer whose units all matter scores near 1 throughout (see ``benchmarks/README.md``,
+"Trained models", for where each choice wins).
 """
 
 from __future__ import annotations
@@ -84,7 +93,14 @@ def _layers_and_sizes(model: Any, subnetwork: Subnetwork, kind: str, axis_names:
     return 1 + max(layers), entries
 
 
-def _check_modes(weighted: bool, count_zeros: bool) -> None:
+def _check_modes(weighted: bool, count_zeros: bool, relative: bool = False) -> None:
+    for name, value in (("weighted", weighted), ("count_zeros", count_zeros),
+                        ("relative", relative)):  # fmt: skip
+        if not isinstance(value, bool):
+            raise TypeError(
+                f"{name} must be True or False, got {value!r} ({type(value).__name__}); e.g. "
+                f"head_scores(model, subnetwork, {name}=True)."
+            )
     if weighted and count_zeros:
         raise ValueError(
             "weighted=True counts each weight by |theta|, so exact zeros weigh nothing; "
@@ -92,9 +108,29 @@ def _check_modes(weighted: bool, count_zeros: bool) -> None:
         )
 
 
+def _ratio(kept: Tensor, total: Tensor, expected: Tensor | None) -> Tensor:
+    """Kept fraction (``expected`` None) or kept / expected; a unit of a layer that keeps
+    nothing scores 0 (it keeps nothing either), an uncovered unit ``nan``."""
+    if expected is None:
+        return (kept / total).float()
+    ratio = kept / expected
+    return torch.where((total > 0) & (expected == 0), torch.zeros_like(ratio), ratio).float()
+
+
+def _layer_rate(k: Tensor, t: Tensor) -> Tensor:
+    """The kept fraction of one weight matrix (0 where it has no counted weight)."""
+    whole = t.sum()
+    return k.sum() / whole if whole > 0 else whole
+
+
 @model_then_subnetwork()
 def head_scores(
-    model: Any, subnetwork: Subnetwork, *, weighted: bool = False, count_zeros: bool = False
+    model: Any,
+    subnetwork: Subnetwork,
+    *,
+    weighted: bool = False,
+    count_zeros: bool = False,
+    relative: bool = False,
 ) -> Float[Tensor, "layer head"]:
     """Fraction of each head's non-zero Q/K/V/O weights the subnetwork keeps, ``[layers, heads]``.
 
@@ -107,14 +143,20 @@ def head_scores(
     With ``count_zeros=True`` every weight counts once, zeros included (the mask's density in
     the head). Layers or heads the subnetwork does not cover, and heads with no non-zero
     weight (unless ``count_zeros``), are ``nan``.
+
+    With ``relative=True`` scores are comparable across layers: the head's kept amount over
+    what it would keep at its layer's kept fraction of each of ``W_Q``, ``W_K``, ``W_V``,
+    ``W_O`` (counted as above), ``sum_W kept_h(W) / sum_W total_h(W) * kept(W) / total(W)``;
+    1 means as dense as its layer, 2 twice as dense; 0 in a layer the mask removes entirely.
     """
-    _check_modes(weighted, count_zeros)
+    _check_modes(weighted, count_zeros, relative)
     n_layers, entries = _layers_and_sizes(model, subnetwork, "attn", ("head", "kv_head"))
     root = _root(model)
     query_heads = [e[2].shape[e[3]] for e in entries if e[4] == "head"]
     n_heads = max(query_heads) if query_heads else max(e[2].shape[e[3]] for e in entries)
     kept = torch.zeros(n_layers, n_heads, dtype=torch.float64)
     total = torch.zeros(n_layers, n_heads, dtype=torch.float64)  # 0 / 0 = nan where uncovered
+    expected = torch.zeros_like(total) if relative else None
     for layer, target, mask, axis, axis_name in entries:
         weight = None if count_zeros else read_canonical(root, target).to(mask.device)
         k, t = _per_unit(mask, weight, axis, weighted)
@@ -124,31 +166,44 @@ def head_scores(
             k, t = k.repeat_interleave(group), t.repeat_interleave(group)
         kept[layer, : k.numel()] += k
         total[layer, : t.numel()] += t
-    return (kept / total).float()
+        if expected is not None:
+            expected[layer, : t.numel()] += t * _layer_rate(k, t)
+    return _ratio(kept, total, expected)
 
 
 @model_then_subnetwork()
 def neuron_scores(
-    model: Any, subnetwork: Subnetwork, *, weighted: bool = False, count_zeros: bool = False
+    model: Any,
+    subnetwork: Subnetwork,
+    *,
+    weighted: bool = False,
+    count_zeros: bool = False,
+    relative: bool = False,
 ) -> Float[Tensor, "layer neuron"]:
     """Fraction of each MLP neuron's non-zero weights (``W_in``/``W_gate`` column, ``W_out``
     row) the subnetwork keeps, ``[layers, d_mlp]``.
 
     As in :func:`head_scores`: exact zeros do not count by default, ``weighted=True`` counts
-    each weight by ``|theta|``, ``count_zeros=True`` counts every weight once. ``nan`` where
-    not covered, and for neurons with no non-zero weight (unless ``count_zeros``)."""
-    _check_modes(weighted, count_zeros)
+    each weight by ``|theta|``, ``count_zeros=True`` counts every weight once, ``relative=True``
+    divides by what the neuron would keep at its layer's kept fraction of each of ``W_in``
+    (``W_gate``) and ``W_out`` (comparable across layers). ``nan`` where not covered, and for
+    neurons with no non-zero weight (unless ``count_zeros``)."""
+    _check_modes(weighted, count_zeros, relative)
     n_layers, entries = _layers_and_sizes(model, subnetwork, "mlp", ("neuron",))
     root = _root(model)
     width = max(e[2].shape[e[3]] for e in entries)
     kept = torch.zeros(n_layers, width, dtype=torch.float64)
     total = torch.zeros(n_layers, width, dtype=torch.float64)
+    expected = torch.zeros_like(total) if relative else None
     for layer, target, mask, axis, _ in entries:
         weight = None if count_zeros else read_canonical(root, target).to(mask.device)
         k, t = _per_unit(mask, weight, axis, weighted)
-        kept[layer] += k.double().cpu()
-        total[layer] += t.double().cpu()
-    return (kept / total).float()
+        k, t = k.double().cpu(), t.double().cpu()
+        kept[layer] += k
+        total[layer] += t
+        if expected is not None:
+            expected[layer] += t * _layer_rate(k, t)
+    return _ratio(kept, total, expected)
 
 
 @dataclass(frozen=True)

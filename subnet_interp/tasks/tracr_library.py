@@ -196,20 +196,25 @@ class TracrTask:
         return (out.argmax(-1)[defined] == target[defined]).float().mean()
 
     def recovery(
-        self, subnetwork: Subnetwork, scores: dict[str, Tensor] | None = None
+        self,
+        subnetwork: Subnetwork,
+        scores: dict[str, Tensor] | None = None,
+        *,
+        relative: bool = False,
     ) -> dict[str, float]:
         """ROC AUC of ``subnetwork`` against :meth:`truth`: ``head_auc`` and ``neuron_auc``
         of ``si.analysis.head_scores`` / ``neuron_scores`` (kept fraction of each unit's
-        non-zero weights), ``weight_auc`` of ``scores`` (a method's continuous weight scores,
-        e.g. ``FindResult.scores``; default: the mask). Positives: the needed pieces; negatives:
-        the planted noise; compiled pieces the data never needs are left out (keeping or
-        dropping them is neither right nor wrong). ``nan`` where a side is empty."""
+        non-zero weights; with ``relative``, over its layer's kept fraction), ``weight_auc`` of
+        ``scores`` (a method's continuous weight scores, e.g. ``FindResult.scores``; default:
+        the mask). Positives: the needed pieces; negatives: the planted noise; compiled pieces
+        the data never needs are left out (keeping or dropping them is neither right nor
+        wrong). ``nan`` where a side is empty."""
         from ..analysis.circuits import head_node, roc_auc
         from ..analysis.components import head_scores, neuron_scores
 
         truth = self.truth()
         cfg = self.bridge.cfg
-        heads = head_scores(self.bridge, subnetwork)
+        heads = head_scores(self.bridge, subnetwork, relative=relative)
         h_scores, h_labels = [], []
         for layer in range(cfg.n_layers):
             for head in range(cfg.n_heads):
@@ -217,7 +222,8 @@ class TracrTask:
                 if node in truth["heads"] or node in self.planted.nodes:
                     h_scores.append(float(torch.nan_to_num(heads[layer, head], nan=0.0)))
                     h_labels.append(node in truth["heads"])
-        neurons = torch.nan_to_num(neuron_scores(self.bridge, subnetwork), nan=0.0)
+        neurons = neuron_scores(self.bridge, subnetwork, relative=relative)
+        neurons = torch.nan_to_num(neurons, nan=0.0)
         candidates = truth["neurons"] | (self.live_neurons & ~self.used_neurons)
         w_scores, w_labels = [], []
         for name, needed in truth["weights"].items():
