@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor, nn
@@ -73,6 +74,7 @@ class _Location:
     # FSDP-sharded weights are not parametrized (FSDP swaps the parameter objects itself): the
     # module's forward hooks put the masked gathered weight in front of them (see _Shadow)
     shadow: _Shadow | None = None
+    tiles: bool | None = None  # whether the targets' views cover the tensor once (see _tiles)
 
     @property
     def real(self) -> Tensor:
@@ -312,10 +314,26 @@ def _real_mask(
     if len(loc.targets) == 1 and loc.targets[0].layout.is_identity:
         mask = masks[loc.targets[0].name]
     else:
-        mask = torch.full(real.shape, fill, dtype=real.dtype, device=real.device)
+        # where the targets' views tile the tensor, every entry is written below: no fill first
+        covered = len(present) == len(loc.targets) and _tiles(loc, real)
+        make = torch.empty if covered else partial(torch.full, fill_value=fill)
+        mask = make(real.shape, dtype=real.dtype, device=real.device)
         for target in present:
             mask = target.layout.write_real(masks[target.name], mask)
     return mask if mask.dtype == real.dtype else mask.to(real.dtype)
+
+
+def _tiles(loc: _Location, real: Tensor) -> bool:
+    """Whether every entry of ``real`` lies in exactly one of ``loc``'s target views (checked
+    once per location, by writing each target's index through its view and reading it back)."""
+    if loc.tiles is None:
+        owner = torch.full(real.shape, -1.0, device=real.device)
+        for index, target in enumerate(loc.targets):
+            owner = target.layout.write_real(torch.full(target.shape, float(index)), owner)
+        loc.tiles = bool((owner >= 0).all()) and all(
+            bool((t.layout.to_canonical(owner) == i).all()) for i, t in enumerate(loc.targets)
+        )
+    return loc.tiles
 
 
 def _remove_one(loc: _Location) -> None:

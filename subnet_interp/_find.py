@@ -156,17 +156,21 @@ def find(
             saves. Same masks and history as without it; costs a second elementwise pass
             (about 1-10% per step on a GPT-2-style model on CPU, more on tiny models). Always
             on for FSDP-sharded models (a layer's mask is gathered only while it computes).
-        sample_batching: for methods that see each batch through several mask samples
-            (``gumbel_sigmoid``'s ``mask_samples``): ``"auto"`` (default) applies the samples
-            to their parts of the batch side by side in one forward pass, each masked
-            ``nn.Linear`` / ``Conv1D`` multiplying its part with its own masked weight in one
-            batched matmul (as Csordás et al.'s code does), and falls back to one forward per
-            sample where that cannot be done (other weight owners, a layer whose inputs do
-            not lead with the batch dimension, ablations other than zero, sharded weights);
-            ``"sequential"`` always runs one forward per sample; ``"fused"`` refuses to fall
-            back. Same noise, parts and mean loss either way; sequence-first layers whose
-            sequence length happens to equal the batch size cannot be told apart, so use
-            ``"sequential"`` for them.
+        sample_batching: how learnable methods with frozen weights run a step. ``"auto"``
+            (default): while the mask trains, every masked ``nn.Linear`` / transformers
+            ``Conv1D`` computes its own masked matmul and keeps nothing weight-sized for
+            backward (the masked weight is rebuilt there from the mask parameters, one layer
+            and one sample at a time); with several mask samples (``gumbel_sigmoid``'s
+            ``mask_samples``) each part of the batch meets its own sample in the same single
+            forward pass, as Csordás et al.'s code does. Masks, scores and losses are
+            bit-identical to the layer-by-layer path. It falls back to that path by itself
+            where it cannot apply (other weight owners, e.g. einsum weights; a layer whose
+            inputs do not lead with the batch dimension; ablations other than zero; sharded
+            weights; batches that do not split evenly into the samples). ``"sequential"``:
+            always the layer-by-layer path (the parametrization, one forward per mask sample on
+            its part of the batch). ``"fused"``: refuse to fall back (an error says why).
+            Sequence-first layers whose sequence length happens to equal the batch size cannot
+            be told apart from batch-first ones: use ``"sequential"`` for them.
         checkpoint: a file path for learnable-mask methods: every ``checkpoint_every`` steps
             (and at the end) the run's whole state is written there atomically (mask
             parameters, optimiser state, schedule position, seed generator, history, and the

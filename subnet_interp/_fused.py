@@ -1,20 +1,24 @@
-"""Several mask samples in one forward pass.
+"""Lean masked layers, and several mask samples in one forward pass.
+
+While a learnable mask trains on frozen weights, every masked ``nn.Linear`` / transformers
+``Conv1D`` gets an instance-attribute ``forward`` that reads the unmasked weight, builds the
+masked weight from the mask parameters and multiplies. Its autograd function keeps only the
+layer's input for backward (which the layer keeps anyway); backward rebuilds the masked weight,
+so no masked weight, mask or mask intermediate of any layer lives between forward and backward.
 
 Gumbel-sigmoid masks (Csordás et al. 2021) see each batch through ``S`` independent mask
-samples, sample ``s`` on the ``s``-th equal part of the batch. Run one sample at a time, that
-is ``S`` forward and backward passes on ``1/S`` of the batch each. Csordás' code instead holds
-the ``S`` masked weights of a layer side by side and multiplies each part of its input with its
-own weight in one batched matmul, so the model runs once per step. This module does the same
-for every masked ``nn.Linear`` and transformers ``Conv1D``: while a run is fused, the layer's
-``forward`` is an instance attribute that reads the unmasked weight, builds the ``S`` masked
-weights (``[S, *weight.shape]``) and computes ``torch.bmm`` of the parts with them.
+samples, sample ``s`` on the ``s``-th equal part of the batch. One sample at a time, that is
+``S`` forward and backward passes on ``1/S`` of the batch each. Csordás' code instead applies the
+``S`` masked weights of a layer to their parts of its input in one pass; so do these layers,
+one sample's masked weight at a time, so the model runs once per step.
 
-The maths is that of the sequential loop (same noise, same parts, same mean loss when the parts
-are equal); only floating-point summation order differs. A run is fused only where that holds:
-every targeted weight is a plain ``nn.Linear`` / ``Conv1D`` weight under zero ablation, and every
-such layer sees inputs whose leading dimension is the batch's. The first forward that breaks this
-raises :class:`NotFusable` before anything is updated, and the loop falls back to one sample at a
-time (or reports it, when ``sample_batching="fused"`` was asked for).
+The maths and the order of every floating-point operation on the weights are those of the
+layer-by-layer loop (same noise, same parts, same products): masks and scores come out
+bit-identical (tested). A run is fused only where that holds: every targeted weight is a plain
+``nn.Linear`` / ``Conv1D`` weight under zero ablation, weights frozen, and every such layer sees
+inputs whose leading dimension is the batch's. The first forward that breaks this raises
+:class:`NotFusable` before anything is updated, and the loop falls back to the layer-by-layer
+path (or reports it, when ``sample_batching="fused"`` was asked for).
 """
 
 from __future__ import annotations
@@ -231,7 +235,7 @@ def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
 
 
 def sample_batching(plan: Any, attachment: Attachment) -> SampleBatching | None:
-    """The fused forwards when the run has several mask samples and they can be side by side."""
+    """The fused forwards of a run on frozen weights where its layers allow them, else None."""
     asked = plan.context.sample_batching
     if asked == "sequential" or plan.method.trains_weights:
         return None

@@ -177,3 +177,30 @@ def test_unknown_sample_batching_is_refused():
     task = planted_mlp()
     with pytest.raises(ValueError, match="'auto', 'fused', 'sequential'.*'batched'"):
         _run(task.model, task.loss_fn, task.batches(64), "batched", steps=2)
+
+
+@pytest.mark.parametrize(
+    ("rows", "tiles"),
+    [([(0, 3), (3, 3)], True), ([(0, 4), (2, 4)], False), ([(0, 3)], False)],
+    ids=["tiling", "overlapping", "gap"],
+)
+def test_a_tensor_is_only_left_unfilled_where_its_targets_tile_it(rows, tiles):
+    from subnet_interp._ablations import ZERO
+    from subnet_interp._attach import _Location, _Masking, _Slot, _tiles
+    from subnet_interp._types import Layout, Target
+
+    layer = nn.Linear(4, 6)
+    targets = [
+        Target(
+            f"part{i}",
+            "",
+            "weight",
+            (size, 4),
+            ("row", "col"),
+            Layout((("narrow", 0, start, size),)),
+        )
+        for i, (start, size) in enumerate(rows)
+    ]
+    slot = _Slot(ZERO, ("", "weight"))
+    location = _Location(layer, "weight", targets, slot, _Masking(slot), None)
+    assert _tiles(location, layer.weight) is tiles
