@@ -20,6 +20,7 @@ from ._find_checks import (
     check_sharded_run,
     digest,
     init_probabilities,
+    memory_options,
 )
 from ._fingerprint import fingerprint
 from ._fused import SAMPLE_BATCHING
@@ -112,6 +113,7 @@ def find(
     mask_optimizer: str = "paper",
     recompute_masks: bool = False,
     sample_batching: str = "auto",
+    memory: str = "default",
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
     extra_parameters: Iterable[Tensor] | torch.nn.Module | None = None,
@@ -171,6 +173,11 @@ def find(
             its part of the batch). ``"fused"``: refuse to fall back (an error says why).
             Sequence-first layers whose sequence length happens to equal the batch size cannot
             be told apart from batch-first ones: use ``"sequential"`` for them.
+        memory: ``"default"``, or ``"lean"``: the low-memory preset for learnable methods,
+            ``mask_dtype=torch.bfloat16``, ``recompute_masks=True`` and the method's
+            ``lean_mask_optimizer`` (``"adafactor"``, except ``gumbel_sigmoid``, whose planted
+            recovery needs Adam's first moment); measured in ``benchmarks/mask_memory.py``.
+            Combine it with none of those three options.
         checkpoint: a file path for learnable-mask methods: every ``checkpoint_every`` steps
             (and at the end) the run's whole state is written there atomically (mask
             parameters, optimiser state, schedule position, seed generator, history, and the
@@ -240,6 +247,9 @@ def find(
         raise ValueError(
             f"`mask_optimizer` must be 'paper' or 'adafactor', got {mask_optimizer!r}."
         )
+    mask_dtype, mask_optimizer, recompute_masks = memory_options(
+        memory, resolved, mask_dtype, mask_optimizer, recompute_masks
+    )
     if not isinstance(log_every, int) or log_every < 1:
         raise ValueError(f"`log_every` must be a positive int, got {log_every!r}.")
     if not isinstance(checkpoint_every, int) or checkpoint_every < 1:

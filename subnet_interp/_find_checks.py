@@ -151,3 +151,25 @@ __all__ = [
     "digest",
     "init_probabilities",
 ]
+
+
+MEMORY = ("default", "lean")
+
+
+def memory_options(
+    memory: str, method: Any, mask_dtype: torch.dtype, mask_optimizer: str, recompute: bool
+) -> tuple[torch.dtype, str, bool]:
+    """``si.find``'s ``memory`` preset resolved into (mask dtype, mask optimizer, recompute)."""
+    if memory not in MEMORY:
+        raise ValueError(f"`memory` must be 'default' or 'lean', got {memory!r}.")
+    if memory == "default":
+        return mask_dtype, mask_optimizer, recompute
+    if mask_dtype != torch.float32 or mask_optimizer != "paper" or recompute:
+        raise ValueError(
+            "memory='lean' sets mask_dtype=torch.bfloat16, recompute_masks=True and the "
+            "method's low-memory optimiser itself; got also mask_dtype="
+            f"{mask_dtype}, mask_optimizer={mask_optimizer!r}, recompute_masks={recompute}. Pass "
+            "either the preset or the separate options."
+        )
+    optimizer = getattr(method, "lean_mask_optimizer", "paper")
+    return torch.bfloat16, optimizer, True

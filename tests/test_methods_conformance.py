@@ -201,3 +201,43 @@ def test_recomputed_masks_train_exactly_as_stored_ones(name):
         outcomes.append(result)
     assert outcomes[0].subnetwork == outcomes[1].subnetwork
     assert outcomes[0].history == outcomes[1].history
+
+
+LEARNABLE = [
+    "gumbel_sigmoid",
+    "continuous_sparsification_lepori",
+    "hard_concrete",
+    "continuous_sparsification",
+]
+
+
+@pytest.mark.parametrize("name", LEARNABLE)
+def test_the_lean_memory_preset_still_recovers_the_planted_subnetwork(name):
+    setting = SETTINGS[name]
+    task = make_task(name)
+    result = si.find(
+        task.model,
+        si.methods.create(name, **setting["hparams"]),
+        task.loss_fn,
+        task.batches(64),
+        steps=setting["steps"],
+        generator=torch.Generator().manual_seed(1),
+        progress=False,
+        memory="lean",
+    )
+    assert iou(result.subnetwork, task.planted) >= setting["iou"] - 0.05
+    assert result.subnetwork.meta["mask_dtype"] == "bfloat16"
+    expected = "paper" if name in ("gumbel_sigmoid", "continuous_sparsification") else "adafactor"
+    assert result.subnetwork.meta["mask_optimizer"] == expected
+
+
+def test_the_lean_preset_refuses_options_it_sets():
+    task = make_task("continuous_sparsification_lepori")
+    with pytest.raises(
+        ValueError, match="memory='lean' sets mask_dtype.*mask_optimizer='adafactor'"
+    ):
+        si.find(task.model, "continuous_sparsification_lepori", task.loss_fn, task.batches(8),
+                steps=2, memory="lean", mask_optimizer="adafactor", progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="`memory` must be 'default' or 'lean', got 'small'"):
+        si.find(task.model, "continuous_sparsification_lepori", task.loss_fn, task.batches(8),
+                steps=2, memory="small", progress=False)  # fmt: skip

@@ -188,6 +188,9 @@ class MaskMethod(Method):
     """
 
     granularity: str
+    # the mask optimiser of si.find(memory="lean"): "adafactor" where planted recovery survives
+    # it (tests/test_methods_conformance.py), else the paper's
+    lean_mask_optimizer: ClassVar[str] = "adafactor"
 
     def rounds(self) -> int:
         """Training rounds (``on_round_end`` runs between them); steps split evenly."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -58,6 +59,7 @@ class ContinuousSparsification(MaskMethod):
     ``s`` does not. The mask is ``score > 0``, exactly its top ``kept()`` weights.
     """
 
+    lean_mask_optimizer: ClassVar[str] = "paper"
     name = "continuous_sparsification"
     trains_weights = True
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -53,6 +54,7 @@ class GumbelSigmoid(MaskMethod):
     score also saturates at 1.0 for ``l > 17``, where such weights tie (broken by position).
     """
 
+    lean_mask_optimizer: ClassVar[str] = "paper"  # Adafactor loses the planted subnetwork
     name = "gumbel_sigmoid"
     init_logit: float = 2.0
     temperature: float = 1.0
