@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from weakref import WeakValueDictionary
 
 import torch
 from torch import Tensor, nn
@@ -189,8 +190,11 @@ class Attachment:
                     continue
                 was_parametrized = parametrize.is_parametrized(module, attribute)
                 order = None if was_parametrized else list(module._parameters)
+                _own_class(module)  # parametrize edits the class: not a shared one
                 parametrize.register_parametrization(module, attribute, masking, unsafe=True)
                 self._locations.append(_Location(module, attribute, members, slot, masking, order))
+            for module in {id(loc.module): loc.module for loc in self._locations}.values():
+                _share_class(module)
             self._handles = ablation.hooks(
                 root, {loc.slot.location: loc.slot for loc in self._locations}
             )
@@ -318,6 +322,42 @@ def _real_mask(
     return mask if mask.dtype == real.dtype else mask.to(real.dtype)
 
 
+# The parametrized class of each (class, parametrized tensor names): ``register_parametrization``
+# derives a new class every time, and ``torch.compile`` guards on a module's class, so without
+# this a compiled model would compile again on every entry into ``si.masked``. A cache, not
+# state: the classes are equal but for their identity.
+_SHARED_CLASSES: WeakValueDictionary[tuple[type, tuple[str, ...]], type] = WeakValueDictionary()
+_SHARED = "_subnet_interp_shared"
+
+
+def _share_class(module: nn.Module) -> None:
+    """Give a module parametrized only through ``parametrize`` the class every module with the
+    same original class and parametrized tensors has (the first such module's)."""
+    cls = type(module)
+    if not parametrize.is_parametrized(module) or cls.__module__ != parametrize.__name__:
+        return
+    key = (cls.__bases__[0], tuple(sorted(module.parametrizations.keys())))
+    names = {k for k, v in vars(cls).items() if isinstance(v, property)}
+    if names != set(key[1]):  # properties that are not parametrize's: leave the class alone
+        return
+    shared = _SHARED_CLASSES.get(key)
+    if shared is None:
+        setattr(cls, _SHARED, True)
+        _SHARED_CLASSES[key] = cls
+    elif shared is not cls:
+        module.__class__ = shared
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own again before ``parametrize`` edits it (it adds and
+    deletes properties on the module's class, which other modules may share)."""
+    cls = type(module)
+    if not vars(cls).get(_SHARED, False):
+        return
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__", _SHARED)}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def _remove_one(loc: _Location) -> None:
     module, attribute = loc.module, loc.attribute
     if loc.shadow is not None:
@@ -325,6 +365,7 @@ def _remove_one(loc: _Location) -> None:
         loc.slot.mask = None
         loc.slot.compute = None
         return
+    _own_class(module)  # parametrize edits the class: not a shared one
     plist = module.parametrizations[attribute]
     index = next(i for i, p in enumerate(plist) if p is loc.parametrization)
     if len(plist) == 1:

@@ -18,6 +18,7 @@ from ._find_checks import (
     check_ablation,
     check_loss_fn,
     check_sharded_run,
+    compiled_sample_batching,
     digest,
     init_probabilities,
 )
@@ -268,6 +269,9 @@ def find(
     if mesh is not None:
         check_sharded_run(resolved, device, mask_optimizer, resolved_ablation)
     chosen = select_targets(prepared, targets)
+    sample_batching = compiled_sample_batching(
+        model, prepared.root, sample_batching, recompute_masks, mesh
+    )
     owned = {id(p) for p in prepared.root.parameters()}
     if any(id(t) in owned for t in extras):
         raise ValueError(
