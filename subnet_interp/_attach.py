@@ -9,6 +9,7 @@ values are bit-exactly what they were (they are never written to).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from weakref import WeakValueDictionary
@@ -48,6 +49,9 @@ class _Masking(nn.Module):
         super().__init__()
         self._slot = slot
 
+    # read inside torch.compile's traces: kept free of runtime type-checking wrappers (the test
+    # suite's), which Dynamo would trace into
+    @typing.no_type_check
     def forward(self, weight: Tensor) -> Tensor:
         compute = self._slot.compute
         if compute is not None:
