@@ -83,7 +83,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", choices=["gpt2-small", "gpt2-4x256", "tiny"], default="gpt2-4x256")
+    parser.add_argument(
+        "--model", choices=["gpt2-small", "gpt2-4x256", "tiny"], default="gpt2-4x256"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--steps", type=int, default=8)
@@ -98,7 +100,9 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
-    configs = [f"{kind}:{mode}" for kind in ["finetune", *args.methods] for mode in ("eager", "compiled")]
+    configs = [
+        f"{kind}:{mode}" for kind in ["finetune", *args.methods] for mode in ("eager", "compiled")
+    ]
     rows = [measure(config, args, args.backend) for config in configs]
     base = rows[0]["seconds_per_step"]
     by_config = {row["config"]: row for row in rows}
