@@ -22,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import adapters
 from ._ablations import ZERO, Ablation, resolve_ablation
 from ._types import Target
+from .adapters.compiled import compiled_anywhere
 
 
 class _Slot:
@@ -179,6 +180,14 @@ class Attachment:
             raise ValueError(
                 f"The {ablation.name!r} ablation does not work on FSDP-sharded weights; use zero "
                 "ablation (the default), or run it on the unsharded model."
+            )
+        if type(ablation).hooks is not Ablation.hooks and compiled_anywhere(model, root):
+            raise ValueError(
+                f"The {ablation.name!r} ablation works through forward hooks, which the graph of "
+                "a torch.compile-d model does not run when they are added after it was compiled "
+                "(Dynamo does not guard on hooks: torch._dynamo.config.skip_nnmodule_hook_guards), "
+                "so the model would silently compute without them. Use the uncompiled model for "
+                "this ablation (`compiled._orig_mod`), or zero / reinit ablation."
             )
         ablation.prepare(model, root, self.targets)
         try:

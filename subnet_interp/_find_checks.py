@@ -15,7 +15,7 @@ from ._ablations import ZERO, Ablation, resolve_ablation
 from ._attach import AddDelta
 from ._ranking import ranks
 from ._types import Target
-from .adapters.compiled import is_compiled
+from .adapters.compiled import compiled_anywhere
 from .methods import registry
 from .methods._base import FindResult, MaskMethod, Method
 
@@ -133,10 +133,7 @@ def compiled_sample_batching(
     """The ``sample_batching`` a run uses; under ``torch.compile`` (``torch.compile(model)``,
     or ``module.compile()`` anywhere in the model) masks must be sampled outside the compiled
     forward, so one sample at a time, each set as a tensor the graph reads (no recompiles)."""
-    compiled = is_compiled(model) or any(
-        getattr(m, "_compiled_call_impl", None) is not None for m in root.modules()
-    )
-    if not compiled:
+    if not compiled_anywhere(model, root):
         return sample_batching
     why = (
         "samples the masks inside the forward pass, where torch.compile cannot trace them (a "

@@ -4,6 +4,8 @@ inductor's C++ build, so the tests stay fast; the benchmark uses inductor)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _util import assert_bit_exact, snapshot
@@ -154,6 +156,10 @@ def test_find_refuses_mask_sampling_inside_a_compiled_forward(option, message):
     assert_bit_exact(model, before)
 
 
+@pytest.mark.skipif(
+    os.environ.get("SI_TEST_COMPILE_BRIDGE") != "1",
+    reason="tracing the bridge takes 15-30 s on CPU; set SI_TEST_COMPILE_BRIDGE=1 to run it",
+)
 def test_masked_compiled_bridge_equals_eager_masked_bridge():
     transformers = pytest.importorskip("transformers")
     sources = pytest.importorskip("transformer_lens.model_bridge.sources")
@@ -173,3 +179,17 @@ def test_masked_compiled_bridge_equals_eager_masked_bridge():
             got = compiled(tokens)
     assert torch.equal(got, expected)
     assert_bit_exact(bridge, before)
+
+
+def test_hook_ablations_are_refused_on_a_compiled_model():
+    model = mlp()
+    compiled = torch.compile(model, backend=BACKEND)
+    with torch.no_grad():
+        compiled(X)  # compiled before the hooks exist: its graph would never run them
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="forward hooks") as error:
+        with si.masked(compiled, random_masks(model, 0), ablation=si.MeanAblation([X])):
+            pass
+    assert "uncompiled model" in str(error.value)
+    assert_bit_exact(model, before)
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())

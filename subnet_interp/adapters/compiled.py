@@ -36,6 +36,14 @@ def uncompiled(model: Any) -> Any:
     return model
 
 
+def compiled_anywhere(model: object, root: nn.Module) -> bool:
+    """Whether ``model`` is compiled, or any module under its ``root`` was compiled in place
+    (``module.compile()``)."""
+    return is_compiled(model) or any(
+        getattr(m, "_compiled_call_impl", None) is not None for m in root.modules()
+    )
+
+
 class CompiledAdapter(Adapter):
     """The adapter of a compiled model's original module, every call made on that module."""
 
@@ -91,4 +99,4 @@ class CompiledAdapter(Adapter):
         return call
 
 
-__all__ = ["CompiledAdapter", "is_compiled", "uncompiled"]
+__all__ = ["CompiledAdapter", "compiled_anywhere", "is_compiled", "uncompiled"]
