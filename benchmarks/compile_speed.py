@@ -3,9 +3,10 @@
 Same model and batches as ``mask_training_cost.py``, in one process, each configuration after
 ``--warmup`` untimed steps (the compiled ones compile there). ``si.find`` is given the compiled
 model (``torch.compile(model)``): masks attach to the model underneath and are sampled outside
-the compiled graph, one mask sample at a time, so the graph compiles once per run. Printed as
-ratios to eager fine-tuning, with each method's compiled/eager speed-up; absolute times are not
-comparable across machines or runs.
+the compiled graph, one mask sample at a time, so the graph compiles once (the first round),
+and later runs reuse it. Configurations are interleaved over ``--rounds`` rounds (median).
+Printed as ratios to eager fine-tuning, with each configuration's compiled/eager speed-up;
+absolute times are not comparable across machines or runs.
 
     python benchmarks/compile_speed.py --model gpt2-4x256            # inductor, CPU
     python benchmarks/compile_speed.py --quick                       # tiny, aot_eager: a smoke test
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -57,26 +59,12 @@ def mask_training(model, method, batches, device, warmup, steps) -> float:
     return (times[total - 1] - times[warmup]) / (total - 1 - warmup)
 
 
-def measure(config: str, args, backend: str) -> dict:
-    import torch
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    model, batches = build(args.model, args.device)
+def measure(config: str, runners: dict, batches, args) -> float:
+    """Seconds per step of one configuration (``kind:mode``) on the eager or compiled model."""
     kind, _, mode = config.partition(":")
-    runner = torch.compile(model, backend=backend) if mode == "compiled" else model
     if kind == "finetune":
-        per_step = finetune(runner, batches, args.device, args.warmup, args.steps)
-    else:
-        per_step = mask_training(runner, kind, batches, args.device, args.warmup, args.steps)
-    return {
-        "config": config,
-        "seconds_per_step": per_step,
-        "graphs_compiled": counters["stats"]["unique_graphs"],
-        "graph_breaks": sum(counters["graph_break"].values()),
-    }
+        return finetune(runners[mode], batches, args.device, args.warmup, args.steps)
+    return mask_training(runners[mode], kind, batches, args.device, args.warmup, args.steps)
 
 
 def main(argv=None) -> int:
@@ -88,14 +76,21 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backend", default="inductor", help="torch.compile backend")
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=4, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each config (median)")
     parser.add_argument("--methods", nargs="*", default=METHODS)
     parser.add_argument("--quick", action="store_true", help="tiny model, aot_eager, 2 steps")
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     if args.quick:
-        args.model, args.backend, args.steps, args.warmup = "tiny", "aot_eager", 2, 2
+        args.model, args.backend, args.steps, args.warmup, args.rounds = (
+            "tiny",
+            "aot_eager",
+            2,
+            1,
+            1,
+        )
         args.methods = args.methods[:1]
     import torch
 
@@ -103,10 +98,38 @@ def main(argv=None) -> int:
     configs = [
         f"{kind}:{mode}" for kind in ["finetune", *args.methods] for mode in ("eager", "compiled")
     ]
-    rows = [measure(config, args, args.backend) for config in configs]
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, batches = build(args.model, args.device)
+    runners = {"eager": model, "compiled": torch.compile(model, backend=args.backend)}
+    # every configuration once per round, rounds interleaved (the machine's load drifts); the
+    # first round compiles (in each run's untimed warm-up steps), later ones reuse the graphs
+    times = {config: [] for config in configs}
+    graphs = {}
+    for _ in range(args.rounds):
+        for config in configs:
+            before = counters["stats"]["unique_graphs"]
+            times[config].append(measure(config, runners, batches, args))
+            graphs[config] = graphs.get(config, 0) + counters["stats"]["unique_graphs"] - before
+    rows = [
+        {
+            "config": config,
+            "seconds_per_step": statistics.median(times[config]),
+            "rounds": times[config],
+            "graphs_compiled": graphs[config],
+        }
+        for config in configs
+    ]
+    breaks = sum(counters["graph_break"].values())
     base = rows[0]["seconds_per_step"]
     by_config = {row["config"]: row for row in rows}
-    print(f"model={args.model} device={args.device} backend={args.backend} steps={args.steps}")
+    print(
+        f"model={args.model} device={args.device} backend={args.backend} steps={args.steps} "
+        f"rounds={args.rounds} graph breaks={breaks} (median s/step; graphs compiled per config)"
+    )
     print(f"{'config':42s} {'s/step':>9s} {'vs eager FT':>11s} {'speed-up':>9s} {'graphs':>6s}")
     for row in rows:
         kind, _, mode = row["config"].partition(":")
@@ -123,6 +146,8 @@ def main(argv=None) -> int:
         "device": args.device,
         "backend": args.backend,
         "steps": args.steps,
+        "rounds": args.rounds,
+        "graph_breaks": breaks,
         "warmup": args.warmup,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
