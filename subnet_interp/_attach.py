@@ -12,7 +12,6 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from weakref import WeakValueDictionary
 
 import torch
 from torch import Tensor, nn
@@ -338,16 +337,20 @@ def _real_mask(
 # The parametrized class of each (class, parametrized tensor names): ``register_parametrization``
 # derives a new class every time, and ``torch.compile`` guards on a module's class, so without
 # this a compiled model would compile again on every entry into ``si.masked``. A cache, not
-# state: the classes are equal but for their identity.
-_SHARED_CLASSES: WeakValueDictionary[tuple[type, tuple[str, ...]], type] = WeakValueDictionary()
+# state: the classes are equal but for their identity. Held strongly (one small class per
+# layer type): Dynamo's guards compare class ids, which a collected class's successor may reuse.
+_SHARED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
 _SHARED = "_subnet_interp_shared"
 
 
 def _share_class(module: nn.Module) -> None:
-    """Give a module parametrized only through ``parametrize`` the class every module with the
-    same original class and parametrized tensors has (the first such module's)."""
+    """Give a module whose parametrizations are all masks the class every such module with the
+    same original class and parametrized tensors has (the first one's). A module that also
+    carries someone else's parametrization keeps its own class (its owner may edit it)."""
     cls = type(module)
     if not parametrize.is_parametrized(module) or cls.__module__ != parametrize.__name__:
+        return
+    if not all(isinstance(p, _Masking) for ps in module.parametrizations.values() for p in ps):
         return
     key = (cls.__bases__[0], tuple(sorted(module.parametrizations.keys())))
     names = {k for k, v in vars(cls).items() if isinstance(v, property)}
@@ -391,6 +394,7 @@ def _remove_one(loc: _Location) -> None:
             params.update(reordered)
     else:
         del plist[index]
+        _share_class(module)  # still parametrized (an outer attachment): its shared class again
     loc.slot.mask = None
     loc.slot.compute = None
 

@@ -193,3 +193,32 @@ def test_hook_ablations_are_refused_on_a_compiled_model():
     assert "uncompiled model" in str(error.value)
     assert_bit_exact(model, before)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+class _Double(torch.nn.Module):
+    def forward(self, weight):
+        return 2 * weight
+
+
+def test_nested_masks_and_a_users_own_parametrization_on_a_compiled_model():
+    from torch.nn.utils import parametrize
+
+    model = mlp()
+    parametrize.register_parametrization(model.layers[0], "weight", _Double())
+    own_class = type(model.layers[0])
+    plain_class = type(model.layers[1])
+    compiled = torch.compile(model, backend=BACKEND)
+    outer, inner = random_masks(model, 1), random_masks(model, 2)
+    with torch.no_grad():
+        plain = compiled(X)  # first compiled unmasked: the masked calls must not reuse it
+        with si.masked(model, outer), si.masked(model, inner):
+            expected = model(X)
+        for _ in range(2):
+            with si.masked(compiled, outer):
+                with si.masked(compiled, inner):
+                    assert torch.equal(compiled(X), expected)
+                assert not torch.equal(compiled(X), expected)
+        assert torch.equal(compiled(X), plain)
+    assert type(model.layers[0]) is own_class  # someone else's parametrized class is left alone
+    assert type(model.layers[1]) is plain_class
+    assert [type(p) for p in model.layers[0].parametrizations["weight"]] == [_Double]
