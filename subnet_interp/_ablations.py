@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, no_type_check
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +43,7 @@ class Ablation:
         """Register extra hooks once the masks are attached; returns their handles."""
         return []
 
+    @no_type_check  # read inside torch.compile's traces (see _Masking.forward)
     def apply(self, weight: Tensor, mask: Tensor, location: tuple[str, str]) -> Tensor:
         """The weight the model computes with at ``location`` (module path, attribute), given
         its real ``weight`` and ``mask`` in the real tensor's layout: here ``weight * mask``."""

@@ -9,6 +9,7 @@ values are bit-exactly what they were (they are never written to).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from . import adapters
 from ._ablations import ZERO, Ablation, resolve_ablation
 from ._types import Target
+from .adapters.compiled import compiled_anywhere
 
 
 class _Slot:
@@ -48,6 +50,9 @@ class _Masking(nn.Module):
         super().__init__()
         self._slot = slot
 
+    # read inside torch.compile's traces: kept free of runtime type-checking wrappers (the test
+    # suite's), which Dynamo would trace into
+    @typing.no_type_check
     def forward(self, weight: Tensor) -> Tensor:
         compute = self._slot.compute
         if compute is not None:
@@ -177,6 +182,14 @@ class Attachment:
                 f"The {ablation.name!r} ablation does not work on FSDP-sharded weights; use zero "
                 "ablation (the default), or run it on the unsharded model."
             )
+        if type(ablation).hooks is not Ablation.hooks and compiled_anywhere(model, root):
+            raise ValueError(
+                f"The {ablation.name!r} ablation works through forward hooks, which the graph of "
+                "a torch.compile-d model does not run when they are added after it was compiled "
+                "(Dynamo does not guard on hooks: torch._dynamo.config.skip_nnmodule_hook_guards), "
+                "so the model would silently compute without them. Use the uncompiled model for "
+                "this ablation (`compiled._orig_mod`), or zero / reinit ablation."
+            )
         ablation.prepare(model, root, self.targets)
         try:
             for (module_path, attribute), members in groups.items():
@@ -191,8 +204,11 @@ class Attachment:
                     continue
                 was_parametrized = parametrize.is_parametrized(module, attribute)
                 order = None if was_parametrized else list(module._parameters)
+                _own_class(module)  # parametrize edits the class: not a shared one
                 parametrize.register_parametrization(module, attribute, masking, unsafe=True)
                 self._locations.append(_Location(module, attribute, members, slot, masking, order))
+            for module in {id(loc.module): loc.module for loc in self._locations}.values():
+                _share_class(module)
             self._handles = ablation.hooks(
                 root, {loc.slot.location: loc.slot for loc in self._locations}
             )
@@ -336,6 +352,46 @@ def _tiles(loc: _Location, real: Tensor) -> bool:
     return loc.tiles
 
 
+# The parametrized class of each (class, parametrized tensor names): ``register_parametrization``
+# derives a new class every time, and ``torch.compile`` guards on a module's class, so without
+# this a compiled model would compile again on every entry into ``si.masked``. A cache, not
+# state: the classes are equal but for their identity. Held strongly (one small class per
+# layer type): Dynamo's guards compare class ids, which a collected class's successor may reuse.
+_SHARED_CLASSES: dict[tuple[type, tuple[str, ...]], type] = {}
+_SHARED = "_subnet_interp_shared"
+
+
+def _share_class(module: nn.Module) -> None:
+    """Give a module whose parametrizations are all masks the class every such module with the
+    same original class and parametrized tensors has (the first one's). A module that also
+    carries someone else's parametrization keeps its own class (its owner may edit it)."""
+    cls = type(module)
+    if not parametrize.is_parametrized(module) or cls.__module__ != parametrize.__name__:
+        return
+    if not all(isinstance(p, _Masking) for ps in module.parametrizations.values() for p in ps):
+        return
+    key = (cls.__bases__[0], tuple(sorted(module.parametrizations.keys())))
+    names = {k for k, v in vars(cls).items() if isinstance(v, property)}
+    if names != set(key[1]):  # properties that are not parametrize's: leave the class alone
+        return
+    shared = _SHARED_CLASSES.get(key)
+    if shared is None:
+        setattr(cls, _SHARED, True)
+        _SHARED_CLASSES[key] = cls
+    elif shared is not cls:
+        module.__class__ = shared
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give ``module`` a class of its own again before ``parametrize`` edits it (it adds and
+    deletes properties on the module's class, which other modules may share)."""
+    cls = type(module)
+    if not vars(cls).get(_SHARED, False):
+        return
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__", _SHARED)}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def _remove_one(loc: _Location) -> None:
     module, attribute = loc.module, loc.attribute
     if loc.shadow is not None:
@@ -343,6 +399,7 @@ def _remove_one(loc: _Location) -> None:
         loc.slot.mask = None
         loc.slot.compute = None
         return
+    _own_class(module)  # parametrize edits the class: not a shared one
     plist = module.parametrizations[attribute]
     index = next(i for i, p in enumerate(plist) if p is loc.parametrization)
     if len(plist) == 1:
@@ -355,6 +412,7 @@ def _remove_one(loc: _Location) -> None:
             params.update(reordered)
     else:
         del plist[index]
+        _share_class(module)  # still parametrized (an outer attachment): its shared class again
     loc.slot.mask = None
     loc.slot.compute = None
 

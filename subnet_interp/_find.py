@@ -18,6 +18,7 @@ from ._find_checks import (
     check_ablation,
     check_loss_fn,
     check_sharded_run,
+    compiled_sample_batching,
     digest,
     init_probabilities,
     memory_options,
@@ -222,6 +223,16 @@ def find(
     The model's weights are left bit-exactly as they were (methods that train weights work on
     a copy unless ``inplace=True``), and so are its ``requires_grad`` flags, train/eval modes
     and device.
+
+    ``torch.compile``: pass the compiled model (``torch.compile(model)``, or a model compiled
+    in place with ``model.compile()``) and ``loss_fn`` runs its compiled forward. Targets and
+    fingerprint are the uncompiled model's, so the subnetwork applies to either. Each step's
+    masks are sampled outside the compiled graph and read by it as tensors, so the graph
+    compiles once per run (not once per step), with the same masks and history as the eager
+    run with ``sample_batching="sequential"``: on a compiled model ``"auto"`` runs one mask
+    sample at a time, and ``recompute_masks=True`` and ``sample_batching="fused"`` (which
+    sample inside the forward, where Dynamo breaks the graph) are refused. Speed-ups on CPU
+    are in ``benchmarks/compile_speed.py``.
     """
     resolved = _resolve_method(method)
     if steps is None and resolved.needs_steps:
@@ -282,6 +293,9 @@ def find(
     if mesh is not None:
         check_sharded_run(resolved, device, mask_optimizer, resolved_ablation)
     chosen = select_targets(prepared, targets)
+    sample_batching = compiled_sample_batching(
+        model, prepared.root, sample_batching, recompute_masks, mesh
+    )
     owned = {id(p) for p in prepared.root.parameters()}
     if any(id(t) in owned for t in extras):
         raise ValueError(

@@ -15,6 +15,7 @@ from ._ablations import ZERO, Ablation, resolve_ablation
 from ._attach import AddDelta
 from ._ranking import ranks
 from ._types import Target
+from .adapters.compiled import compiled_anywhere
 from .methods import registry
 from .methods._base import FindResult, MaskMethod, Method
 
@@ -126,6 +127,33 @@ def check_sharded_run(
         )
 
 
+def compiled_sample_batching(
+    model: Any, root: torch.nn.Module, sample_batching: str, recompute_masks: bool, mesh: Any
+) -> str:
+    """The ``sample_batching`` a run uses; under ``torch.compile`` (``torch.compile(model)``,
+    or ``module.compile()`` anywhere in the model) masks must be sampled outside the compiled
+    forward, so one sample at a time, each set as a tensor the graph reads (no recompiles)."""
+    if not compiled_anywhere(model, root):
+        return sample_batching
+    why = (
+        "samples the masks inside the forward pass, where torch.compile cannot trace them (a "
+        "torch.Generator is made there): every step would break the graph"
+    )
+    if recompute_masks or mesh is not None:
+        raise ValueError(
+            f"recompute_masks=True{' (always on for FSDP-sharded models)' if mesh else ''} "
+            f"{why}. On a compiled model use recompute_masks=False, or pass the uncompiled "
+            "model."
+        )
+    if sample_batching == "fused":
+        raise ValueError(
+            f"sample_batching='fused' {why}. On a compiled model use sample_batching='auto' "
+            "(one mask sample at a time, masks sampled outside the compiled graph), or pass the "
+            "uncompiled model."
+        )
+    return "sequential"
+
+
 def check_loss_fn(loss_fn: Any) -> None:
     if not callable(loss_fn):
         raise TypeError(f"`loss_fn` must be callable as loss_fn(model, batch), got {loss_fn!r}.")
@@ -145,6 +173,7 @@ def check_loss_fn(loss_fn: Any) -> None:
 
 
 __all__ = [
+    "compiled_sample_batching",
     "check_ablation",
     "check_loss_fn",
     "check_sharded_run",

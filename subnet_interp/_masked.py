@@ -156,6 +156,12 @@ def masked(
     Nested use composes: an inner ``masked`` multiplies its mask onto the outer one (for
     zero ablation, the intersection of the two subnetworks). On exit, also on exception,
     every weight is bit-exactly what it was and the ``state_dict`` has its original keys.
+
+    A ``torch.compile``-d model (``torch.compile(model)`` or ``model.compile()``) takes the same
+    masks: they attach to the model underneath, its compiled forward computes with them
+    exactly as the eager one does, and the first masked call compiles once; later ``masked``
+    blocks on the same model reuse that graph whatever their masks (each masked module keeps
+    one parametrized class, the one Dynamo's guards check).
     """
     if isinstance(subnetwork, Subnetwork):
         masks: Mapping[str, Tensor] = subnetwork.masks

@@ -148,7 +148,12 @@ def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:
 
 
 def resolve(model: object) -> Adapter:
-    """The adapter for ``model``'s family."""
+    """The adapter for ``model``'s family; for a ``torch.compile``-d model, that of the model
+    underneath, called on it (see :mod:`.compiled`)."""
+    from .compiled import CompiledAdapter, is_compiled, uncompiled
+
+    if is_compiled(model):
+        return CompiledAdapter(resolve(uncompiled(model)))
     for adapter in _ADAPTERS:
         if adapter.matches(model):
             return adapter
