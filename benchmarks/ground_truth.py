@@ -67,7 +67,8 @@ PRESETS = {
         "final_threshold": 0.2,
     },
     "continuous_sparsification_lepori": {"mask_init": 2.0, "l0_lambda": 3e-5},
-    # Savarese's rescaled mask is only right with trained weights: off, weights nearly frozen
+    # Savarese's rescaled mask is only right with trained weights: off, weights nearly frozen.
+    # Fails on tracr: weight SGD diverges at any loss scale, frozen it prunes all or nothing
     "continuous_sparsification": {
         "rescale": False,
         "weight_lr": 1e-4,
@@ -263,6 +264,9 @@ def main(argv=None) -> int:
     for program in programs:
         task = library_task(program, noise=noise, seed=args.seed, inert=not args.disturbing)
         noisy = task.evaluate()
+        # the truth is computed on a copy of the bridge: do it before any method runs (after a
+        # weight-training method the bridge holds non-leaf tensors, which deepcopy refuses)
+        task.truth()
         print(f"{program}: noisy accuracy {noisy['accuracy']:.3f}, loss {noisy['loss']:.4f}")
         for method in methods:
             for hp in configurations(method):
