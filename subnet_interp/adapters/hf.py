@@ -34,7 +34,18 @@ from ._hf_common import (
     outermost_pretrained,
     unembed_target,
 )
-from .hf_biases import bias_targets
+from .hf_biases import (
+    gpt2_bias_targets,
+    llama_bias_targets,
+    neox_bias_targets,
+    opt_bias_targets,
+)
+from .hf_biases_stacks import (
+    bart_bias_targets,
+    bert_bias_targets,
+    t5_bias_targets,
+    vit_bias_targets,
+)
 from .hf_decoders import opt_targets, phi3_targets
 from .hf_encoders import bert_targets, vit_targets
 from .hf_moe import moe_targets
@@ -174,6 +185,28 @@ FAMILIES = {
     "qwen3_moe": moe_targets,
 }
 
+# The opt-in bias and norm-weight targets of each family (si.targets(..., biases=True));
+# families with Llama's module names share llama_bias_targets, which adds what a model has
+BIAS_FAMILIES = {
+    "gpt2": gpt2_bias_targets,
+    "gpt_neox": neox_bias_targets,
+    "llama": llama_bias_targets,
+    "qwen2": llama_bias_targets,
+    "mistral": llama_bias_targets,
+    "gemma": llama_bias_targets,
+    "gemma2": llama_bias_targets,
+    "phi3": llama_bias_targets,  # qkv_proj and gate_up_proj have no biases: norms only
+    "opt": opt_bias_targets,
+    "bert": bert_bias_targets,
+    "roberta": bert_bias_targets,
+    "vit": vit_bias_targets,
+    "t5": t5_bias_targets,
+    "bart": bart_bias_targets,
+    "mixtral": llama_bias_targets,
+    "qwen2_moe": llama_bias_targets,
+    "qwen3_moe": llama_bias_targets,
+}
+
 
 class HuggingFaceAdapter(Adapter):
     """``transformers`` models of the architectures in :data:`FAMILIES`."""
@@ -185,7 +218,8 @@ class HuggingFaceAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
-        return {**FAMILIES[root.config.model_type](root), **bias_targets(root)}
+        family = root.config.model_type
+        return {**FAMILIES[family](root), **BIAS_FAMILIES[family](root)}
 
     def blocks(self, model: object) -> list[nn.Module]:
         """``h`` (GPT-2), ``layers`` (GPT-NeoX, Llama, ViT in transformers 5) or
@@ -212,4 +246,11 @@ class HuggingFaceAdapter(Adapter):
             init_weights(top)
 
 
-__all__ = ["FAMILIES", "HuggingFaceAdapter", "gpt2_targets", "llama_targets", "neox_targets"]
+__all__ = [
+    "BIAS_FAMILIES",
+    "FAMILIES",
+    "HuggingFaceAdapter",
+    "gpt2_targets",
+    "llama_targets",
+    "neox_targets",
+]

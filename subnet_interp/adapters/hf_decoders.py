@@ -1,8 +1,9 @@
 """Hugging Face ``transformers`` decoders beyond GPT-2 / GPT-NeoX / Llama: Phi-3 and OPT.
 
 (Qwen2 / Qwen2.5, Gemma, Gemma-2 and Mistral keep Llama's module names, ``q_proj`` ...
-``down_proj``, so :data:`.hf.FAMILIES` maps them to :func:`.hf.llama_targets`: their biases,
-norms, embedding scale and soft-capping act outside the weight matrices that are targets.)
+``down_proj``, so :data:`.hf.FAMILIES` maps them to :func:`.hf.llama_targets`: their
+embedding scale and soft-capping act outside the targets; their biases and norm weights are
+opt-in targets, :mod:`.hf_biases`.)
 
 Canonical names and layouts are TransformerLens's, each a view into the real tensor:
 
@@ -12,8 +13,8 @@ Canonical names and layouts are TransformerLens's, each a view into the real ten
   ``[gate (d_mlp); up (d_mlp)]`` (its forward ``chunk(2)``-s the output, gate first).
   ``W_Q|K|V`` are row blocks of ``qkv_proj`` and ``W_gate`` / ``W_in`` row blocks of
   ``gate_up_proj``, both transposed to ``[d_model, ...]``.
-- **OPT** has ``q/k/v_proj``, ``out_proj``, ``fc1`` / ``fc2`` (all with biases, which are not
-  targets) under ``decoder.layers``. Its learned positional embedding adds an offset of 2 to
+- **OPT** has ``q/k/v_proj``, ``out_proj``, ``fc1`` / ``fc2`` (all with biases, which are
+  opt-in targets: :mod:`.hf_biases`) under ``decoder.layers``. Its learned positional embedding adds an offset of 2 to
   the positions; ``pos_embed.W_pos`` ``[n_ctx, d_model]`` is the table from row 2 on, so that
   ``W_pos[p]`` is position ``p``'s embedding (row 1 embeds padding, row 0 is never read:
   neither is a target). ``project_in`` / ``project_out`` (models whose

@@ -19,8 +19,8 @@ Not default (select them with ``include``):
   ``classifier.W`` ``[d_model, label]`` and, for RoBERTa's two-layer classification head,
   ``classifier.W_dense`` ``[d_model, classifier_hidden]`` in front of it.
 
-Cross-attention of BERT used as a decoder, ViT's ``mask_token``, biases and norms are not
-targets. Nothing here imports ``transformers``.
+Cross-attention of BERT used as a decoder and ViT's ``mask_token`` are not targets; biases and
+norms are opt-in targets (:mod:`.hf_biases_stacks`). Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations

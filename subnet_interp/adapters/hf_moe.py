@@ -19,8 +19,9 @@ Not default (select them with ``include``): the router ``blocks.{L}.mlp.W_router
 ``[d_model, expert]`` (masking it changes which experts run, not what they compute), Qwen2-MoE's
 shared-expert gate ``blocks.{L}.mlp.W_shared_gate`` ``[d_model, 1]``, ``embed.W_E`` and
 ``unembed.W_U``. Granularity ``"head"`` gives an expert matrix one gate (an expert-level mask);
-``"neuron"``, one per expert neuron. Biases and norms (Qwen3's ``q_norm`` / ``k_norm``) are not
-targets. Nothing here imports ``transformers``.
+``"neuron"``, one per expert neuron. Attention biases and norm weights (also
+Qwen3's ``q_norm`` / ``k_norm``) are opt-in targets (:mod:`.hf_biases`); the fused experts
+have no biases. Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations

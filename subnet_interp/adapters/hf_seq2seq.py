@@ -22,7 +22,8 @@ unembedding, but each is masked separately, as GPT-2's tied ``unembed.W_U`` is),
 ``decoder.pos_embed.W_pos`` ``[n_ctx, d_model]``, T5's relative-position bias tables
 ``encoder.pos_embed.W_rel_bias`` / ``decoder.pos_embed.W_rel_bias`` ``[bucket, head]`` (only
 block 0 of each stack has one) and the sequence-classification head (``classifier.W_dense``,
-``classifier.W``). Biases and norms are not targets. Nothing here imports ``transformers``.
+``classifier.W``). Biases and norms are
+opt-in targets (:mod:`.hf_biases_stacks`). Nothing here imports ``transformers``.
 """
 
 from __future__ import annotations
