@@ -1,6 +1,7 @@
 """Torch's own composite layers and opt-in bias / norm targets: ``nn.MultiheadAttention`` as
 canonical ``W_Q|W_K|W_V|W_O`` heads, ``nn.LSTM`` / ``nn.GRU`` per-gate targets, and the
-``biases=True`` targets of plain layers and Hugging Face GPT-2 / Llama. References are written
+``biases=True`` targets of plain layers and Hugging Face GPT-2 / Llama (the other families:
+``test_adapter_biases_all.py``). References are written
 from the layers' documented maths (einops / einsum), not from the adapter's layouts."""
 
 from __future__ import annotations

@@ -167,8 +167,9 @@ FAMILIES = {
     "gpt2": gpt2_targets,
     "gpt_neox": neox_targets,
     "llama": llama_targets,
-    # Llama's module names; q/k/v biases (Qwen2), (1 + w) RMS norms, the embedding scale,
-    # post-norms and soft-capping (Gemma, Gemma-2) are all outside the target matrices
+    # Llama's module names; q/k/v biases (Qwen2) and the (1 + w) RMS norms and post-norms
+    # (Gemma, Gemma-2) are opt-in targets (BIAS_FAMILIES); the embedding scale and
+    # soft-capping act outside every target
     "qwen2": llama_targets,
     "mistral": llama_targets,
     "gemma": llama_targets,
