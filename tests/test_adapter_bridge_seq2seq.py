@@ -123,7 +123,12 @@ def test_find_trains_through_the_bridge_as_through_hf():
     data = [(SOURCE.repeat(2, 1), TARGET.repeat(2, 1))]  # gumbel_sigmoid splits the batch in 4
     results = [
         si.find(
-            model, "gumbel_sigmoid", next_token_loss, data, steps=2, progress=False,
+            model,
+            "gumbel_sigmoid",
+            next_token_loss,
+            data,
+            steps=2,
+            progress=False,
             generator=torch.Generator().manual_seed(0),
         )  # fmt: skip
         for model in (bridge, hf)
@@ -135,3 +140,10 @@ def test_find_trains_through_the_bridge_as_through_hf():
     assert [n for n, s in on_bridge.items() if bool((s == s.flatten()[0]).all())] == []
     for name, score in on_bridge.items():
         torch.testing.assert_close(score, on_hf[name], atol=1e-5, rtol=1e-5)
+
+
+def test_a_renamed_module_inside_the_bridge_is_named_in_the_error():
+    bridge, _ = bridge_and_twin("t5")
+    bridge.decoder_blocks[1].cross_attn.k = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"T5ForConditionalGeneration \(inside a TransformerLens"):
+        si.targets(bridge)

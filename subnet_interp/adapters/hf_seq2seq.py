@@ -57,8 +57,10 @@ def _shape(model: nn.Module, path: str) -> tuple[int, int]:
     except AttributeError:
         module = None
     if not isinstance(module, nn.Linear):
+        seen = model.__dict__.get("_model", model)  # a bridge's model, through `_Unwrapped`
+        where = " (inside a TransformerLens bridge)" if seen is not model else ""
         raise ValueError(
-            f"{type(model).__qualname__} (model_type {model.config.model_type!r}) has no "
+            f"{type(seen).__qualname__}{where} (model_type {model.config.model_type!r}) has no "
             f"nn.Linear at {path!r}, where subnet_interp expects one; this transformers version "
             "may have renamed its modules. Use the plain adapter's parameter names instead "
             "(wrap the model in a plain nn.Module) or report the module names."
@@ -184,9 +186,9 @@ def bart_targets(model: nn.Module) -> dict[str, Target]:
 
 class _Unwrapped(nn.Module):
     """The transformers model a TransformerLens bridge wraps, seen through its original module
-    names (a read-only view for the target builders, never run): ``get_submodule`` steps through
-    each bridge component's ``_original_component`` where the name is not the component's own,
-    and returns the innermost module (the ``nn.Linear`` / ``nn.Embedding`` itself)."""
+    names (a read-only view for the target builders, never run): ``get_submodule`` steps into
+    each bridge component's ``_original_component`` and walks on by the transformers module's
+    own names, ending at the ``nn.Linear`` / ``nn.Embedding`` itself."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -196,17 +198,21 @@ class _Unwrapped(nn.Module):
         return getattr(self._model, name)
 
     def get_submodule(self, path: str) -> nn.Module:
-        module = self._model
+        module = _innermost(self._model)
         for part in path.split(".") if path else ():
-            current, module = module, None
-            while current is not None and module is None:
-                module = current._modules.get(part)
-                current = current._modules.get("_original_component")
-            if module is None:
+            child = module._modules.get(part)
+            if child is None:
                 raise AttributeError(f"no module {part!r} on the way to {path!r}")
-        while isinstance(module._modules.get("_original_component"), nn.Module):
-            module = module._modules["_original_component"]
+            module = _innermost(child)
         return module
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    """The transformers module a bridge component wraps (``module`` if it is none): its
+    children are what the model's own forward calls (the bridge routes assignments there)."""
+    while isinstance(module._modules.get("_original_component"), nn.Module):
+        module = module._modules["_original_component"]
+    return module
 
 
 _BRIDGE_BUILDERS = {"t5": t5_targets, "bart": bart_targets}
