@@ -58,8 +58,10 @@ def _shape(model: nn.Module, path: str) -> tuple[int, int]:
     except AttributeError:
         module = None
     if not isinstance(module, nn.Linear):
+        seen = model.__dict__.get("_model", model)  # a bridge's model, through `_Unwrapped`
+        where = " (inside a TransformerLens bridge)" if seen is not model else ""
         raise ValueError(
-            f"{type(model).__qualname__} (model_type {model.config.model_type!r}) has no "
+            f"{type(seen).__qualname__}{where} (model_type {model.config.model_type!r}) has no "
             f"nn.Linear at {path!r}, where subnet_interp expects one; this transformers version "
             "may have renamed its modules. Use the plain adapter's parameter names instead "
             "(wrap the model in a plain nn.Module) or report the module names."
@@ -183,4 +185,72 @@ def bart_targets(model: nn.Module) -> dict[str, Target]:
     return found
 
 
-__all__ = ["bart_targets", "t5_targets"]
+class _Unwrapped(nn.Module):
+    """The transformers model a TransformerLens bridge wraps, seen through its original module
+    names (a read-only view for the target builders, never run): ``get_submodule`` steps into
+    each bridge component's ``_original_component`` and walks on by the transformers module's
+    own names, ending at the ``nn.Linear`` / ``nn.Embedding`` itself."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_model", model)  # unregistered: a view, not a parent
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def get_submodule(self, path: str) -> nn.Module:
+        module = _innermost(self._model)
+        for part in path.split(".") if path else ():
+            child = module._modules.get(part)
+            if child is None:
+                raise AttributeError(f"no module {part!r} on the way to {path!r}")
+            module = _innermost(child)
+        return module
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    """The transformers module a bridge component wraps (``module`` if it is none): its
+    children are what the model's own forward calls (the bridge routes assignments there)."""
+    while isinstance(module._modules.get("_original_component"), nn.Module):
+        module = module._modules["_original_component"]
+    return module
+
+
+_BRIDGE_BUILDERS = {"t5": t5_targets, "bart": bart_targets}
+
+
+def bridge_seq2seq_targets(root: nn.Module) -> dict[str, Target]:
+    """The Hugging Face adapter's targets of the T5 or BART model a TransformerLens bridge
+    ``root`` wraps (its ``original_model``), same names, shapes, layouts and defaults, each
+    pointing at the ``nn.Linear`` / ``nn.Embedding`` inside the bridge component that wraps it
+    (by its shortest path under ``root``). A module the bridge does not register is reached
+    through ``original_model`` (the bridge keeps the model there, unregistered): T5's
+    ``encoder.embed_tokens`` / ``decoder.embed_tokens``, which the forward reads, are modules of
+    their own tied to ``shared``, and the bridge's ``embed`` wraps ``shared``, which T5's forward
+    never calls. Empty for a bridge of another family."""
+    wrapped = root.__dict__.get("original_model")
+    builder = _BRIDGE_BUILDERS.get(getattr(getattr(wrapped, "config", None), "model_type", None))
+    if builder is None:
+        return {}
+    paths: dict[int, str] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        known = paths.get(id(module))
+        if known is None or len(path) < len(known):
+            paths[id(module)] = path
+    view = _Unwrapped(wrapped)
+    found: dict[str, Target] = {}
+    for name, target in builder(view).items():
+        module = view.get_submodule(target.module)
+        path = paths.get(id(module))
+        if path is None:  # a module the bridge does not register, reached through the model
+            path = f"original_model.{target.module}"
+            try:
+                if root.get_submodule(path) is not module:
+                    continue
+            except AttributeError:
+                continue
+        found[name] = replace(target, module=path)
+    return found
+
+
+__all__ = ["bart_targets", "bridge_seq2seq_targets", "t5_targets"]

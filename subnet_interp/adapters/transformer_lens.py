@@ -2,7 +2,10 @@
 
 **TransformerBridge** wraps a Hugging Face model and computes attention with split ``q/k/v/o``
 components (on GPT-2 the fused ``c_attn`` is not used in its forward), and the MLP with
-``in/out`` (and ``gate``) components. Masks go on those components' wrapped ``nn.Linear`` /
+``in/out`` (and ``gate``) components. Of T5 and BART, whose bridge keeps ``encoder_blocks`` and
+``decoder_blocks``, the targets are the Hugging Face adapter's (``encoder.blocks.{L}.attn.W_Q``,
+``decoder.blocks.{L}.cross_attn.W_O``, ...; see ``hf_seq2seq``) on the same ``nn.Linear`` layers,
+which the bridge's components wrap. Masks go on those components' wrapped ``nn.Linear`` /
 ``Conv1D`` weights, so ``bridge(...)``, ``run_with_cache``, ``run_with_hooks`` and the user's own
 hooks all see them. ``enable_compatibility_mode()`` replaces parameters when it processes
 weights (``fold_ln`` etc.), so it must run before masks are attached: while a mask is attached
@@ -26,6 +29,7 @@ from .._types import Layout, LinearSite, Target
 from . import Adapter, is_conv1d, model_class, real_tensor
 from ._hf_common import TRANSPOSE, init_weights, outermost_pretrained
 from .hf_moe import bridge_moe_targets
+from .hf_seq2seq import bridge_seq2seq_targets
 
 # the hook points on the residual stream after a block: HookedTransformer's, the bridge's
 _RESID_POST_HOOKS = ("hook_resid_post", "hook_out")
@@ -85,6 +89,9 @@ class TransformerBridgeAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
+        seq2seq = bridge_seq2seq_targets(root)  # T5, BART: the Hugging Face adapter's names
+        if seq2seq:
+            return seq2seq
         cfg = root.cfg
         heads, d_head, d_model = cfg.n_heads, cfg.d_head, cfg.d_model
         kv_heads = getattr(cfg, "n_key_value_heads", None) or heads
@@ -200,8 +207,13 @@ class TransformerBridgeAdapter(Adapter):
         return wrapped if isinstance(wrapped, nn.Module) else root
 
     def blocks(self, model: object) -> list[nn.Module]:
-        """The bridge's ``blocks`` (their components wrap the transformers model's layers)."""
-        return _blocks(self.root(model))
+        """The bridge's ``blocks`` (their components wrap the transformers model's layers); of
+        an encoder-decoder (T5, BART), its ``encoder_blocks`` then ``decoder_blocks``."""
+        root = self.root(model)
+        stacks = [root._modules.get(f"{s}_blocks") for s in ("encoder", "decoder")]
+        if "blocks" not in root._modules and isinstance(stacks[0], nn.ModuleList):
+            return [b for s in stacks if isinstance(s, nn.ModuleList) for b in s]
+        return _blocks(root)
 
     def block_output(self, model: object, block: nn.Module) -> nn.Module:
         """The block's ``hook_out`` (``hook_resid_post`` in the cache)."""
