@@ -19,9 +19,11 @@ from ._find_checks import (
     check_loss_fn,
     check_sharded_run,
     compiled_sample_batching,
+    detach_new_caches,
     digest,
     init_probabilities,
     memory_options,
+    tensor_attributes,
 )
 from ._fingerprint import fingerprint
 from ._fused import SAMPLE_BATCHING
@@ -335,6 +337,7 @@ def find(
     flags = {name: p.requires_grad for name, p in root.named_parameters()}
     modes = {name: m.training for name, m in root.named_modules()}
     moved = run_device != model_device
+    cached = tensor_attributes(root)
     try:
         if moved:
             root.to(run_device)
@@ -379,6 +382,7 @@ def find(
             # belong to the sharded ones
             adapters.reshard(root)
         _restore(root, flags, modes, model_device if moved else None)
+        detach_new_caches(root, cached)
         if snapshot is not None:
             root.load_state_dict(snapshot)
     if not (resolved.trains_weights and inplace) and fingerprint(user_model) != print_before:

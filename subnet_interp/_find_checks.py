@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ._ablations import ZERO, Ablation, resolve_ablation
 from ._attach import AddDelta
@@ -202,3 +202,28 @@ def memory_options(
         )
     optimizer = getattr(method, "lean_mask_optimizer", "paper")
     return torch.bfloat16, optimizer, True
+
+
+def tensor_attributes(root: nn.Module) -> dict[tuple[int, str], int]:
+    """Which tensor each module holds as a plain attribute (an activation cache, e.g. the
+    bridge's attention keeps ``_captured_pre_ln_residual``), by identity."""
+    return {
+        (id(module), key): id(value)
+        for module in root.modules()
+        for key, value in vars(module).items()
+        if isinstance(value, Tensor)
+    }
+
+
+def detach_new_caches(root: nn.Module, before: Mapping[tuple[int, str], int]) -> None:
+    """Detach the activation caches the run left with their autograd graph: they would keep
+    the last step's graph alive and make the model refuse ``copy.deepcopy``. Attributes that
+    were there before the run are left as they were."""
+    for module in root.modules():
+        for key, value in list(vars(module).items()):
+            if (
+                isinstance(value, Tensor)
+                and value.grad_fn is not None
+                and before.get((id(module), key)) != id(value)
+            ):
+                module.__dict__[key] = value.detach()

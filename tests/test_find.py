@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from _util import assert_bit_exact, snapshot
+from torch import nn
 
 import subnet_interp as si
 from subnet_interp._train import split_batch
@@ -165,3 +168,24 @@ def test_batch_size_reads_the_first_tensor():
     assert batch_size({"ids": torch.zeros(3, 7)}) == 3
     assert batch_size(["text", torch.zeros(2)]) == 2
     assert batch_size("no tensors") == 1
+
+
+def test_activation_caches_the_run_leaves_are_detached():
+    class Caching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+            self.mine = torch.ones(2, requires_grad=True) * 2  # the user's own, before the run
+
+        def forward(self, x):
+            out = self.layer(x)
+            self.last = out  # a cache, as TransformerBridge's attention keeps one
+            return out
+
+    model = Caching()
+    data = [(torch.randn(8, 4), torch.randn(8, 4))]
+    si.find(model, "continuous_sparsification_lepori", mse, data, steps=2, progress=False)
+    assert model.last.grad_fn is None
+    assert model.mine.grad_fn is not None  # not the run's: left alone
+    del model.mine  # (it refuses deepcopy itself, as before the run)
+    copy.deepcopy(model)
