@@ -321,6 +321,9 @@ def find(
     if probabilities is not None:  # (likewise absent without it)
         run["init_scores"] = digest(probabilities)
     user_model = model
+    user_root = adapter.root(model)
+    # (a copy may still run some of the original's code, e.g. hooks bound to its modules)
+    user_cached = tensor_attributes(user_root)
     snapshot = None  # the weights to put back, where the method trains the model itself
     if resolved.trains_weights and not inplace:
         if adapter.family == "nnsight":
@@ -383,6 +386,8 @@ def find(
             adapters.reshard(root)
         _restore(root, flags, modes, model_device if moved else None)
         detach_new_caches(root, cached)
+        if user_root is not root:
+            detach_new_caches(user_root, user_cached)
         if snapshot is not None:
             root.load_state_dict(snapshot)
     if not (resolved.trains_weights and inplace) and fingerprint(user_model) != print_before:

@@ -189,3 +189,25 @@ def test_activation_caches_the_run_leaves_are_detached():
     assert model.mine.grad_fn is not None  # not the run's: left alone
     del model.mine  # (it refuses deepcopy itself, as before the run)
     copy.deepcopy(model)
+
+
+def test_a_trained_copy_leaves_no_graph_on_the_original():
+    class Hooked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 4)
+            owner = self
+
+            def remember(module, args, out):  # a closure: deepcopy keeps pointing at `owner`
+                owner.last = out
+
+            self.layer.register_forward_hook(remember)
+
+        def forward(self, x):
+            return self.layer(x)
+
+    model = Hooked()
+    data = [(torch.randn(8, 4), torch.randn(8, 4))]
+    si.find(model, "continuous_sparsification", mse, data, steps=2, progress=False)
+    assert model.last.grad_fn is None  # written by the copy's forward, detached afterwards
+    copy.deepcopy(model)
