@@ -35,17 +35,6 @@ from .methods import registry
 from .methods._base import Callback, FindContext, FindResult, MaskMethod, Method
 
 
-def _resolve_method(method: str | Method) -> Method:
-    if isinstance(method, str):
-        return registry.create(method)
-    if isinstance(method, Method):
-        return method
-    raise TypeError(
-        f"`method` must be a registered method name or a method instance, got "
-        f"{type(method).__name__}: {method!r}. Registered: {registry.names()}."
-    )
-
-
 def select_targets(
     prepared: Prepared,
     targets: str | Iterable[str] | Mapping[str, Target] | None,
@@ -236,7 +225,7 @@ def find(
     sample inside the forward, where Dynamo breaks the graph) are refused. Speed-ups on CPU
     are in ``benchmarks/compile_speed.py``.
     """
-    resolved = _resolve_method(method)
+    resolved = registry.resolve(method, base=Method)
     if steps is None and resolved.needs_steps:
         raise ValueError(
             f"Method {resolved.name!r} trains, so `steps` is required (e.g. steps=1000)."
