@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from .._types import Layout, Target
-from . import model_class
+from . import model_class, real_tensor
 
 TRANSPOSE = ("permute", (1, 0))  # [out, in] nn.Linear weight <-> canonical [in, out]
 
@@ -154,6 +154,36 @@ def embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str
     return found
 
 
+def has_linear(model: nn.Module, path: str) -> bool:
+    """Whether ``model`` has an ``nn.Linear`` at ``path``."""
+    try:
+        return isinstance(model.get_submodule(path), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def linear_readout(
+    model: nn.Module, name: str, path: str, axes: tuple[str, str], kind: str
+) -> dict[str, Target]:
+    """The ``nn.Linear`` at ``path`` (if the model has one) as a non-default ``[in, out]``
+    target, one unit per output (``{}`` when there is none): task read-outs, projections."""
+    if not has_linear(model, path):
+        return {}
+    out_features, in_features = real_tensor(model.get_submodule(path), "weight").shape
+    target = Target(
+        name,
+        path,
+        "weight",
+        (in_features, out_features),
+        axes,
+        Layout((TRANSPOSE,)),
+        default=False,
+        kind=kind,
+        unit_axes=(axes[1],),
+    )
+    return {name: target}
+
+
 def unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]:
     """``unembed.W_U`` ``[d_model, d_vocab]`` of the ``nn.Linear`` at ``path`` (not a default
     target; masked separately from a tied embedding); ``{}`` if there is none."""
@@ -183,12 +213,14 @@ __all__ = [
     "base_prefix",
     "block_list",
     "embedding_targets",
+    "has_linear",
     "init_weights",
     "is_hf",
     "is_pretrained",
     "linear_mlp",
     "linear_o",
     "linear_qkv",
+    "linear_readout",
     "mlp_target",
     "outermost_pretrained",
     "unembed_target",
