@@ -11,6 +11,8 @@ transformers models they hold. Nothing here imports ``transformers``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -78,6 +80,32 @@ def init_weights(model: nn.Module) -> None:
             if "_is_hf_initialized" in getattr(tensor, "__dict__", {}):
                 del tensor._is_hf_initialized
     model.init_weights()
+
+
+@dataclass(frozen=True)
+class DecoderDims:
+    """The sizes a Llama-style decoder's config gives (``transformers`` names in brackets)."""
+
+    n_layers: int  # num_hidden_layers
+    d_model: int  # hidden_size
+    heads: int  # num_attention_heads
+    kv_heads: int  # num_key_value_heads (grouped-query attention); default: heads
+    d_head: int  # head_dim; default: d_model // heads
+    d_mlp: int | None  # intermediate_size; None where the config has none
+
+
+def decoder_dims(config: Any) -> DecoderDims:
+    """The :class:`DecoderDims` of a Llama-style ``transformers`` config (Llama, Qwen2,
+    Mistral, Gemma, Phi-3, mixture-of-experts decoders)."""
+    heads, d_model = config.num_attention_heads, config.hidden_size
+    return DecoderDims(
+        n_layers=config.num_hidden_layers,
+        d_model=d_model,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        d_head=getattr(config, "head_dim", None) or d_model // heads,
+        d_mlp=getattr(config, "intermediate_size", None),
+    )
 
 
 def attn_target(name, module, shape, axes, ops, units) -> Target:
@@ -208,10 +236,12 @@ def unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]
 
 __all__ = [
     "BLOCK_LISTS",
+    "DecoderDims",
     "TRANSPOSE",
     "attn_target",
     "base_prefix",
     "block_list",
+    "decoder_dims",
     "embedding_targets",
     "has_linear",
     "init_weights",

@@ -36,6 +36,7 @@ from ._hf_common import (
     TRANSPOSE,
     attn_target,
     base_prefix,
+    decoder_dims,
     embedding_targets,
     linear_mlp,
     linear_o,
@@ -48,15 +49,13 @@ from ._hf_common import (
 
 def phi3_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of a Phi-3 model (``Phi3Model``, ``Phi3ForCausalLM``, ...)."""
-    cfg = model.config
-    heads, d_model = cfg.num_attention_heads, cfg.hidden_size
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    d_head = getattr(cfg, "head_dim", None) or d_model // heads
-    d_mlp = cfg.intermediate_size
+    dims = decoder_dims(model.config)
+    heads, kv_heads, d_model, d_head = dims.heads, dims.kv_heads, dims.d_model, dims.d_head
+    d_mlp = dims.d_mlp
     base = base_prefix(model)
     found = embedding_targets(model, f"{base}embed_tokens", None)
     rows = {"Q": (0, heads), "K": (heads, kv_heads), "V": (heads + kv_heads, kv_heads)}
-    for layer in range(cfg.num_hidden_layers):
+    for layer in range(dims.n_layers):
         block = f"{base}layers.{layer}"
         for letter, (first_head, count) in rows.items():
             head_axis = "head" if letter == "Q" or kv_heads == heads else "kv_head"
