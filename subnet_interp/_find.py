@@ -315,12 +315,10 @@ def find(
     user_cached = tensor_attributes(user_root)
     snapshot = None  # the weights to put back, where the method trains the model itself
     if resolved.trains_weights and not inplace:
-        if adapter.family == "nnsight":
-            # a deep-copied nnsight wrapper cannot be traced ("the model already ran past
-            # it"): train the wrapped module itself, then put its weights back
-            snapshot = {k: v.detach().clone() for k, v in adapter.root(model).state_dict().items()}
-        else:
+        if adapter.copyable(model):
             model = _copy_model(model)
+        else:  # train the model itself, then put its weights back
+            snapshot = {k: v.detach().clone() for k, v in adapter.root(model).state_dict().items()}
     root = adapter.root(model)
     first = next(iter(chosen.values()))
     model_device = adapters.real_tensor(root.get_submodule(first.module), first.attribute).device
