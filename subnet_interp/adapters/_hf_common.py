@@ -16,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .._types import Layout, Target
+from .._types import IDENTITY, Layout, Target
 from . import model_class, real_tensor
 
 TRANSPOSE = ("permute", (1, 0))  # [out, in] nn.Linear weight <-> canonical [in, out]
@@ -152,32 +152,35 @@ def linear_mlp(
     return found
 
 
+def embedding_table(
+    name: str, path: str, shape: tuple[int, ...], axes: tuple[str, ...], layout: Layout = IDENTITY
+) -> Target:
+    """A non-default embedding target: the ``weight`` table at ``path``, one unit per row
+    (``axes[0]``: a token, a position, a token type)."""
+    return Target(
+        name,
+        path,
+        "weight",
+        shape,
+        axes,
+        layout,
+        default=False,
+        kind="embedding",
+        unit_axes=(axes[0],),
+    )
+
+
 def embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str, Target]:
     """``embed.W_E`` of the ``nn.Embedding`` at ``embed`` and, if ``pos`` is given,
     ``pos_embed.W_pos`` of the one at ``pos`` (not default targets)."""
-    found = {}
     table = model.get_submodule(embed).weight
-    found["embed.W_E"] = Target(
-        "embed.W_E",
-        embed,
-        "weight",
-        tuple(table.shape),
-        ("d_vocab", "d_model"),
-        default=False,
-        kind="embedding",
-        unit_axes=("d_vocab",),
-    )
+    found = {
+        "embed.W_E": embedding_table("embed.W_E", embed, tuple(table.shape), ("d_vocab", "d_model"))
+    }
     if pos is not None:
         positions = model.get_submodule(pos).weight
-        found["pos_embed.W_pos"] = Target(
-            "pos_embed.W_pos",
-            pos,
-            "weight",
-            tuple(positions.shape),
-            ("n_ctx", "d_model"),
-            default=False,
-            kind="embedding",
-            unit_axes=("n_ctx",),
+        found["pos_embed.W_pos"] = embedding_table(
+            "pos_embed.W_pos", pos, tuple(positions.shape), ("n_ctx", "d_model")
         )
     return found
 
@@ -242,6 +245,7 @@ __all__ = [
     "base_prefix",
     "block_list",
     "decoder_dims",
+    "embedding_table",
     "embedding_targets",
     "has_linear",
     "init_weights",

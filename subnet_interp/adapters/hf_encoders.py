@@ -31,6 +31,7 @@ from .._types import Layout, Target
 from . import real_tensor
 from ._hf_common import (
     base_prefix,
+    embedding_table,
     embedding_targets,
     has_linear,
     linear_mlp,
@@ -153,15 +154,11 @@ def bert_targets(model: nn.Module) -> dict[str, Target]:
         model, f"{embeddings}.word_embeddings", f"{embeddings}.position_embeddings"
     )
     token_types = model.get_submodule(embeddings).token_type_embeddings
-    found["token_type_embed.W_token_type"] = Target(
+    found["token_type_embed.W_token_type"] = embedding_table(
         "token_type_embed.W_token_type",
         f"{embeddings}.token_type_embeddings",
-        "weight",
         tuple(real_tensor(token_types, "weight").shape),
         ("token_type", "d_model"),
-        default=False,
-        kind="embedding",
-        unit_axes=("token_type",),
     )
     found.update(_blocks(model, base, _BERT_BLOCKS, cfg.num_hidden_layers, heads, d_head))
     found.update(_readouts(model, base, _BERT_READOUTS))
