@@ -66,16 +66,14 @@ def configurations(model, batches) -> dict:
 
     def masks(method, batching, hparams):
         def run() -> float:
-            # timestamps after each mask-optimiser step, from a global optimiser hook, so the
-            # timed steps log nothing (fine-tuning logs nothing either); a method that also
-            # trains weights steps two optimisers: only the first one seen marks a step
-            marks, first = [], []
+            # timestamps after every optimiser step, from a global optimiser hook, so the timed
+            # steps log nothing (fine-tuning logs nothing either); a method that also trains
+            # weights steps two optimisers per step (and may replace them between rounds): a
+            # step ends at its last optimiser step
+            marks = []
 
             def mark(optimizer, args, kwargs):
-                if not first:
-                    first.append(optimizer)
-                if optimizer is first[0]:
-                    marks.append(time.perf_counter())
+                marks.append(time.perf_counter())
 
             hook = register_optimizer_step_post_hook(mark)
             try:
@@ -91,7 +89,9 @@ def configurations(model, batches) -> dict:
                 )
             finally:
                 hook.remove()
-            return (marks[WARMUP + STEPS] - marks[WARMUP]) / STEPS
+            per_step = len(marks) // (WARMUP + STEPS + 1)
+            ends = marks[per_step - 1 :: per_step]
+            return (ends[WARMUP + STEPS] - ends[WARMUP]) / STEPS
 
         return run
 
