@@ -171,3 +171,21 @@ def test_block_indices_name_the_same_hidden_states_on_the_bridge_and_hf(kind):
             on_bridge = read_hidden(bridge, layer, {"input": SOURCE, "decoder_input": TARGET})
             assert on_hf.shape[1] == (SOURCE if layer < LAYERS else TARGET).shape[1]
             torch.testing.assert_close(on_bridge, on_hf, atol=1e-6, rtol=1e-6)
+
+
+def test_a_probe_at_a_decoder_block_index_masks_the_encoder_and_the_decoder_up_to_it():
+    from subnet_interp._types import stack_position
+    from subnet_interp.probing import subnetwork_probe
+
+    bridge, hf = bridge_and_twin("t5")
+    labels = torch.randint(0, 3, (4, TARGET.shape[1]), generator=torch.Generator().manual_seed(0))
+    masked = []
+    for model, keys in (
+        (hf, ("input_ids", "decoder_input_ids")),
+        (bridge, ("input", "decoder_input")),
+    ):
+        inputs = dict(zip(keys, (SOURCE.repeat(2, 1), TARGET.repeat(2, 1)), strict=True))
+        result = subnetwork_probe(model, LAYERS, [(inputs, labels)], 3, steps=2, progress=False)
+        masked.append({stack_position(name)[:2] for name in result.subnetwork.names})
+    # block index LAYERS is the decoder's first block, which reads every encoder block
+    assert masked == [{("encoder", 0), ("encoder", 1), ("decoder", 0)}] * 2
