@@ -152,3 +152,12 @@ def test_the_html_report_shows_each_attention_kind_and_stack():
     for group in GROUPS:
         assert f"kept fraction of each {group} head" in page
     assert "each encoder.mlp MLP neuron" in page and "each decoder.mlp MLP neuron" in page
+
+
+def test_the_head_density_plot_has_one_panel_per_attention_kind():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    model = build("bart")
+    figure = si.analysis.plot_densities(model, si.Subnetwork(random_masks(model)), by="head")
+    titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
+    plt.close(figure)
+    assert titles == [f"kept fraction per {group} head" for group in GROUPS]
