@@ -58,6 +58,7 @@ class Layout:
 IDENTITY = Layout()
 
 _BLOCK_NAME = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_STACK_BLOCK_NAME = re.compile(r"^(?:(encoder|decoder)\.)?blocks\.(\d+)\.(.+)$")
 
 
 def block_position(name: str) -> tuple[int, str] | None:
@@ -68,6 +69,17 @@ def block_position(name: str) -> tuple[int, str] | None:
     """
     match = _BLOCK_NAME.match(name)
     return None if match is None else (int(match.group(1)), match.group(2))
+
+
+def stack_position(name: str) -> tuple[str, int, str] | None:
+    """``(stack, layer, component)`` of a canonical block name, also of an encoder-decoder's
+    ``{encoder,decoder}.blocks.{L}.{component}`` (``decoder.blocks.1.cross_attn.W_Q`` ->
+    ``("decoder", 1, "cross_attn.W_Q")``); ``stack`` is ``""`` for ``blocks.{L}....``, ``None``
+    for any other name. :func:`block_position` is this for names without a stack."""
+    match = _STACK_BLOCK_NAME.match(name)
+    if match is None:
+        return None
+    return match.group(1) or "", int(match.group(2)), match.group(3)
 
 
 @dataclass(frozen=True)
@@ -232,6 +244,7 @@ __all__ = [
     "NotFoundError",
     "Target",
     "block_position",
+    "stack_position",
     "describe_tensor",
     "model_class",
 ]

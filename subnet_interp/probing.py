@@ -81,7 +81,7 @@ from ._probe import (  # noqa: F401  (IGNORE_INDEX, LEVELS and probe_features ar
     split_probe_batch,
 )
 from ._subnetwork import Subnetwork
-from ._types import Target
+from ._types import Target, stack_position
 from .methods import registry
 from .methods._base import MaskMethod, Method
 
@@ -137,10 +137,19 @@ class ProbeBaselines:
     random_init: ProbeResult
 
 
-def _default_targets(layer: int | str) -> list[str] | None:
+def _default_targets(model: Any, layer: int | str) -> list[str] | None:
+    """Patterns of the blocks ``0 .. layer`` (``None`` for a module path: every default
+    target); of an encoder-decoder, in the order its adapter lists the blocks: the encoder's,
+    then the decoder's (a decoder block's patterns include every encoder block, which it reads
+    through cross-attention)."""
     if isinstance(layer, str):
         return None
-    return [f"blocks.{index}.*" for index in range(layer + 1)]
+    positions = (stack_position(name) for name in select_targets(prepare(model), None))
+    stacks = {(p[0], p[1]) for p in positions if p is not None}
+    if all(stack == "" for stack, _ in stacks):
+        return [f"blocks.{index}.*" for index in range(layer + 1)]
+    order = sorted(stacks, key=lambda p: (p[0] != "encoder", p[1]))
+    return [f"{stack}.blocks.{index}.*" for stack, index in order[: layer + 1]]
 
 
 def _method(
@@ -226,7 +235,7 @@ def subnetwork_probe(
     check_level(level, position)
     source = generator if generator is not None else torch.Generator().manual_seed(0)
     probe = make_probe(model, layer, data, n_classes, hidden, probe_seed(source))  # checks layer
-    chosen = targets if targets is not None else _default_targets(layer)
+    chosen = targets if targets is not None else _default_targets(model, layer)
     resolved = _method(method, model, chosen, method_hparams)
 
     def loss_fn(probed: Any, batch: Any) -> Tensor:

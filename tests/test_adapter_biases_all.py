@@ -89,6 +89,13 @@ CASES = {
         ["decoder.blocks.0.cross_attn.b_K", "decoder.blocks.1.ln_cross.b", "encoder.embed.ln.w"],
         [],
     ),
+    "mbart": (
+        lambda: seq2seq_moe.build("mbart"),
+        (seq2seq_moe.SOURCE, seq2seq_moe.TARGET),
+        seq2seq_forward,
+        ["encoder.blocks.0.ln1.b", "encoder.ln_final.w", "decoder.ln_final.b"],
+        [],
+    ),
     "mixtral": (lambda: seq2seq_moe.build("mixtral"), TOKENS, None, ["blocks.1.ln2.w"], []),
     "qwen2_moe": (
         lambda: seq2seq_moe.build("qwen2_moe"),
@@ -127,7 +134,7 @@ def test_bias_and_norm_targets_pass_the_conformance_kit(kind):
 
 
 @pytest.mark.parametrize(
-    "kind", ["neox", "opt", "gemma2", "bert", "vit", "t5", "bart", "qwen3_moe"]
+    "kind", ["neox", "opt", "gemma2", "bert", "vit", "t5", "bart", "mbart", "qwen3_moe"]
 )
 def test_every_bias_and_norm_parameter_of_the_blocks_is_a_target(kind):
     model = CASES[kind][0]()

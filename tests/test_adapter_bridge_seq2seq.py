@@ -7,11 +7,20 @@ from __future__ import annotations
 import pytest
 import torch
 from _util import assert_bit_exact, snapshot
-from test_adapter_seq2seq_moe import SEQ2SEQ, SOURCE, TARGET, build, outputs, random_masks
+from test_adapter_seq2seq_moe import (
+    LAYERS,
+    SEQ2SEQ,
+    SOURCE,
+    TARGET,
+    build,
+    outputs,
+    random_masks,
+)
 
 import subnet_interp as si
 from subnet_interp import adapters
 from subnet_interp._fingerprint import read_canonical
+from subnet_interp._hidden import read_hidden
 
 sources = pytest.importorskip("transformer_lens.model_bridge.sources")
 
@@ -66,7 +75,7 @@ def test_a_random_mask_gives_the_same_logits_on_the_bridge_and_hf(kind):
     torch.testing.assert_close(on_bridge, on_hf, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart"])
+@pytest.mark.parametrize("kind", ["t5", "mt5", "bart", "mbart"])
 def test_a_cross_attention_head_mask_is_the_same_on_the_bridge_and_hf(kind):
     bridge, hf = bridge_and_twin(kind)
     layer, head = 1, 2
@@ -117,8 +126,9 @@ def next_token_loss(model, batch):
     return torch.nn.functional.cross_entropy(scores.flatten(0, 1), target[:, 1:].flatten())
 
 
-def test_find_trains_through_the_bridge_as_through_hf():
-    bridge, hf = bridge_and_twin("t5")
+@pytest.mark.parametrize("kind", ["t5", "mbart"])  # mT5 has T5's layout
+def test_find_trains_through_the_bridge_as_through_hf(kind):
+    bridge, hf = bridge_and_twin(kind)
     before = snapshot(bridge)
     data = [(SOURCE.repeat(2, 1), TARGET.repeat(2, 1))]  # gumbel_sigmoid splits the batch in 4
     results = [
@@ -147,3 +157,35 @@ def test_a_renamed_module_inside_the_bridge_is_named_in_the_error():
     bridge.decoder_blocks[1].cross_attn.k = torch.nn.Identity()
     with pytest.raises(ValueError, match=r"T5ForConditionalGeneration \(inside a TransformerLens"):
         si.targets(bridge)
+
+
+@pytest.mark.parametrize("kind", SEQ2SEQ)
+def test_block_indices_name_the_same_hidden_states_on_the_bridge_and_hf(kind):
+    # both adapters list the encoder's blocks, then the decoder's: index L reads the same state
+    bridge, hf = bridge_and_twin(kind)
+    blocks = adapters.resolve(hf).blocks(hf)
+    assert len(blocks) == len(adapters.resolve(bridge).blocks(bridge)) == 2 * LAYERS
+    with torch.no_grad():
+        for layer in range(len(blocks)):
+            on_hf = read_hidden(hf, layer, {"input_ids": SOURCE, "decoder_input_ids": TARGET})
+            on_bridge = read_hidden(bridge, layer, {"input": SOURCE, "decoder_input": TARGET})
+            assert on_hf.shape[1] == (SOURCE if layer < LAYERS else TARGET).shape[1]
+            torch.testing.assert_close(on_bridge, on_hf, atol=1e-6, rtol=1e-6)
+
+
+def test_a_probe_at_a_decoder_block_index_masks_the_encoder_and_the_decoder_up_to_it():
+    from subnet_interp._types import stack_position
+    from subnet_interp.probing import subnetwork_probe
+
+    bridge, hf = bridge_and_twin("t5")
+    labels = torch.randint(0, 3, (4, TARGET.shape[1]), generator=torch.Generator().manual_seed(0))
+    masked = []
+    for model, keys in (
+        (hf, ("input_ids", "decoder_input_ids")),
+        (bridge, ("input", "decoder_input")),
+    ):
+        inputs = dict(zip(keys, (SOURCE.repeat(2, 1), TARGET.repeat(2, 1)), strict=True))
+        result = subnetwork_probe(model, LAYERS, [(inputs, labels)], 3, steps=2, progress=False)
+        masked.append({stack_position(name)[:2] for name in result.subnetwork.names})
+    # block index LAYERS is the decoder's first block, which reads every encoder block
+    assert masked == [{("encoder", 0), ("encoder", 1), ("decoder", 0)}] * 2

@@ -1,4 +1,4 @@
-"""Hugging Face encoder-decoders (T5, BART) and mixtures of experts (Mixtral, Qwen2-MoE,
+"""Hugging Face encoder-decoders (T5, mT5, BART, mBART) and mixtures of experts (Mixtral, Qwen2-MoE,
 Qwen3-MoE): canonical names, exact layouts, masking equals hand-zeroed weights, whole heads and
 whole experts, exact restore, si.find trains through every target."""
 
@@ -18,7 +18,8 @@ from einops import rearrange  # noqa: E402
 VOCAB, D, HEADS, LAYERS, D_MLP = 40, 32, 4, 2, 48
 D_HEAD = D // HEADS
 EXPERTS, D_EXPERT, D_SHARED = 4, 16, 20
-SEQ2SEQ = ["t5", "t5_relu", "bart"]
+SEQ2SEQ = ["t5", "t5_relu", "mt5", "bart", "mbart"]
+T5_KINDS, GATED = ("t5", "t5_relu", "mt5"), ("t5", "mt5")  # the rest: BART's module names
 MOE = ["mixtral", "qwen2_moe", "qwen3_moe"]
 KINDS = SEQ2SEQ + MOE
 SOURCE = torch.randint(2, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
@@ -29,21 +30,31 @@ MOE_SIZES = dict(ATTN, num_key_value_heads=2, vocab_size=VOCAB, max_position_emb
 
 def build(kind):
     torch.manual_seed(0)
-    if kind.startswith("t5"):
-        cfg = transformers.T5Config(
+    if kind in T5_KINDS:
+        config, model = (
+            (transformers.MT5Config, transformers.MT5ForConditionalGeneration)
+            if kind == "mt5"
+            else (transformers.T5Config, transformers.T5ForConditionalGeneration)
+        )
+        cfg = config(
             vocab_size=VOCAB, d_model=D, d_kv=D_HEAD, d_ff=D_MLP, num_layers=LAYERS,
             num_heads=HEADS, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
             feed_forward_proj="relu" if kind == "t5_relu" else "gated-gelu",
         )  # fmt: skip
-        return transformers.T5ForConditionalGeneration(cfg).eval()
-    if kind == "bart":
-        cfg = transformers.BartConfig(
+        return model(cfg).eval()
+    if kind in ("bart", "mbart"):
+        config, model = (
+            (transformers.MBartConfig, transformers.MBartForConditionalGeneration)
+            if kind == "mbart"
+            else (transformers.BartConfig, transformers.BartForConditionalGeneration)
+        )
+        cfg = config(
             vocab_size=VOCAB, d_model=D, encoder_layers=LAYERS, decoder_layers=LAYERS,
             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=D_MLP,
             decoder_ffn_dim=D_MLP, max_position_embeddings=16, dropout=0.0, attention_dropout=0.0,
             init_std=0.2,
         )  # fmt: skip
-        return transformers.BartForConditionalGeneration(cfg).eval()
+        return model(cfg).eval()
     if kind == "mixtral":
         cfg = transformers.MixtralConfig(
             intermediate_size=D_EXPERT, num_local_experts=EXPERTS, num_experts_per_tok=2,
@@ -88,7 +99,7 @@ def real_locations(kind, model):
     adapter's Layout code."""
     found = {}
     if kind in SEQ2SEQ:
-        t5 = kind.startswith("t5")
+        t5 = kind in T5_KINDS
         base = "" if t5 else "model."
         found["unembed.W_U"] = ("lm_head", "weight", (), "d v -> v d")
         for stack in ("encoder", "decoder"):
@@ -104,7 +115,7 @@ def real_locations(kind, model):
                     dense = f"{block}.{len(attns)}.DenseReluDense"
                     letters = dict(zip("QKVO", "qkvo", strict=True))
                     mlp = {"W_out": f"{dense}.wo"}
-                    if kind == "t5":
+                    if kind in GATED:
                         mlp |= {"W_gate": f"{dense}.wi_0", "W_in": f"{dense}.wi_1"}
                     else:
                         mlp["W_in"] = f"{dense}.wi"
@@ -237,7 +248,9 @@ def test_masked_outputs_equal_hand_zeroed_weights(kind):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["t5", "bart", "mixtral", "qwen2_moe", "qwen3_moe"])
+@pytest.mark.parametrize(
+    "kind", ["t5", "mt5", "bart", "mbart", "mixtral", "qwen2_moe", "qwen3_moe"]
+)
 def test_every_target_is_a_weight_the_forward_reads(kind):
     model = build(kind)
     with torch.no_grad():
@@ -253,6 +266,8 @@ def test_every_target_is_a_weight_the_forward_reads(kind):
 HEAD_CASES = [
     ("t5", "encoder", "attn"), ("t5", "decoder", "attn"), ("t5", "decoder", "cross_attn"),
     ("bart", "encoder", "attn"), ("bart", "decoder", "cross_attn"), ("mixtral", None, "attn"),
+    ("mt5", "decoder", "cross_attn"), ("mbart", "decoder", "attn"),
+    ("mbart", "decoder", "cross_attn"),
 ]  # fmt: skip
 
 
@@ -340,7 +355,7 @@ def test_masked_restores_exactly_also_on_exception(kind):
     assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
 
 
-@pytest.mark.parametrize("kind", ["t5", "mixtral"])  # BART, Qwen2-MoE: the conformance kit
+@pytest.mark.parametrize("kind", ["t5", "mt5", "mbart", "mixtral"])  # BART: the conformance kit
 def test_find_trains_every_target_and_leaves_the_model_unchanged(kind):
     model = build(kind)
     before = snapshot(model)

@@ -44,13 +44,14 @@ from .hf_biases import (
 from .hf_biases_stacks import (
     bart_bias_targets,
     bert_bias_targets,
+    mbart_bias_targets,
     t5_bias_targets,
     vit_bias_targets,
 )
 from .hf_decoders import opt_targets, phi3_targets
 from .hf_encoders import bert_targets, vit_targets
 from .hf_moe import moe_targets
-from .hf_seq2seq import bart_targets, t5_targets
+from .hf_seq2seq import bart_targets, seq2seq_blocks, t5_targets
 
 _Q, _K, _V = 0, 1, 2
 
@@ -178,7 +179,9 @@ FAMILIES = {
     "roberta": bert_targets,
     "vit": vit_targets,
     "t5": t5_targets,
+    "mt5": t5_targets,  # T5 v1.1's layout (gated MLP, untied read-out)
     "bart": bart_targets,
+    "mbart": bart_targets,  # BART's module names; pre-LN, with a final norm per stack
     "mixtral": moe_targets,
     "qwen2_moe": moe_targets,
     "qwen3_moe": moe_targets,
@@ -200,7 +203,9 @@ BIAS_FAMILIES = {
     "roberta": bert_bias_targets,
     "vit": vit_bias_targets,
     "t5": t5_bias_targets,
+    "mt5": t5_bias_targets,
     "bart": bart_bias_targets,
+    "mbart": mbart_bias_targets,
     "mixtral": llama_bias_targets,
     "qwen2_moe": llama_bias_targets,
     "qwen3_moe": llama_bias_targets,
@@ -222,8 +227,13 @@ class HuggingFaceAdapter(Adapter):
 
     def blocks(self, model: object) -> list[nn.Module]:
         """``h`` (GPT-2), ``layers`` (GPT-NeoX, Llama, ViT in transformers 5) or
-        ``encoder.layer`` (BERT, RoBERTa, earlier ViT) of the base model."""
+        ``encoder.layer`` (BERT, RoBERTa, earlier ViT) of the base model; of an
+        encoder-decoder (T5, mT5, BART, mBART), the encoder's blocks then the decoder's, as a
+        TransformerLens bridge of it lists them."""
         root = self.root(model)
+        stacked = seq2seq_blocks(root)
+        if stacked is not None:
+            return stacked
         found = block_list(root)
         if found is None:
             raise TypeError(

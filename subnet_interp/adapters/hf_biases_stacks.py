@@ -13,7 +13,8 @@ encoder-decoders (T5, BART), named as their weights are (:mod:`.hf_encoders`,
   (cross-attention), ``{stack}.blocks.{L}.ln2.w`` (MLP), T5's ``{stack}.ln_final.w``; BART's
   ``{stack}.blocks.{L}.attn.b_Q|b_K|b_V|b_O``, ``decoder.blocks.{L}.cross_attn.b_*``,
   ``{stack}.blocks.{L}.mlp.b_in|b_out``, the LayerNorms' ``.b`` too, and the embedding
-  LayerNorm ``{stack}.embed.ln.w|b``.
+  LayerNorm ``{stack}.embed.ln.w|b``; mT5 as T5; mBART as BART, and its final LayerNorms
+  ``{stack}.ln_final.w|b``.
 
 The read-outs' biases (pooler, masked-LM head, classifier) are not targets. All are
 ``default=False`` views of the real tensor (``si.targets(model, biases=True)``). Nothing here
@@ -107,4 +108,18 @@ def bart_bias_targets(model: nn.Module) -> dict[str, Target]:
     return found
 
 
-__all__ = ["bart_bias_targets", "bert_bias_targets", "t5_bias_targets", "vit_bias_targets"]
+def mbart_bias_targets(model: nn.Module) -> dict[str, Target]:
+    """mBART's: BART's, and the LayerNorm at the end of each stack ``{stack}.ln_final.w|b``."""
+    found, base = bart_bias_targets(model), base_prefix(model)
+    for stack in _stacks(model, base):
+        add_norm(found, model, f"{stack}.ln_final", f"{base}{stack}.layer_norm")
+    return found
+
+
+__all__ = [
+    "bart_bias_targets",
+    "bert_bias_targets",
+    "mbart_bias_targets",
+    "t5_bias_targets",
+    "vit_bias_targets",
+]

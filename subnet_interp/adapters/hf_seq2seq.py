@@ -1,4 +1,5 @@
-"""Hugging Face ``transformers`` encoder-decoders: T5 (also the gated v1.1 / Flan MLP) and BART.
+"""Hugging Face ``transformers`` encoder-decoders: T5 (also the gated v1.1 / Flan MLP) and mT5
+(T5 v1.1's layout), BART and mBART (BART's module names, pre-LN with a final norm per stack).
 
 The blocks get TransformerLens's names and layouts under an ``encoder.`` or ``decoder.``
 prefix, and the decoder's attention over the encoder output is ``cross_attn``:
@@ -119,7 +120,8 @@ def _stacks(model: nn.Module, base: str) -> list[str]:
 
 def t5_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of a T5 model (``T5Model``, ``T5ForConditionalGeneration``, ``T5EncoderModel``,
-    ``T5ForSequenceClassification``), with the plain (``wi``) or gated (``wi_0``, ``wi_1``) MLP."""
+    ``T5ForSequenceClassification``) or an mT5 model (the same classes' ``MT5`` twins, T5
+    v1.1's layout), with the plain (``wi``) or gated (``wi_0``, ``wi_1``) MLP."""
     base = base_prefix(model)
     found: dict[str, Target] = {}
     for stack in _stacks(model, base):
@@ -158,7 +160,8 @@ def t5_targets(model: nn.Module) -> dict[str, Target]:
 def bart_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of a BART model (``BartModel``, ``BartForConditionalGeneration``,
     ``BartForSequenceClassification``; ``BartForCausalLM``, a decoder alone, has no
-    ``cross_attn`` targets)."""
+    ``cross_attn`` targets) or an mBART model (the ``MBart`` twins: the same modules, its norms
+    before each sub-layer and at each stack's end, which hold no weight matrix)."""
     cfg = model.config
     base = base_prefix(model)
     found: dict[str, Target] = {}
@@ -216,7 +219,27 @@ def _innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-_BRIDGE_BUILDERS = {"t5": t5_targets, "bart": bart_targets}
+_BRIDGE_BUILDERS = {
+    "t5": t5_targets,
+    "mt5": t5_targets,
+    "bart": bart_targets,
+    "mbart": bart_targets,
+}
+
+# model_type -> the name of the stack's block list (under ``{base}{stack}.``)
+_BLOCK_LISTS = {"t5": "block", "mt5": "block", "bart": "layers", "mbart": "layers"}
+
+
+def seq2seq_blocks(model: nn.Module) -> list[nn.Module] | None:
+    """The encoder's blocks then the decoder's (either alone for a one-stack model, e.g.
+    ``T5EncoderModel``, ``BartForCausalLM``), in the order a TransformerLens bridge lists its
+    ``encoder_blocks`` and ``decoder_blocks``; ``None`` if ``model`` is no encoder-decoder
+    family here."""
+    blocks = _BLOCK_LISTS.get(getattr(model.config, "model_type", None))
+    if blocks is None:
+        return None
+    base = base_prefix(model)
+    return [b for s in _stacks(model, base) for b in model.get_submodule(f"{base}{s}.{blocks}")]
 
 
 def bridge_seq2seq_targets(root: nn.Module) -> dict[str, Target]:
@@ -253,4 +276,4 @@ def bridge_seq2seq_targets(root: nn.Module) -> dict[str, Target]:
     return found
 
 
-__all__ = ["bart_targets", "bridge_seq2seq_targets", "t5_targets"]
+__all__ = ["bart_targets", "bridge_seq2seq_targets", "seq2seq_blocks", "t5_targets"]

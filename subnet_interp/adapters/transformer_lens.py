@@ -2,10 +2,10 @@
 
 **TransformerBridge** wraps a Hugging Face model and computes attention with split ``q/k/v/o``
 components (on GPT-2 the fused ``c_attn`` is not used in its forward), and the MLP with
-``in/out`` (and ``gate``) components. Of T5 and BART, whose bridge keeps ``encoder_blocks`` and
-``decoder_blocks``, the targets are the Hugging Face adapter's (``encoder.blocks.{L}.attn.W_Q``,
-``decoder.blocks.{L}.cross_attn.W_O``, ...; see ``hf_seq2seq``) on the same ``nn.Linear`` layers,
-which the bridge's components wrap. Masks go on those components' wrapped ``nn.Linear`` /
+``in/out`` (and ``gate``) components. Of T5, mT5, BART and mBART, whose bridge keeps
+``encoder_blocks`` and ``decoder_blocks``, the targets are the Hugging Face adapter's
+(``encoder.blocks.{L}.attn.W_Q``, ``decoder.blocks.{L}.cross_attn.W_O``, ...; see
+``hf_seq2seq``) on the same ``nn.Linear`` layers, which the bridge's components wrap. Masks go on those components' wrapped ``nn.Linear`` /
 ``Conv1D`` weights, so ``bridge(...)``, ``run_with_cache``, ``run_with_hooks`` and the user's own
 hooks all see them. ``enable_compatibility_mode()`` replaces parameters when it processes
 weights (``fold_ln`` etc.), so it must run before masks are attached: while a mask is attached

@@ -30,6 +30,7 @@ a layer whose units all matter scores near 1 throughout (see ``benchmarks/README
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,9 @@ from torch import Tensor
 
 from .._fingerprint import read_canonical
 from .._subnetwork import Subnetwork
-from .._targets import targets as all_targets
 from .._types import Target
 from ._order import model_then_subnetwork
+from ._units import unit_group, unit_scores
 from .circuits import head_node, mlp_node
 
 
@@ -52,45 +53,6 @@ def _is_block_weight(target: Target, kind: str) -> bool:
         return False
     parts = component.split(".")
     return len(parts) == 2 and parts[0] == kind and parts[1].startswith("W_")
-
-
-def _per_unit(
-    mask: Tensor, weight: Tensor | None, axis: int, weighted: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Kept amount and total per index of ``axis``: every weight counts once if ``weight`` is
-    ``None``; else ``|weight|`` if ``weighted``, else 1 for each non-zero weight and 0 for an
-    exact zero."""
-    if weight is None:
-        mass = torch.ones_like(mask, dtype=torch.float32)
-    elif weighted:
-        mass = weight.detach().abs().float()
-    else:
-        mass = (weight.detach() != 0).float()
-    kept = (mass * mask).movedim(axis, 0).flatten(1).sum(1)
-    total = mass.movedim(axis, 0).flatten(1).sum(1)
-    return kept, total
-
-
-def _layers_and_sizes(model: Any, subnetwork: Subnetwork, kind: str, axis_names: tuple[str, ...]):
-    available = all_targets(model, include="*")
-    entries = []
-    for name, mask in subnetwork.masks.items():
-        target = available.get(name)
-        if target is None or not _is_block_weight(target, kind):
-            continue
-        axis = next((a for a in axis_names if a in target.axes), None)
-        if axis is None:
-            continue
-        entries.append((target.layer, target, mask, target.axes.index(axis), axis))
-    if not entries:
-        raise ValueError(
-            f"The subnetwork has no canonical {kind} targets with a {axis_names[0]} axis "
-            f"(blocks.L.{kind}.W_*); it covers {list(subnetwork.names)[:8]}. Scores need a "
-            "transformer family subnet_interp knows (see the README's model table: Hugging "
-            "Face, TransformerLens, or nnsight wrappers of them)."
-        )
-    layers = [t.layer for t in available.values() if _is_block_weight(t, kind)]
-    return 1 + max(layers), entries
 
 
 def _check_modes(weighted: bool, count_zeros: bool, relative: bool = False) -> None:
@@ -108,21 +70,6 @@ def _check_modes(weighted: bool, count_zeros: bool, relative: bool = False) -> N
         )
 
 
-def _ratio(kept: Tensor, total: Tensor, expected: Tensor | None) -> Tensor:
-    """Kept fraction (``expected`` None) or kept / expected; a unit of a layer that keeps
-    nothing scores 0 (it keeps nothing either), an uncovered unit ``nan``."""
-    if expected is None:
-        return (kept / total).float()
-    ratio = kept / expected
-    return torch.where((total > 0) & (expected == 0), torch.zeros_like(ratio), ratio).float()
-
-
-def _layer_rate(k: Tensor, t: Tensor) -> Tensor:
-    """The kept fraction of one weight matrix (0 where it has no counted weight)."""
-    whole = t.sum()
-    return k.sum() / whole if whole > 0 else whole
-
-
 @model_then_subnetwork()
 def head_scores(
     model: Any,
@@ -131,7 +78,7 @@ def head_scores(
     weighted: bool = False,
     count_zeros: bool = False,
     relative: bool = False,
-) -> Float[Tensor, "layer head"]:
+) -> Float[Tensor, "layer head"] | dict[str, Float[Tensor, "_layer _head"]]:
     """Fraction of each head's non-zero Q/K/V/O weights the subnetwork keeps, ``[layers, heads]``.
 
     Every non-zero weight of the head's slices of the canonical ``W_Q``, ``W_K``, ``W_V`` and
@@ -148,27 +95,17 @@ def head_scores(
     what it would keep at its layer's kept fraction of each of ``W_Q``, ``W_K``, ``W_V``,
     ``W_O`` (counted as above), ``sum_W kept_h(W) / sum_W total_h(W) * kept(W) / total(W)``;
     1 means as dense as its layer, 2 twice as dense; 0 in a layer the mask removes entirely.
+
+    Of an encoder-decoder (T5, BART, ...) the result is a dict of such ``[layers, heads]``
+    tensors, one per attention kind, keyed by its canonical names without the block:
+    ``"encoder.attn"`` (``encoder.blocks.{L}.attn.W_*``), ``"decoder.attn"`` (the decoder's
+    self-attention) and ``"decoder.cross_attn"``; ``scores["decoder.cross_attn"][L, H]`` is
+    head ``H`` of ``decoder.blocks.{L}.cross_attn``. Every kind the model has is a key (all
+    ``nan`` where the subnetwork covers none of it).
     """
     _check_modes(weighted, count_zeros, relative)
-    n_layers, entries = _layers_and_sizes(model, subnetwork, "attn", ("head", "kv_head"))
-    root = _root(model)
-    query_heads = [e[2].shape[e[3]] for e in entries if e[4] == "head"]
-    n_heads = max(query_heads) if query_heads else max(e[2].shape[e[3]] for e in entries)
-    kept = torch.zeros(n_layers, n_heads, dtype=torch.float64)
-    total = torch.zeros(n_layers, n_heads, dtype=torch.float64)  # 0 / 0 = nan where uncovered
-    expected = torch.zeros_like(total) if relative else None
-    for layer, target, mask, axis, axis_name in entries:
-        weight = None if count_zeros else read_canonical(root, target).to(mask.device)
-        k, t = _per_unit(mask, weight, axis, weighted)
-        k, t = k.double().cpu(), t.double().cpu()
-        if axis_name == "kv_head":  # shared by the query heads of its group
-            group = n_heads // k.numel()
-            k, t = k.repeat_interleave(group), t.repeat_interleave(group)
-        kept[layer, : k.numel()] += k
-        total[layer, : t.numel()] += t
-        if expected is not None:
-            expected[layer, : t.numel()] += t * _layer_rate(k, t)
-    return _ratio(kept, total, expected)
+    modes = {"weighted": weighted, "count_zeros": count_zeros, "relative": relative}
+    return unit_scores(model, subnetwork, ("attn", "cross_attn"), ("head", "kv_head"), modes)
 
 
 @model_then_subnetwork()
@@ -179,7 +116,7 @@ def neuron_scores(
     weighted: bool = False,
     count_zeros: bool = False,
     relative: bool = False,
-) -> Float[Tensor, "layer neuron"]:
+) -> Float[Tensor, "layer neuron"] | dict[str, Float[Tensor, "_layer _neuron"]]:
     """Fraction of each MLP neuron's non-zero weights (``W_in``/``W_gate`` column, ``W_out``
     row) the subnetwork keeps, ``[layers, d_mlp]``.
 
@@ -187,34 +124,23 @@ def neuron_scores(
     each weight by ``|theta|``, ``count_zeros=True`` counts every weight once, ``relative=True``
     divides by what the neuron would keep at its layer's kept fraction of each of ``W_in``
     (``W_gate``) and ``W_out`` (comparable across layers). ``nan`` where not covered, and for
-    neurons with no non-zero weight (unless ``count_zeros``)."""
+    neurons with no non-zero weight (unless ``count_zeros``). Of an encoder-decoder, a dict
+    ``{"encoder.mlp": [layers, d_mlp], "decoder.mlp": ...}`` (as :func:`head_scores`)."""
     _check_modes(weighted, count_zeros, relative)
-    n_layers, entries = _layers_and_sizes(model, subnetwork, "mlp", ("neuron",))
-    root = _root(model)
-    width = max(e[2].shape[e[3]] for e in entries)
-    kept = torch.zeros(n_layers, width, dtype=torch.float64)
-    total = torch.zeros(n_layers, width, dtype=torch.float64)
-    expected = torch.zeros_like(total) if relative else None
-    for layer, target, mask, axis, _ in entries:
-        weight = None if count_zeros else read_canonical(root, target).to(mask.device)
-        k, t = _per_unit(mask, weight, axis, weighted)
-        k, t = k.double().cpu(), t.double().cpu()
-        kept[layer] += k
-        total[layer] += t
-        if expected is not None:
-            expected[layer] += t * _layer_rate(k, t)
-    return _ratio(kept, total, expected)
+    modes = {"weighted": weighted, "count_zeros": count_zeros, "relative": relative}
+    return unit_scores(model, subnetwork, ("mlp",), ("neuron",), modes)
 
 
 @dataclass(frozen=True)
 class HeadOverlap:
     """Result of :func:`head_overlap`: per ``[layer, head]``, the fraction of the head's Q/K/V/O
     weights that both subnetworks keep (``shared``), only the first (``only_a``) or only the
-    second (``only_b``); the rest neither keeps. ``nan`` where a head is not covered."""
+    second (``only_b``); the rest neither keeps. ``nan`` where a head is not covered. Of an
+    encoder-decoder, each is a dict of them keyed as :func:`head_scores` keys its result."""
 
-    shared: Float[Tensor, "layer head"]
-    only_a: Float[Tensor, "layer head"]
-    only_b: Float[Tensor, "layer head"]
+    shared: Float[Tensor, "layer head"] | dict[str, Float[Tensor, "_layer _head"]]
+    only_a: Float[Tensor, "layer head"] | dict[str, Float[Tensor, "_layer _head"]]
+    only_b: Float[Tensor, "layer head"] | dict[str, Float[Tensor, "_layer _head"]]
 
 
 def head_overlap(model: Any, a: Subnetwork, b: Subnetwork) -> HeadOverlap:
@@ -233,8 +159,20 @@ def head_overlap(model: Any, a: Subnetwork, b: Subnetwork) -> HeadOverlap:
     return HeadOverlap(shared, only_a, only_b)
 
 
-def top_heads(scores: Tensor, k: int = 5) -> list[tuple[int, int, float]]:
-    """The ``k`` highest-scoring heads as ``(layer, head, score)``, ``nan`` last."""
+def top_heads(
+    scores: Tensor | Mapping[str, Tensor], k: int = 5
+) -> list[tuple[int, int, float]] | list[tuple[str, int, int, float]]:
+    """The ``k`` highest-scoring heads as ``(layer, head, score)``, ``nan`` last; of an
+    encoder-decoder's scores (a dict, see :func:`head_scores`), across all its attention kinds
+    as ``(key, layer, head, score)``, e.g. ``("decoder.cross_attn", 1, 2, 0.9)``."""
+    if isinstance(scores, Mapping):
+        found = [(group, *head) for group, value in scores.items() for head in _ranked(value)]
+        found.sort(key=lambda entry: -entry[3] if entry[3] == entry[3] else float("inf"))
+        return found[:k]
+    return _ranked(scores, k)
+
+
+def _ranked(scores: Tensor, k: int | None = None) -> list[tuple[int, int, float]]:
     flat = torch.nan_to_num(scores, nan=-1.0).flatten()
     order = flat.argsort(descending=True)[:k].tolist()
     heads = scores.shape[1]
@@ -247,15 +185,21 @@ def _root(model: Any):
     return adapters.resolve(model).root(model)
 
 
-def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
-    """Canonical ``W_<letter>`` of every layer, masked, as ``[layers, heads, ...]`` (K/V of
-    grouped-query attention repeated for the query heads that share them)."""
+def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str, group: str = "attn") -> Tensor:
+    """Canonical ``W_<letter>`` of every layer of one attention kind (``group``: ``attn``, or
+    an encoder-decoder's ``encoder.attn``, ``decoder.attn``, ``decoder.cross_attn``), masked,
+    as ``[layers, heads, ...]`` (K/V of grouped-query attention repeated for the query heads
+    that share them)."""
     from .. import adapters
 
     adapter = adapters.resolve(model)
     root, found = adapter.root(model), adapter.all_targets(model)
-    layers = sorted({t.layer for t in found.values() if _is_block_weight(t, "attn")})
-    if not layers:
+    prefixes = {}  # layer -> "<stack.>blocks.L.<kind>.W_"
+    for name in found:
+        position = unit_group(name, ("attn", "cross_attn"))
+        if position is not None and position[0] == group:
+            prefixes[position[1]] = name[: name.rindex(".W_") + 3]
+    if not prefixes:
         raise ValueError(
             "Edge scores need canonical attention weights (blocks.L.attn.W_Q ...); this model "
             f"has none, its weights are {list(found)[:6]}. They need a transformer family "
@@ -263,66 +207,114 @@ def _stacked(model: Any, subnetwork: Subnetwork | None, letter: str) -> Tensor:
             "or nnsight wrappers of them)."
         )
     out = []
-    for layer in layers:
-        name = f"blocks.{layer}.attn.W_{letter}"
+    for layer in sorted(prefixes):
+        name = f"{prefixes[layer]}{letter}"
         if name not in found:
             raise ValueError(f"edge_scores needs canonical attention weights; {name!r} is missing.")
         weight = read_canonical(root, found[name]).detach().double()
         if subnetwork is not None and name in subnetwork:
             weight = weight * subnetwork[name].to(weight.device)
-        heads = found[f"blocks.{layer}.attn.W_Q"].shape[0]
+        heads = found[f"{prefixes[layer]}Q"].shape[0]
         if weight.shape[0] != heads:
             weight = weight.repeat_interleave(heads // weight.shape[0], dim=0)
         out.append(weight)
     return torch.stack(out)
 
 
+def _composition(source: tuple[Tensor, Tensor], reader: tuple[Tensor, ...], kind: str) -> Tensor:
+    """``[A, B]`` composition scores of source heads ``(W_V, W_O)`` (``[A, d, dh]``,
+    ``[A, dh, d]``) into reader heads ``(W_Q, W_K, W_V, W_O)`` through the reader's ``kind``
+    input (see :func:`edge_scores`), from ``d_head``-sized factors."""
+    v_a, o_a = source
+    q, k, v, o = reader
+    gram_v = v_a.transpose(1, 2) @ v_a  # V^T V      [A, dh, dh]
+    left_norm2 = _trace(gram_v, o_a @ o_a.transpose(1, 2))
+    if kind == "q":
+        middle, right_gram = torch.einsum("aij,bjk->abik", o_a, q), k.transpose(1, 2) @ k
+        right_norm2 = _trace(q.transpose(1, 2) @ q, right_gram)
+    elif kind == "k":
+        middle, right_gram = torch.einsum("aij,bjk->abik", o_a, k), q.transpose(1, 2) @ q
+        right_norm2 = _trace(right_gram, k.transpose(1, 2) @ k)
+    else:
+        middle, right_gram = torch.einsum("aij,bjk->abik", o_a, v), o @ o.transpose(1, 2)
+        right_norm2 = _trace(v.transpose(1, 2) @ v, right_gram)
+    # ||V_A M K_B^T||_F^2 = tr(M^T (V_A^T V_A) M (K_B^T K_B)), etc.
+    product = torch.einsum("abji,ajk,abkl,bli->ab", middle, gram_v, middle, right_gram)
+    denominator = (left_norm2[:, None] * right_norm2[None, :]).sqrt()
+    # a head whose masked weights are all zero composes with nothing: score 0, not 0 / 0
+    ratio = product.clamp(min=0).sqrt() / denominator.clamp(min=1e-300)
+    return torch.where(denominator > 0, ratio, torch.zeros_like(ratio))
+
+
+def _pair_scores(weights: dict, source: str, reader: str, kind: str, before) -> Tensor:
+    """``[layer_a, head_a, layer_b, head_b]`` composition of ``source`` heads into ``reader``
+    heads; ``nan`` where ``before(layer_a, layer_b)`` is false (A does not run before B)."""
+    (_, _, v_a, o_a), b = weights[source], weights[reader]
+    flat = tuple(w.flatten(0, 1) for w in b)
+    scores = _composition((v_a.flatten(0, 1), o_a.flatten(0, 1)), flat, kind)
+    scores = scores.view(*v_a.shape[:2], *b[0].shape[:2])
+    earlier = before(torch.arange(v_a.shape[0])[:, None], torch.arange(b[0].shape[0])[None, :])
+    earlier = earlier[:, None, :, None].expand_as(scores)
+    return torch.where(earlier, scores, torch.full_like(scores, float("nan"))).float()
+
+
+# (source, reader, the reader's inputs that read the stream the source writes, whether source
+# layer a runs before reader layer b): the decoder's block L runs self-attention, then
+# cross-attention, whose keys and values read the encoder's output and queries the decoder's
+_SEQ2SEQ_EDGES = (
+    ("encoder.attn", "encoder.attn", "qkv", lambda a, b: a < b),
+    ("encoder.attn", "decoder.cross_attn", "kv", lambda a, b: a >= 0),
+    ("decoder.attn", "decoder.attn", "qkv", lambda a, b: a < b),
+    ("decoder.attn", "decoder.cross_attn", "q", lambda a, b: a <= b),
+    ("decoder.cross_attn", "decoder.attn", "qkv", lambda a, b: a < b),
+    ("decoder.cross_attn", "decoder.cross_attn", "q", lambda a, b: a < b),
+)
+
+
 @model_then_subnetwork()
 def edge_scores(
     model: Any, subnetwork: Subnetwork | None, kind: str = "v"
-) -> Float[Tensor, "layer_a head_a layer_b head_b"]:
+) -> (
+    Float[Tensor, "layer_a head_a layer_b head_b"]
+    | dict[tuple[str, str], Float[Tensor, "_layer_a _head_a _layer_b _head_b"]]
+):
     """Composition scores between heads (Elhage et al. 2021) of the masked weights:
     ``||W_OV^A W^B||_F / (||W_OV^A||_F ||W^B||_F)`` with ``W^B`` = ``W_QK^B`` (``kind="q"``),
     ``W_QK^B.T`` (``"k"``) or ``W_OV^B`` (``"v"``), for every head A in an earlier layer than B
     (``nan`` otherwise); ``subnetwork=None`` scores the unmasked model. Computed from
     ``d_head``-sized factors, never from ``d_model``-squared products, so it is vectorised over
     all pairs.
+
+    Of an encoder-decoder (two residual streams), a dict keyed ``(source, reader)`` by the
+    attention kinds :func:`head_scores` names, each ``[layer_a, head_a, layer_b, head_b]``,
+    for the pairs where B's ``kind`` input reads the stream A writes: within the encoder;
+    encoder heads into the decoder's cross-attention (``"k"``, ``"v"``; every encoder layer
+    counts as earlier, its output is what they read); within the decoder, self- and
+    cross-attention heads into later self-attention and, through queries only (``"q"``), into
+    cross-attention (of the same block too: self-attention runs first). Norms between the
+    streams are left out, as everywhere here.
     """
     if kind not in ("q", "k", "v"):
         raise ValueError(f"kind must be 'q', 'k' or 'v', got {kind!r}.")
-    wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
-    n_layers, n_heads = wq.shape[:2]
-    flat = lambda t: t.flatten(0, 1)  # noqa: E731
-    q, k, v, o = flat(wq), flat(wk), flat(wv), flat(wo)  # [N, d, dh] x3, [N, dh, d]
-    gram_v = v.transpose(1, 2) @ v  # V^T V      [N, dh, dh]
-    gram_o = o @ o.transpose(1, 2)  # O O^T      [N, dh, dh]
-    if kind == "q":
-        middle = torch.einsum("aij,bjk->abik", o, q)
-        right_gram, right_norm2 = (
-            k.transpose(1, 2) @ k,
-            _trace(q.transpose(1, 2) @ q, k.transpose(1, 2) @ k),
-        )
-    elif kind == "k":
-        middle = torch.einsum("aij,bjk->abik", o, k)
-        right_gram, right_norm2 = (
-            q.transpose(1, 2) @ q,
-            _trace(q.transpose(1, 2) @ q, k.transpose(1, 2) @ k),
-        )
-    else:
-        middle = torch.einsum("aij,bjk->abik", o, v)
-        right_gram, right_norm2 = gram_o, _trace(gram_v, gram_o)
-    # ||V_A M K_B^T||_F^2 = tr(M^T (V_A^T V_A) M (K_B^T K_B)), etc.
-    product = torch.einsum("abji,ajk,abkl,bli->ab", middle, gram_v, middle, right_gram)
-    left_norm2 = _trace(gram_v, gram_o)
-    denominator = (left_norm2[:, None] * right_norm2[None, :]).sqrt()
-    # a head whose masked weights are all zero composes with nothing: score 0, not 0 / 0
-    ratio = product.clamp(min=0).sqrt() / denominator.clamp(min=1e-300)
-    scores = torch.where(denominator > 0, ratio, torch.zeros_like(ratio)).view(
-        n_layers, n_heads, n_layers, n_heads
-    )
-    layer = torch.arange(n_layers)
-    earlier = (layer[:, None] < layer[None, :])[:, None, :, None].expand_as(scores)
-    return torch.where(earlier, scores, torch.full_like(scores, float("nan"))).float()
+    groups = _attention_groups(model)
+    if any("." in group for group in groups):
+        weights = {g: tuple(_stacked(model, subnetwork, x, g) for x in "QKVO") for g in groups}
+        return {
+            (source, reader): _pair_scores(weights, source, reader, kind, before)
+            for source, reader, inputs, before in _SEQ2SEQ_EDGES
+            if kind in inputs and source in weights and reader in weights
+        }
+    weights = {"attn": tuple(_stacked(model, subnetwork, x) for x in "QKVO")}
+    return _pair_scores(weights, "attn", "attn", kind, lambda a, b: a < b)
+
+
+def _attention_groups(model: Any) -> list[str]:
+    """The attention kinds of ``model`` (``["attn"]``, or an encoder-decoder's), in order."""
+    from .. import adapters
+
+    found = adapters.resolve(model).all_targets(model)
+    groups = (unit_group(name, ("attn", "cross_attn")) for name in found)
+    return list(dict.fromkeys(group[0] for group in groups if group is not None))
 
 
 def _canonical(model: Any, subnetwork: Subnetwork | None, name: str) -> Tensor | None:
@@ -358,6 +350,16 @@ def graph_edge_scores(
     per group of at most ``chunk`` destinations, vectorised over all sources: memory is the
     sources' Grams (``S x d_model^2`` doubles, about 0.7 GB for GPT-2-small) plus one group.
     """
+    groups = _attention_groups(model)
+    if any("." in group for group in groups):
+        raise ValueError(
+            f"graph_edge_scores scores one residual stream (nodes blocks.L.attn.head.H and "
+            f"blocks.L.mlp, as Circuit edges name them); this encoder-decoder has two, with the "
+            f"attention kinds {groups}, which those names cannot tell apart. Use "
+            "si.analysis.edge_scores(model, subnetwork, kind), which scores head-to-head "
+            "composition per (source, reader) kind, e.g. encoder heads into "
+            "decoder.cross_attn keys, and head_scores / neuron_scores for the units."
+        )
     wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
     n_layers, n_heads = wq.shape[0], wq.shape[1]
     mlps = {}

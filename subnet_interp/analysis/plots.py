@@ -63,21 +63,23 @@ def per_layer_densities(subnetwork: Subnetwork) -> tuple[list[int], list[str], t
 
 
 @model_then_subnetwork()
-def head_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor:
+def head_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor | dict[str, torch.Tensor]:
     """``[layers, heads]`` fraction of each head's Q/K/V/O weights kept, every weight counted
     once (the mask's density in the head): :func:`~subnet_interp.analysis.head_scores` with
     ``count_zeros=True``, which on a model without exact zeros equals its default (``nan``
     where a head is not covered; with grouped-query attention a shared K/V head's slice counts
-    for each query head reading it)."""
+    for each query head reading it). Of an encoder-decoder, a dict of them keyed
+    ``"encoder.attn"``, ``"decoder.attn"``, ``"decoder.cross_attn"``, as ``head_scores``."""
     return head_scores(model, subnetwork, count_zeros=True)
 
 
 @model_then_subnetwork()
-def neuron_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor:
+def neuron_densities(model: Any, subnetwork: Subnetwork) -> torch.Tensor | dict[str, torch.Tensor]:
     """``[layers, d_mlp]`` fraction of each MLP neuron's weights kept (its ``W_in`` / ``W_gate``
     column and ``W_out`` row), every weight counted once: the mask's density in the neuron,
     :func:`~subnet_interp.analysis.neuron_scores` with ``count_zeros=True`` (``nan`` where a
-    layer is not covered)."""
+    layer is not covered; of an encoder-decoder, a dict keyed ``"encoder.mlp"``,
+    ``"decoder.mlp"``)."""
     return neuron_scores(model, subnetwork, count_zeros=True)
 
 
@@ -92,27 +94,25 @@ def plot_densities(
     plt = _pyplot()
     if by in ("head", "neuron") and model is None:
         raise ValueError(f"plot_densities(by={by!r}) needs the model, for the {by} axes.")
-    if by == "neuron":
-        matrix = neuron_densities(model, subnetwork)
-        fig, ax = plt.subplots(figsize=(8, max(2.5, 1 + 0.35 * matrix.shape[0])))
-        image = ax.imshow(
-            matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest"
-        )
-        ax.set_xlabel("neuron")
-        ax.set_ylabel("layer")
-        ax.set_title("kept fraction per MLP neuron")
-        fig.colorbar(image, ax=ax)
-        return _finish(fig, path)
-    if by == "head":
-        matrix = head_densities(model, subnetwork)
-        fig, ax = plt.subplots(
-            figsize=(max(4.5, 1 + 0.5 * matrix.shape[1]), max(3.0, 1 + 0.4 * matrix.shape[0]))
-        )
-        image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xlabel("head")
-        ax.set_ylabel("layer")
-        ax.set_title("kept fraction per head")
-        fig.colorbar(image, ax=ax)
+    if by in ("head", "neuron"):
+        scores = (head_densities if by == "head" else neuron_densities)(model, subnetwork)
+        groups = {"": scores} if isinstance(scores, torch.Tensor) else scores
+        rows = sum(m.shape[0] for m in groups.values())
+        width = max(m.shape[1] for m in groups.values())
+        size = (max(4.5, 1 + 0.5 * width), max(3.0, 1 + 0.4 * rows + 0.6 * (len(groups) - 1)))
+        if by == "neuron":
+            size = (8, max(2.5, 1 + 0.35 * rows + 0.6 * (len(groups) - 1)))
+        fig, axes = plt.subplots(len(groups), 1, figsize=size, squeeze=False)
+        for ax, (group, matrix) in zip(axes[:, 0], groups.items(), strict=True):
+            image = ax.imshow(
+                matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                interpolation="nearest",
+            )  # fmt: skip
+            ax.set_xlabel(by)
+            ax.set_ylabel("layer")
+            unit = "head" if by == "head" else "MLP neuron"
+            ax.set_title(f"kept fraction per {f'{group} ' if group else ''}{unit}")
+            fig.colorbar(image, ax=ax)
         return _finish(fig, path)
     if by != "component":
         raise ValueError(f"by must be 'component', 'head' or 'neuron', got {by!r}.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -108,26 +108,38 @@ def _unit_section(model: Any, subnetwork: Subnetwork) -> str:
     except ValueError as error:
         parts.append(_missing("head", "attn", subnetwork, error))
     else:
-        parts.append(
-            _html.heatmap_svg(
-                heads,
-                [str(i) for i in range(heads.shape[0])],
-                [str(i) for i in range(heads.shape[1])],
-                title="kept fraction of each head's Q/K/V/O weights",
-                column_axis="head",
+        for group, matrix in _by_group(heads):
+            parts.append(
+                _html.heatmap_svg(
+                    matrix,
+                    [str(i) for i in range(matrix.shape[0])],
+                    [str(i) for i in range(matrix.shape[1])],
+                    title=f"kept fraction of each {group}head's Q/K/V/O weights",
+                    column_axis="head",
+                )
             )
-        )
-        best = ", ".join(
-            f"{layer}.{head}: {score:.3f}" for layer, head, score in top_heads(heads, 8)
-        )
-        parts.append(f'<p class="note">heads most kept (layer.head: fraction): {escape(best)}</p>')
+            best = ", ".join(
+                f"{layer}.{head}: {score:.3f}" for layer, head, score in top_heads(matrix, 8)
+            )
+            parts.append(
+                f'<p class="note">{escape(group)}heads most kept (layer.head: fraction): '
+                f"{escape(best)}</p>"
+            )
     try:
         neurons = neuron_densities(model, subnetwork)
     except ValueError as error:
         parts.append(_missing("neuron", "mlp", subnetwork, error))
     else:
-        parts.append(_neuron_image(neurons))
+        parts.extend(_neuron_image(matrix, group) for group, matrix in _by_group(neurons))
     return "".join(parts)
+
+
+def _by_group(scores: Tensor | Mapping[str, Tensor]) -> list[tuple[str, Tensor]]:
+    """``(label, [layer, unit] scores)`` of each unit group: one unlabelled tensor, or an
+    encoder-decoder's groups labelled ``"decoder.cross_attn "`` ... (see ``head_scores``)."""
+    if isinstance(scores, Tensor):
+        return [("", scores)]
+    return [(f"{group} ", matrix) for group, matrix in scores.items()]
 
 
 def _missing(unit: str, kind: str, subnetwork: Subnetwork, error: ValueError) -> str:
@@ -139,7 +151,7 @@ def _missing(unit: str, kind: str, subnetwork: Subnetwork, error: ValueError) ->
     return f'<p class="note">No {unit} view: {escape(why)}</p>'
 
 
-def _neuron_image(neurons: Tensor) -> str:
+def _neuron_image(neurons: Tensor, group: str = "") -> str:
     layers, width = neurons.shape
     scale_x = max(1, 900 // width)
     scale_y = max(4, min(24, 240 // layers))
@@ -151,8 +163,8 @@ def _neuron_image(neurons: Tensor) -> str:
     )
     info = f"kept fraction per MLP neuron; layer means {means}"
     return (
-        f"<p><b>kept fraction of each MLP neuron's weights</b> ({layers} layers x {width} "
-        "neurons; rows are layers from 0 at the top, colour as above, grey: not covered)</p>"
+        f"<p><b>kept fraction of each {escape(group)}MLP neuron's weights</b> ({layers} layers "
+        f"x {width} neurons; rows are layers from 0 at the top, colour as above, grey: not covered)</p>"
         f'<img class="pixelated si-neurons" alt="neuron densities" src="{_html.png_data_uri(neurons)}"'
         f' width="{width * scale_x}" height="{layers * scale_y}" data-info="{escape(info)}">'
         f'<p class="note">mean per layer: {escape(means)}</p>'
@@ -175,20 +187,21 @@ def _comparison_section(model: Any | None, subnetwork: Subnetwork, other: Subnet
             parts.append(f'<p class="note">No head view: {escape(error)}</p>')
         else:
             parts.append("<p>fraction of each head's Q/K/V/O weights that</p>")
-            for title, matrix in (
+            for title, value in (
                 ("both keep", result.shared),
                 ("only this one keeps", result.only_a),
                 ("only the other keeps", result.only_b),
             ):
-                parts.append(
-                    _html.heatmap_svg(
-                        matrix,
-                        [str(i) for i in range(matrix.shape[0])],
-                        [str(i) for i in range(matrix.shape[1])],
-                        title=title,
-                        column_axis="head",
+                for group, matrix in _by_group(value):
+                    parts.append(
+                        _html.heatmap_svg(
+                            matrix,
+                            [str(i) for i in range(matrix.shape[0])],
+                            [str(i) for i in range(matrix.shape[1])],
+                            title=f"{group}{title}",
+                            column_axis="head",
+                        )
                     )
-                )
     return "".join(parts)
 
 
