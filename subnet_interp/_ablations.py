@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from torch import Tensor, nn
 
-from . import _sites, adapters
+from . import _moe_sites, _sites, adapters
 from ._sites import masked_out_term, module_kind
 from ._types import LinearSite, Target
 
@@ -102,10 +102,12 @@ class _InputAblation(Ablation):
         self.forward = forward or _default_forward
         self._inputs: dict[tuple[str, str], Tensor] = {}
         self._sites: dict[tuple[str, str], LinearSite] = {}
+        self._moe: _moe_sites.MoeInputs | None = None  # routers and fused experts
 
     def _capture(
         self, model: object, root: nn.Module, targets: Mapping[str, Target], keep_all: bool
     ) -> None:
+        self._moe, targets = _moe_sites.split_moe(self, root, targets)
         self._sites = sites = _sites.linear_sites(self, model, root, targets)
         sums: dict[tuple[str, str], Any] = {}
         counts: dict[tuple[str, str], int] = {}
@@ -126,6 +128,9 @@ class _InputAblation(Ablation):
             _sites.input_hook(root, site, recorder(location, site.feature_dims))
             for location, site in sites.items()
         ]
+        if self._moe is not None:
+            mode = "resample" if keep_all else "mean"
+            handles += self._moe.capture_hooks(root, mode, getattr(self, "generator", None))
         try:
             with torch.no_grad():
                 seen = 0
@@ -148,15 +153,25 @@ class _InputAblation(Ablation):
             else:
                 weight = adapters.real_tensor(root.get_submodule(location[0]), location[1])
                 self._inputs[location] = (sums[location] / counts[location]).to(weight.dtype)
+        if self._moe is not None:
+            self._moe.finish_capture(root)
 
     def hooks(self, root, slots):
         handles = []
+        if self._moe is not None:
+            handles += self._moe.hooks(root, slots, "resample" if self._needs_input else "mean")
         for location, slot in slots.items():
+            if location not in self._sites:  # a router or fused experts (above)
+                continue
             hook = self._make_hook(root.get_submodule(location[0]), location, slot)
             handles += _sites.watch(
                 root, self._sites[location], hook, needs_input=self._needs_input
             )
         return handles
+
+    def release(self) -> None:
+        if self._moe is not None:
+            self._moe.release()
 
 
 class MeanAblation(_InputAblation):
