@@ -27,9 +27,11 @@ What ``x'`` and ``h'`` are:
   counterfactual twin, and ``h'`` expert ``E``'s hidden activation on that ``x'`` with the
   unmasked weights (what ``E`` would receive there, routed to it in that run or not).
 
-While such an ablation is attached, an experts module computes in transformers' eager form (a
-loop over the experts hit), whatever its ``experts_implementation``; outputs agree with the other
-forms up to float rounding.
+While such an ablation is attached, a forward hook replaces the experts module's output by this
+computation in transformers' eager form (a loop over the experts hit), whatever the model's
+``experts_implementation``; the two agree up to float rounding. The module's own forward still
+runs first (wrappers such as nnsight's keep working), so this costs about one more experts
+forward. The router's tail is re-run on the new logits by a forward hook too.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from ._types import Target
+from ._types import Target, model_class
 
 if TYPE_CHECKING:
     from ._attach import _Slot
@@ -60,13 +62,17 @@ _STANDARD = {
 }
 
 
+def _class_name(module: nn.Module) -> str:
+    return model_class(module).__name__
+
+
 def _is_experts(module: nn.Module, attribute: str) -> bool:
     return attribute in EXPERT_TENSORS and all(hasattr(module, name) for name in EXPERT_TENSORS)
 
 
 def _is_router(module: nn.Module, attribute: str) -> bool:
     return attribute == "weight" and (
-        type(module).__name__ in ROUTERS or type(module).__name__.endswith("TopKRouter")
+        _class_name(module) in ROUTERS or _class_name(module).endswith("TopKRouter")
     )
 
 
@@ -119,15 +125,15 @@ class MoeInputs:
             module = root.get_submodule(path)
             block = _block_of(root, path, ablation)
             if _is_router(module, attribute):
-                if type(module).__name__ not in ROUTERS:
+                if _class_name(module) not in ROUTERS:
                     raise TypeError(
-                        f"{ablation} on the router {path!r} ({type(module).__name__}): the "
+                        f"{ablation} on the router {path!r} ({_class_name(module)}): the "
                         "masked-out router term is added to the logits before the router's own "
                         f"softmax and top-k, which is written for {sorted(ROUTERS)} only. Use "
                         "zero or reinit ablation for it, or exclude the router target."
                     )
                 self.routers[location] = block
-                self._normalise[location] = ROUTERS[type(module).__name__]
+                self._normalise[location] = ROUTERS[_class_name(module)]
                 continue
             flags = {key: getattr(module, key, value) for key, value in _STANDARD.items()}
             if flags != _STANDARD or getattr(module, "_is_expert_parallel", False):
@@ -239,23 +245,33 @@ class MoeInputs:
 
     # ---- the masked model -----------------------------------------------------------------
     def hooks(self, root: nn.Module, slots: Mapping[tuple[str, str], _Slot], mode: str) -> list:
-        """The hooks adding the masked-out terms while attached; returns their handles."""
+        """The hooks adding the masked-out terms while attached; returns their handles (and
+        removes those it made if one cannot be added)."""
         self.mode = mode
         handles: list = []
-        if mode != "mean":
-            for block in self.blocks:
-                mine = [s for loc, s in slots.items() if self._block(loc) == block]
-                setter = self._twin_setter(block, mine)
-                module = root.get_submodule(block)
-                handles.append(module.register_forward_pre_hook(setter, with_kwargs=True))
-        for location, block in self.routers.items():
-            router = root.get_submodule(location[0])
-            hook = self._router_hook(router, block, slots[location], self._normalise[location])
-            handles.append(router.register_forward_hook(hook))
-        for path, block in self.experts.items():
-            experts = root.get_submodule(path)
-            pair = tuple(slots.get((path, attribute)) for attribute in EXPERT_TENSORS)
-            handles.append(_Override(experts, self._experts_forward(experts, path, block, pair)))
+        try:
+            for path in self.experts:  # first: the one step that may refuse
+                handles.append(_Claim(root.get_submodule(path), self.ablation))
+            if mode != "mean":
+                for block in self.blocks:
+                    mine = [s for loc, s in slots.items() if self._block(loc) == block]
+                    setter = self._twin_setter(block, mine)
+                    module = root.get_submodule(block)
+                    handles.append(module.register_forward_pre_hook(setter, with_kwargs=True))
+            for location, block in self.routers.items():
+                router = root.get_submodule(location[0])
+                normalise = self._normalise[location]
+                hook = self._router_hook(router, block, slots[location], normalise)
+                handles.append(router.register_forward_hook(hook))
+            for path, block in self.experts.items():
+                experts = root.get_submodule(path)
+                pair = tuple(slots.get((path, attribute)) for attribute in EXPERT_TENSORS)
+                hook = self._experts_hook(experts, path, block, pair)
+                handles.append(experts.register_forward_hook(hook, with_kwargs=True))
+        except BaseException:
+            for handle in reversed(handles):
+                handle.remove()
+            raise
         return handles
 
     def _block(self, location: tuple[str, str]) -> str | None:
@@ -347,14 +363,13 @@ class MoeInputs:
 
         return hook
 
-    def _experts_forward(self, experts: nn.Module, path: str, block: str, slots: tuple):
-        original = experts.forward
+    def _experts_hook(self, experts: nn.Module, path: str, block: str, slots: tuple):
         count = experts.gate_up_proj.shape[0]
 
-        def forward(*args, **kwargs):
+        def hook(module, args, kwargs, output):
             masks = [None if slot is None else slot.mask for slot in slots]
             if self.recording or all(mask is None for mask in masks):
-                return original(*args, **kwargs)
+                return output
             hidden, index, weights = _expert_args(args, kwargs)
             gate_up, down = experts.gate_up_proj, experts.down_proj  # m * W
             removed = [
@@ -390,7 +405,7 @@ class MoeInputs:
                 result.index_add_(0, tokens, out.to(result.dtype))
             return result
 
-        return forward
+        return hook
 
     def release(self) -> None:
         self._router_mean, self._expert_mean, self._pool = {}, {}, {}
@@ -398,21 +413,26 @@ class MoeInputs:
         self.recording = False
 
 
-class _Override:
-    """Replaces a module's ``forward`` (an instance attribute) until :meth:`remove`."""
+_CLAIM = "_subnet_interp_moe_ablation"
 
-    def __init__(self, module: nn.Module, forward):
-        if "forward" in module.__dict__:
+
+class _Claim:
+    """Marks an experts module as recomputed by one input ablation until :meth:`remove`: a
+    second one (a nested ``si.masked``) would recompute its output without the first's terms."""
+
+    def __init__(self, module: nn.Module, ablation: str):
+        if _CLAIM in module.__dict__:
             raise RuntimeError(
-                f"{type(module).__name__}'s forward is already replaced (another input ablation "
-                "attached to the same experts, e.g. a nested si.masked); attach one mean / "
-                "resample / patch ablation per experts module at a time."
+                f"{ablation}: the experts {type(module).__name__} already compute under "
+                f"{module.__dict__[_CLAIM]} (e.g. an enclosing si.masked); nested mean / "
+                "resample / patch ablations of one experts module are not supported. Use zero "
+                "ablation in one of them, or mask the experts in one attachment."
             )
         self.module = module
-        module.forward = forward
+        module.__dict__[_CLAIM] = ablation
 
     def remove(self) -> None:
-        self.module.__dict__.pop("forward", None)
+        self.module.__dict__.pop(_CLAIM, None)
 
 
 def _unmasked(module: nn.Module, attribute: str) -> Tensor:

@@ -60,7 +60,7 @@ def test_mean_ablated_expert_gives_its_mean_output_over_the_tokens_routed_to_it(
     with torch.no_grad(), si.masked(model, masks, ablation=si.MeanAblation(REFERENCE)):
         got = logits(model)
     assert_bit_exact(model, before)
-    assert "forward" not in experts.__dict__  # the eager override is gone
+    assert not experts._forward_hooks and not experts.__dict__.get("_subnet_interp_moe_ablation")
 
     routed = []  # the expert's outputs on the reference tokens routed to it, by hand
 
@@ -174,4 +174,40 @@ def test_an_expert_the_reference_data_never_routes_to_is_named():
     with pytest.raises(ValueError, match=r"routed no token to expert\(s\) \[.*\] of 'model"):
         with si.masked(model, masks, ablation=si.MeanAblation(one_token)):
             pass
-    assert "forward" not in model.model.layers[LAYER].mlp.experts.__dict__
+    assert not model.model.layers[LAYER].mlp.experts._forward_hooks
+
+
+def test_nested_input_ablations_of_one_experts_module_are_refused_and_leave_no_hooks():
+    model = build("mixtral")
+    before = snapshot(model)
+    block = model.model.layers[LAYER].mlp
+    masks = zeros(model, [f"blocks.{LAYER}.mlp.experts.0.*", f"blocks.{LAYER}.mlp.W_router"])
+    with si.masked(model, masks, ablation=si.ResampleAblation([TWIN])):
+        with pytest.raises(RuntimeError, match="nested mean / resample / patch ablations"):
+            with si.masked(model, masks, ablation=si.MeanAblation(REFERENCE)):
+                pass
+        assert len(block.experts._forward_hooks) == 1 and len(block.gate._forward_hooks) == 1
+    assert_bit_exact(model, before)
+    assert not (
+        block._forward_pre_hooks or block.gate._forward_hooks or block.experts._forward_hooks
+    )
+
+
+def test_nnsight_and_bridge_wrappers_compute_the_same_mean_ablation():
+    nnsight = pytest.importorskip("nnsight")
+    sources = pytest.importorskip("transformer_lens.model_bridge.sources")
+    model = build("mixtral")
+    generator = torch.Generator().manual_seed(3)
+    found = si.targets(model, include=[f"blocks.{LAYER}.mlp.*"])
+    masks = {n: torch.rand(t.shape, generator=generator) < 0.5 for n, t in found.items()}
+    with si.masked(model, masks, ablation=si.MeanAblation(REFERENCE)):
+        expected = logits(model)
+    wrapped = nnsight.NNsight(build("mixtral"))
+    with torch.no_grad(), si.masked(wrapped, masks, ablation=si.MeanAblation(REFERENCE)):
+        with wrapped.trace(SOURCE):
+            saved = wrapped.output.save()
+    torch.testing.assert_close(saved.logits, expected, atol=1e-6, rtol=1e-6)
+    inner = build("mixtral")
+    bridge = sources.build_bridge_from_module(inner, type(inner).__name__, hf_config=inner.config)
+    with torch.no_grad(), si.masked(bridge.eval(), masks, ablation=si.MeanAblation(REFERENCE)):
+        torch.testing.assert_close(bridge(SOURCE), expected, atol=1e-6, rtol=1e-6)
