@@ -177,7 +177,11 @@ class _InputAblation(Ablation):
 class MeanAblation(_InputAblation):
     """Mean ablation: masked weights contribute their mean-input term,
     ``y = (m * W) x + ((1 - m) * W) E[x] + b``, with ``E[x]`` the mean input of each targeted layer
-    over ``data`` on the unmasked model (computed once per attach).
+    over ``data`` on the unmasked model (computed once per attach). On a mixture-of-experts
+    model (transformers 5's Mixtral / Qwen-MoE), the router's term is added to its logits
+    before its softmax / top-k, and an expert's matrices see the means of their inputs over
+    the reference tokens routed to that expert (a whole-expert mask gives each token routed to
+    it the expert's mean output, times the token's routing weight).
 
     Args:
         data: reference batches.
@@ -206,7 +210,9 @@ class ResampleAblation(_InputAblation):
     """Resample ablation: masked weights see the input another example gave the same layer,
     ``y = (m * W) x + ((1 - m) * W) x' + b``, with ``x'`` drawn (per example, with ``generator``)
     from the unmasked model's inputs on ``data``. Reference inputs must have the current
-    inputs' shape apart from the batch dimension (e.g. the same sequence length).
+    inputs' shape apart from the batch dimension (e.g. the same sequence length). On a
+    mixture-of-experts block one example is drawn per example for the router and all experts;
+    an expert's ``W_out`` sees the expert's activation on the drawn input at the same position.
     """
 
     name = "resample"

@@ -138,7 +138,7 @@ class MoeInputs:
             flags = {key: getattr(module, key, value) for key, value in _STANDARD.items()}
             if flags != _STANDARD or getattr(module, "_is_expert_parallel", False):
                 raise TypeError(
-                    f"{ablation} on the experts at {path!r} ({type(module).__name__}, {flags}): "
+                    f"{ablation} on the experts at {path!r} ({_class_name(module)}, {flags}): "
                     f"the masked-out expert terms are written for {_STANDARD} experts on one "
                     "device (transformers 5's Mixtral / Qwen-MoE). Use zero or reinit ablation "
                     "for these targets, or exclude them."
@@ -423,7 +423,7 @@ class _Claim:
     def __init__(self, module: nn.Module, ablation: str):
         if _CLAIM in module.__dict__:
             raise RuntimeError(
-                f"{ablation}: the experts {type(module).__name__} already compute under "
+                f"{ablation}: the experts {_class_name(module)} already compute under "
                 f"{module.__dict__[_CLAIM]} (e.g. an enclosing si.masked); nested mean / "
                 "resample / patch ablations of one experts module are not supported. Use zero "
                 "ablation in one of them, or mask the experts in one attachment."

@@ -33,7 +33,10 @@ class PatchAblation(Ablation):
     interchange ablation that Edge Pruning (Bhaskar et al. 2024) trains under and MIB's circuit
     track judges with (``--ablation patching``, Mueller et al. 2025), at the level of weights:
     mask all ones is the clean model, mask all zeros gives every masked layer exactly its output
-    in the counterfactual run. Gradients reach a soft mask through both terms.
+    in the counterfactual run. Gradients reach a soft mask through both terms. On a
+    mixture-of-experts block the router's and experts' terms read the block's input in the
+    twin's run at the same position (an expert's ``W_out``: the expert's activation on it), so
+    a block masked whole gives exactly its output in the twin's run.
 
     Each batch needs its twin: ``si.find(..., ablation=)``, ``ablation_effect`` and
     ``faithfulness_curve`` call :meth:`record` with every batch before running the model on it.

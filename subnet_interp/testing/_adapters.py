@@ -76,8 +76,10 @@ def check_adapter(
     Checks: targets resolve; each target's canonical view of its real tensor round-trips exactly
     and targets sharing a tensor do not overlap; an all-ones mask leaves the output unchanged
     and an all-zeros mask changes it; a random mask gives the output of zeroing the same weights
-    by hand; every weight is bit-exact after ``si.masked``, also after an exception inside it;
-    the fingerprint is stable; ``si.find`` trains mask parameters of every target.
+    by hand (a tensor several modules share, such as tied embeddings, zeroed at each module's
+    read with that module's target's mask, as ``si.masked`` does); every weight is bit-exact after ``si.masked``, also after an exception inside it;
+    the fingerprint is stable; ``si.find`` moves mask parameters of every target (a gradient
+    reaches each, of whatever sign).
     """
     forward = forward or _default_forward
     adapter = adapters.resolve(model)
