@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
+from . import adapters
 from ._types import Target, model_class
 
 if TYPE_CHECKING:
@@ -67,7 +68,11 @@ def _class_name(module: nn.Module) -> str:
 
 
 def _is_experts(module: nn.Module, attribute: str) -> bool:
-    return attribute in EXPERT_TENSORS and all(hasattr(module, name) for name in EXPERT_TENSORS)
+    """Fused experts: ``gate_up_proj`` and ``down_proj`` tensors with an expert axis."""
+    tensors = [adapters.real_tensor(module, name) for name in EXPERT_TENSORS]
+    return attribute in EXPERT_TENSORS and all(
+        isinstance(t, Tensor) and t.dim() == 3 for t in tensors
+    )
 
 
 def _is_router(module: nn.Module, attribute: str) -> bool:
