@@ -120,7 +120,6 @@ class MoeInputs:
 
     def __init__(self, ablation: str, root: nn.Module, moe: Mapping[tuple[str, str], list]):
         self.ablation = ablation
-        self.locations = set(moe)
         self.routers: dict[tuple[str, str], str] = {}
         self._normalise: dict[tuple[str, str], bool | None] = {}
         self.experts: dict[str, str] = {}  # experts module path -> block path
@@ -149,7 +148,7 @@ class MoeInputs:
                     "for these targets, or exclude them."
                 )
             self.experts[path] = block
-            real = getattr(module, attribute)
+            real = adapters.real_tensor(module, attribute)
             count = torch.zeros(real.shape, dtype=torch.bool)
             for target in members:
                 target.layout.to_canonical(count).fill_(True)
@@ -159,6 +158,7 @@ class MoeInputs:
         self.mode = ""
         self.generator: torch.Generator | None = None
         self.recording = False
+        self._sums: dict[str, Any] = {}
         self._router_mean: dict[str, Tensor] = {}  # block -> mean input
         self._expert_mean: dict[str, tuple[Tensor, Tensor]] = {}  # experts -> (x, h) means
         self._pool: dict[str, Tensor] = {}  # block -> reference inputs [example, ...]
@@ -226,8 +226,12 @@ class MoeInputs:
         for path in self.experts:
             if self.mode != "mean":
                 continue
-            experts = root.get_submodule(path)
-            dtype, device = experts.gate_up_proj.dtype, experts.gate_up_proj.device
+            if path not in sums:
+                raise ValueError(
+                    f"{self.ablation}: the experts {path!r} were never called while running the "
+                    "reference data; check `forward`."
+                )
+            real = adapters.real_tensor(root.get_submodule(path), "gate_up_proj")
             x_sum, h_sum, seen = sums[path]
             unseen = (self.covered[path] & (seen == 0)).nonzero().flatten().tolist()
             if unseen:
@@ -238,8 +242,8 @@ class MoeInputs:
                 )
             scale = seen.clamp(min=1).double()[:, None]
             self._expert_mean[path] = (
-                (x_sum / scale).to(device=device, dtype=dtype),
-                (h_sum / scale).to(device=device, dtype=dtype),
+                (x_sum / scale).to(device=real.device, dtype=real.dtype),
+                (h_sum / scale).to(device=real.device, dtype=real.dtype),
             )
         for block in self.blocks:
             if self.mode == "resample":
@@ -350,12 +354,11 @@ class MoeInputs:
         return twin
 
     def _router_hook(self, router: nn.Module, block: str, slot: _Slot, normalise: bool | None):
-
         def hook(module, args, output):
             if self.recording or slot.mask is None:
                 return output
             logits = output[0]
-            removed = router.parametrizations["weight"].original * (1 - slot.mask)
+            removed = _unmasked(router, "weight") * (1 - slot.mask)
             logits = logits + F.linear(self._source(block), removed)
             # the router's own tail on the new logits (MixtralTopKRouter, Qwen*MoeTopKRouter)
             probs = F.softmax(logits, dim=-1, dtype=torch.float)
