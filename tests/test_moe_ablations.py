@@ -211,3 +211,17 @@ def test_nnsight_and_bridge_wrappers_compute_the_same_mean_ablation():
     bridge = sources.build_bridge_from_module(inner, type(inner).__name__, hf_config=inner.config)
     with torch.no_grad(), si.masked(bridge.eval(), masks, ablation=si.MeanAblation(REFERENCE)):
         torch.testing.assert_close(bridge(SOURCE), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_router_of_an_unknown_kind_is_refused_by_name():
+    model = build("mixtral")
+    before = snapshot(model)
+    gate = model.model.layers[LAYER].mlp.gate
+    gate.__class__ = type("OtherTopKRouter", (type(gate),), {})  # a family not written for
+    masks = zeros(model, f"blocks.{LAYER}.mlp.W_router")
+    message = r"router 'model.layers.1.mlp.gate' \(OtherTopKRouter\).*zero or reinit"
+    with pytest.raises(TypeError, match=message):
+        with si.masked(model, masks, ablation=si.MeanAblation(REFERENCE)):
+            pass
+    assert_bit_exact(model, before)
+    assert not gate._forward_hooks
