@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, no_type_check
 import torch
 from torch import Tensor, nn
 
-from . import _sites, adapters
+from . import _moe_sites, _sites, adapters
 from ._sites import masked_out_term, module_kind
 from ._types import LinearSite, Target
 
@@ -102,10 +102,12 @@ class _InputAblation(Ablation):
         self.forward = forward or _default_forward
         self._inputs: dict[tuple[str, str], Tensor] = {}
         self._sites: dict[tuple[str, str], LinearSite] = {}
+        self._moe: _moe_sites.MoeInputs | None = None  # routers and fused experts
 
     def _capture(
         self, model: object, root: nn.Module, targets: Mapping[str, Target], keep_all: bool
     ) -> None:
+        self._moe, targets = _moe_sites.split_moe(self, root, targets)
         self._sites = sites = _sites.linear_sites(self, model, root, targets)
         sums: dict[tuple[str, str], Any] = {}
         counts: dict[tuple[str, str], int] = {}
@@ -126,6 +128,9 @@ class _InputAblation(Ablation):
             _sites.input_hook(root, site, recorder(location, site.feature_dims))
             for location, site in sites.items()
         ]
+        if self._moe is not None:
+            mode = "resample" if keep_all else "mean"
+            handles += self._moe.capture_hooks(root, mode, getattr(self, "generator", None))
         try:
             with torch.no_grad():
                 seen = 0
@@ -148,21 +153,35 @@ class _InputAblation(Ablation):
             else:
                 weight = adapters.real_tensor(root.get_submodule(location[0]), location[1])
                 self._inputs[location] = (sums[location] / counts[location]).to(weight.dtype)
+        if self._moe is not None:
+            self._moe.finish_capture(root)
 
     def hooks(self, root, slots):
         handles = []
+        if self._moe is not None:
+            handles += self._moe.hooks(root, slots, "resample" if self._needs_input else "mean")
         for location, slot in slots.items():
+            if location not in self._sites:  # a router or fused experts (above)
+                continue
             hook = self._make_hook(root.get_submodule(location[0]), location, slot)
             handles += _sites.watch(
                 root, self._sites[location], hook, needs_input=self._needs_input
             )
         return handles
 
+    def release(self) -> None:
+        if self._moe is not None:
+            self._moe.release()
+
 
 class MeanAblation(_InputAblation):
     """Mean ablation: masked weights contribute their mean-input term,
     ``y = (m * W) x + ((1 - m) * W) E[x] + b``, with ``E[x]`` the mean input of each targeted layer
-    over ``data`` on the unmasked model (computed once per attach).
+    over ``data`` on the unmasked model (computed once per attach). On a mixture-of-experts
+    model (transformers 5's Mixtral / Qwen-MoE), the router's term is added to its logits
+    before its softmax / top-k, and an expert's matrices see the means of their inputs over
+    the reference tokens routed to that expert (a whole-expert mask gives each token routed to
+    it the expert's mean output, times the token's routing weight).
 
     Args:
         data: reference batches.
@@ -191,7 +210,9 @@ class ResampleAblation(_InputAblation):
     """Resample ablation: masked weights see the input another example gave the same layer,
     ``y = (m * W) x + ((1 - m) * W) x' + b``, with ``x'`` drawn (per example, with ``generator``)
     from the unmasked model's inputs on ``data``. Reference inputs must have the current
-    inputs' shape apart from the batch dimension (e.g. the same sequence length).
+    inputs' shape apart from the batch dimension (e.g. the same sequence length). On a
+    mixture-of-experts block one example is drawn per example for the router and all experts;
+    an expert's ``W_out`` sees the expert's activation on the drawn input at the same position.
     """
 
     name = "resample"

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from . import _sites
+from . import _moe_sites, _sites
 from ._ablations import Ablation, Forward
 from ._sites import masked_out_term
 from ._types import LinearSite
@@ -33,7 +33,10 @@ class PatchAblation(Ablation):
     interchange ablation that Edge Pruning (Bhaskar et al. 2024) trains under and MIB's circuit
     track judges with (``--ablation patching``, Mueller et al. 2025), at the level of weights:
     mask all ones is the clean model, mask all zeros gives every masked layer exactly its output
-    in the counterfactual run. Gradients reach a soft mask through both terms.
+    in the counterfactual run. Gradients reach a soft mask through both terms. On a
+    mixture-of-experts block the router's and experts' terms read the block's input in the
+    twin's run at the same position (an expert's ``W_out``: the expert's activation on it), so
+    a block masked whole gives exactly its output in the twin's run.
 
     Each batch needs its twin: ``si.find(..., ablation=)``, ``ablation_effect`` and
     ``faithfulness_curve`` call :meth:`record` with every batch before running the model on it.
@@ -77,6 +80,7 @@ class PatchAblation(Ablation):
         self._calls: dict[tuple[str, str], int] = {}
         self._pending: dict[tuple[str, str], tuple[bool, Tensor]] = {}
         self._recording = False
+        self._moe: _moe_sites.MoeInputs | None = None  # routers and fused experts
 
     def prepare(self, model, root, targets) -> None:
         if self._slots:
@@ -84,14 +88,17 @@ class PatchAblation(Ablation):
                 "This PatchAblation is already in use by another attachment (e.g. a nested "
                 "si.masked); give each attachment its own PatchAblation."
             )
+        self._moe, targets = _moe_sites.split_moe(self, root, targets)
         self._sites = _sites.linear_sites(self, model, root, targets)
         self._model = model
         self._inputs, self._outputs, self._calls, self._pending = {}, {}, {}, {}
 
     def hooks(self, root, slots):
         self._slots = dict(slots)
-        handles = []
+        handles = [] if self._moe is None else self._moe.hooks(root, slots, "patch")
         for location, slot in slots.items():
+            if location not in self._sites:  # a router or fused experts (above)
+                continue
             site, owner = self._sites[location], root.get_submodule(location[0])
             if _own_site(site, location):
                 handles.append(owner.register_forward_pre_hook(self._before(owner, location, slot)))
@@ -101,7 +108,9 @@ class PatchAblation(Ablation):
         return handles
 
     def release(self) -> None:
-        self._slots, self._model, self._sites = {}, None, {}
+        if self._moe is not None:
+            self._moe.release()
+        self._slots, self._model, self._sites, self._moe = {}, None, {}, None
         self._inputs, self._outputs, self._calls, self._pending = {}, {}, {}, {}
 
     def on_batch(self, batch: Any) -> None:
@@ -120,18 +129,21 @@ class PatchAblation(Ablation):
         saved = [(slot, slot.mask, slot.compute) for slot in self._slots.values()]
         for slot, _, _ in saved:
             slot.mask, slot.compute = None, None
-        self._inputs = {location: [] for location in self._slots}
-        self._outputs = {location: [] for location in self._slots}
+        self._inputs = {location: [] for location in self._sites}
+        self._outputs = {location: [] for location in self._sites}
         self._pending = {}
         self._recording = True
+        if self._moe is not None:
+            self._moe.start_recording()
         try:
             with torch.no_grad():
                 self.counterfactual(self._model, batch)
         finally:
             self._recording = False
+            missing = [] if self._moe is None else self._moe.stop_recording()
             for slot, mask, compute in saved:
                 slot.mask, slot.compute = mask, compute
-        missing = [_sites.label(loc) for loc, seen in self._inputs.items() if not seen]
+        missing += [_sites.label(loc) for loc, seen in self._inputs.items() if not seen]
         if missing:
             self._inputs = {}
             raise ValueError(

@@ -168,3 +168,38 @@ def test_bridge_and_nnsight_pass_check_adapter():
     bridge = tl_bridge.build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config).eval()
     si.testing.check_adapter(bridge, TOKENS)
     si.testing.check_adapter(nnsight.NNsight(gpt2()), TOKENS)
+
+
+@pytest.mark.parametrize("include", ["*", ["embed.*", "blocks.0.*"]])
+def test_a_tied_embedding_and_unembedding_pass_check_adapter(include):
+    # GPT-2 ties lm_head.weight to wte.weight; si.masked masks each module's read with its own
+    # target's mask, and the hand reference must too (not both masks on the one tensor, nor the
+    # embedding's mask at the untargeted unembedding)
+    pytest.importorskip("transformers")
+    from _hf_models import TOKENS, gpt2
+
+    model = gpt2()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    report = si.testing.check_adapter(model, TOKENS, include=include)
+    assert "embed.W_E" in report.targets and report.passed[-1] == "find"
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+
+class Opposed(nn.Module):
+    """``out = a(x) - b(x)`` with positive weights and inputs: every gradient of a's mask has
+    one sign and every gradient of b's the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 1, bias=False), nn.Linear(3, 1, bias=False)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.tensor([[1.0, 2.0, 3.0]]))
+            self.b.weight.copy_(torch.tensor([[0.5, 0.25, 0.125]]))
+
+    def forward(self, x):
+        return self.a(x) - self.b(x)
+
+
+def test_targets_whose_gradients_all_share_one_sign_pass_find():
+    report = si.testing.check_adapter(Opposed(), torch.ones(1, 3))
+    assert report.targets == ("a.weight", "b.weight") and report.passed[-1] == "find"

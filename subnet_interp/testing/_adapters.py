@@ -76,8 +76,10 @@ def check_adapter(
     Checks: targets resolve; each target's canonical view of its real tensor round-trips exactly
     and targets sharing a tensor do not overlap; an all-ones mask leaves the output unchanged
     and an all-zeros mask changes it; a random mask gives the output of zeroing the same weights
-    by hand; every weight is bit-exact after ``si.masked``, also after an exception inside it;
-    the fingerprint is stable; ``si.find`` trains mask parameters of every target.
+    by hand (a tensor several modules share, such as tied embeddings, zeroed at each module's
+    read with that module's target's mask, as ``si.masked`` does); every weight is bit-exact after ``si.masked``, also after an exception inside it;
+    the fingerprint is stable; ``si.find`` moves mask parameters of every target (a gradient
+    reaches each, of whatever sign).
     """
     forward = forward or _default_forward
     adapter = adapters.resolve(model)
@@ -160,8 +162,21 @@ def _check_layouts(root: torch.nn.Module, found) -> None:
 
 
 def _zeroed_by_hand(model, root, found, masks, forward, inputs) -> Tensor:
+    """The output with each target's weights zeroed by hand where its mask is 0.
+
+    ``si.masked`` masks a weight where its module reads it, so a tensor two modules share (tied
+    token embedding and unembedding) is masked by each module's own mask at its own read. Here
+    such a module reads a masked copy of its own while the shared tensor stays as it is."""
+    tied = _tied_locations(root, {t.location for t in found.values()})
     saved: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+    swapped: list[tuple[torch.nn.Module, str, Tensor]] = []
     try:
+        for location in tied:
+            module = root.get_submodule(location[0])
+            shared = module._parameters[location[1]]
+            swapped.append((module, location[1], shared))
+            copy = torch.nn.Parameter(shared.detach().clone(), requires_grad=False)
+            module._parameters[location[1]] = copy
         for name, target in found.items():
             real = _real(root, target)
             saved.setdefault(target.location, (real, real.detach().clone()))
@@ -171,13 +186,27 @@ def _zeroed_by_hand(model, root, found, masks, forward, inputs) -> Tensor:
     finally:
         for real, value in saved.values():
             real.data.copy_(value)
+        for module, attribute, shared in reversed(swapped):
+            module._parameters[attribute] = shared
+
+
+def _tied_locations(root: torch.nn.Module, locations) -> list[tuple[str, str]]:
+    """The targeted ``(module, attribute)`` whose parameter another module also holds."""
+    holders: dict[int, int] = {}
+    for _, parameter in root.named_parameters(remove_duplicate=False):
+        holders[id(parameter)] = holders.get(id(parameter), 0) + 1
+    tied = []
+    for path, attribute in locations:
+        module = root.get_submodule(path)
+        parameter = module._parameters.get(attribute)
+        if parameter is not None and holders.get(id(parameter), 0) > 1:
+            tied.append((path, attribute))
+    return tied
 
 
 def _check_gradients(model, found, forward, inputs, seed: int) -> None:
-    # Lepori et al.'s gates start at s = 0 (mask s > 0 all off); Adam's first steps move each s
-    # by about lr * -sign(grad), so a weight's gate ends on exactly where its gradient was
-    # negative. A random projection of the output gives gradients of both signs, so a target
-    # with no gate on received no gradient at all.
+    # Lepori et al.'s gates start at s = mask_init; with no penalty, Adam moves an s only where
+    # the loss's gradient reached it. The loss is a random projection of the output.
     with torch.no_grad():
         shape = forward(model, inputs).shape
     projection = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
@@ -188,7 +217,9 @@ def _check_gradients(model, found, forward, inputs, seed: int) -> None:
 
     method = ContinuousSparsificationLepori(l0_lambda=0.0)  # no penalty: the loss alone moves s
     result = find(model, method, loss, [inputs], steps=2, targets=found, progress=False)
-    dead = [n for n in found if not bool(result.subnetwork[n].any())]
+    # whatever the gradient's sign: the mask s > 0 misses a target whose gradients all point one
+    # way (likely for a tiny one)
+    dead = [n for n in found if not bool((result.scores[n] != method.mask_init).any())]
     if dead:
         fail(
             "find",
