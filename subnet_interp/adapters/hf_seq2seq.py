@@ -231,7 +231,9 @@ def bridge_seq2seq_targets(root: nn.Module, builders=None) -> dict[str, Target]:
     builder; default the weight targets') may name other builders of the same models, e.g.
     the bias and norm targets of :mod:`.hf_biases_stacks`."""
     wrapped = root.__dict__.get("original_model")
-    builder = (builders or _BRIDGE_BUILDERS).get(getattr(getattr(wrapped, "config", None), "model_type", None))
+    builder = (builders or _BRIDGE_BUILDERS).get(
+        getattr(getattr(wrapped, "config", None), "model_type", None)
+    )
     if builder is None:
         return {}
     paths: dict[int, str] = {}
