@@ -28,6 +28,7 @@ opt-in targets (:mod:`.hf_biases_stacks`). Nothing here imports ``transformers``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from torch import nn
@@ -219,7 +220,9 @@ def _innermost(module: nn.Module) -> nn.Module:
 _BRIDGE_BUILDERS = {"t5": t5_targets, "bart": bart_targets}
 
 
-def bridge_seq2seq_targets(root: nn.Module, builders=None) -> dict[str, Target]:
+def bridge_seq2seq_targets(
+    root: nn.Module, builders: Mapping[str, Callable[[nn.Module], dict[str, Target]]] | None = None
+) -> dict[str, Target]:
     """The Hugging Face adapter's targets of the T5 or BART model a TransformerLens bridge
     ``root`` wraps (its ``original_model``), same names, shapes, layouts and defaults, each
     pointing at the ``nn.Linear`` / ``nn.Embedding`` inside the bridge component that wraps it
