@@ -61,9 +61,7 @@ def logits(kind, model):
 
 
 def bias_targets(model):
-    return {
-        n: t for n, t in si.targets(model, biases=True).items() if t.kind in OPTIONAL_KINDS
-    }
+    return {n: t for n, t in si.targets(model, biases=True).items() if t.kind in OPTIONAL_KINDS}
 
 
 def random_bias_masks(model, seed=1):
