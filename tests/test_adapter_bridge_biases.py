@@ -15,6 +15,7 @@ from subnet_interp.adapters import OPTIONAL_KINDS
 pytest.importorskip("transformers")
 sources = pytest.importorskip("transformer_lens.model_bridge.sources")
 
+import test_adapter_encoders as encoders  # noqa: E402
 import test_adapter_seq2seq_moe as seq2seq_moe  # noqa: E402
 from _hf_models import (  # noqa: E402
     BUILDERS,
@@ -39,6 +40,8 @@ def build(kind):
         return randomized(BUILDERS[kind]())
     if kind in DECODER_CLASSES:
         return decoder(kind)
+    if kind == "bert":
+        return randomized(encoders.build("bert_mlm"))
     return randomized(seq2seq_moe.build(kind))
 
 
@@ -56,7 +59,7 @@ def logits(kind, model):
         if "original_model" in model.__dict__:  # a bridge
             return model(source, decoder_input=target)
         return model(input_ids=source, decoder_input_ids=target).logits
-    out = model(TOKENS)
+    out = model(encoders.TOKENS if kind == "bert" else TOKENS)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -164,3 +167,25 @@ def test_the_bridge_bias_targets_pass_the_conformance_kit(kind):
     report = si.testing.check_adapter(bridge, TOKENS, forward=forward, include=names, biases=True)
     assert list(report.targets) == names
     assert report.passed[-1] == "find"
+
+
+def test_a_bert_bridge_has_the_hf_bias_targets_and_their_masked_logits():
+    """BERT (whose bridge's weight targets lack the HF model's ``token_type_embed`` and
+    ``mlm_head`` ones, so fingerprints differ): its bias and norm targets, the embedding
+    LayerNorm ``embed.ln`` (the bridge's ``embed_ln``) included, are the HF model's, and one
+    random mask over them gives the masked HF model's logits."""
+    bridge, hf = bridge_of(build("bert")), build("bert")
+    ours, theirs = bias_targets(bridge), bias_targets(hf)
+    assert "embed.ln.w" in ours and list(ours) == list(theirs)
+    assert [(t.shape, t.axes) for t in ours.values()] == [
+        (t.shape, t.axes) for t in theirs.values()
+    ]
+    masks = random_bias_masks(hf)
+    with torch.no_grad():
+        with si.masked(hf, masks):
+            expected = logits("bert", hf)
+        with si.masked(bridge, masks):
+            got = logits("bert", bridge)
+        plain = logits("bert", bridge)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(got, plain, atol=1e-3)

@@ -9,7 +9,8 @@ fingerprint.
 gives the transformers model the bridge wraps (read through its original module names); each
 target then points at the tensor the bridge computes with, the ``bias`` / ``weight`` of the
 bridge component of the same TransformerLens name (``blocks.{L}.attn.q`` for ``b_Q``,
-``blocks.{L}.mlp.in`` for ``b_in``, ``blocks.{L}.ln1`` for ``ln1.w``, ``ln_final``, ...). That
+``blocks.{L}.mlp.in`` for ``b_in``, ``blocks.{L}.ln1`` for ``ln1.w``, ``ln_final``, BERT's
+``embed_ln`` for ``embed.ln.w``, ...). That
 matters where the bridge splits a fused projection into copies (GPT-2's ``c_attn``, GPT-NeoX's
 ``query_key_value``): its forward reads the split ``q`` / ``k`` / ``v`` layers, not the fused one.
 Of T5 and BART, whose bridges compute with the transformers layers themselves, the targets are
@@ -54,6 +55,7 @@ _COMPONENTS = {
     "b_in": "in",
     "b_out": "out",
 }
+_NORM_COMPONENTS = {"embed.ln": "embed_ln"}
 
 
 def _target(name, path, attribute, shape, axes, ops, kind) -> Target:
@@ -86,7 +88,8 @@ def _bridge_location(name: str) -> tuple[str, str]:
     """(bridge component path, attribute) of a canonical bias or norm name."""
     owner, _, last = name.rpartition(".")
     if last in ("w", "b"):  # a norm: blocks.L.ln1.w, ln_final.b, blocks.L.attn.q_norm.w
-        return owner, "weight" if last == "w" else "bias"
+        # BERT's embedding LayerNorm (canonical embed.ln) is the bridge's embed_ln
+        return _NORM_COMPONENTS.get(owner, owner), "weight" if last == "w" else "bias"
     return f"{owner}.{_COMPONENTS.get(last, last)}", "bias"
 
 
