@@ -659,3 +659,13 @@ def test_a_random_bias_mask_equals_hand_zeroed_parameters_and_the_hf_model(kind)
         torch.testing.assert_close(got, hf(TOKENS).logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(got, zeroed(TOKENS).logits, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(got, model(TOKENS).detach(), atol=1e-3)  # the mask did act
+
+
+@pytest.mark.parametrize("normalization", ["LNPre", "RMSPre"])
+def test_a_folded_norm_has_no_weight_to_mask_and_the_biases_stay_targets(normalization):
+    """With the norms folded into the next weights (``fold_ln``: ``LayerNormPre`` /
+    ``RMSNormPre``, no parameters) there is no norm target; the biases still are."""
+    model = variant(normalization_type=normalization)
+    names = list(_bias_targets(model))
+    assert not [n for n in names if n.endswith((".w", ".b"))]
+    assert {"blocks.0.attn.b_Q", "blocks.0.attn.b_O", "blocks.0.mlp.b_in"} <= set(names)
