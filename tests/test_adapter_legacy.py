@@ -669,3 +669,15 @@ def test_a_folded_norm_has_no_weight_to_mask_and_the_biases_stay_targets(normali
     names = list(_bias_targets(model))
     assert not [n for n in names if n.endswith((".w", ".b"))]
     assert {"blocks.0.attn.b_Q", "blocks.0.attn.b_O", "blocks.0.mlp.b_in"} <= set(names)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_bias_targets_pass_the_conformance_kit_on_hooked_transformer(kind):
+    """Round trip, effect, by-hand zeroing, restore also on error, fingerprint and ``si.find``
+    training, on the bias and norm targets the HF model has too (Llama's extra zero biases get
+    no gradient: a mask on a zero weight changes nothing)."""
+    model = hooked_from(_randomized(kind))
+    names = list(_bias_targets(FAMILIES[kind]()))
+    report = si.testing.check_adapter(model, TOKENS, include=names, biases=True)
+    assert list(report.targets) == names
+    assert report.passed[-1] == "find"
