@@ -50,8 +50,11 @@ def logits_of(out):
 
 
 def next_token_loss(logits, tokens):
+    """Mean next-token cross-entropy with shifted labels (no copy of the logits), as Hugging
+    Face's loss computes it, so NeuroSurgeon and every other configuration pay the same."""
+    labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1), value=-100)
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()
+        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
     )
 
 
@@ -227,7 +230,9 @@ def neurosurgeon_timer(model, precision, batches, device, warmup: int, total: in
     for step in range(total):
         batch = batches[step % len(batches)]
         with autocast(device, precision):
-            loss = wrapped(input_ids=batch, labels=batch).loss
+            logits = wrapped(input_ids=batch).logits
+            loss = next_token_loss(logits, batch)  # the loss every configuration uses
+            loss = loss + wrapped.config.l0_lambda * wrapped._compute_l0_loss()  # its L0 term
         optimizer.zero_grad(set_to_none=True)
         loss.float().backward()
         optimizer.step()

@@ -32,6 +32,7 @@ from _gpu_models import (
     lm_loss,
     median,
     neurosurgeon_timer,
+    next_token_loss,
     sync,
     tokens,
 )
@@ -325,9 +326,7 @@ def memory_plan(ctx, out) -> None:
     def activations():
         embeds = model.get_input_embeddings()(batches[0]).detach().requires_grad_()
         logits = model(inputs_embeds=embeds).logits
-        torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batches[0][:, 1:].flatten()
-        ).backward()
+        next_token_loss(logits, batches[0]).backward()
 
     def finetune():
         for p in model.parameters():

@@ -67,11 +67,20 @@ def build(model_name: str, device: str):
     return model, batches
 
 
-def lm_loss(model, batch):
+def next_token_loss(logits, tokens):
+    """Mean next-token cross-entropy. The labels are shifted (padded with -100 at the end), not
+    the logits, as Hugging Face's own loss does: slicing the logits would copy them, a cost the
+    same loss computed inside a model (e.g. NeuroSurgeon's ``labels=`` path) does not pay."""
     import torch
 
-    logits = model(batch).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    labels = torch.nn.functional.pad(tokens[:, 1:], (0, 1), value=-100)
+    return torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1), labels.flatten(), ignore_index=-100
+    )
+
+
+def lm_loss(model, batch):
+    return next_token_loss(model(batch).logits, batch)
 
 
 def sync(device: str) -> None:
@@ -167,9 +176,11 @@ def _neurosurgeon(model, batches, device, warmup, steps) -> float:
 
     def step(i):
         batch = batches[i % len(batches)]
-        out = wrapped(input_ids=batch, labels=batch)
+        # the same loss as every other configuration, plus the L0 term its forward adds
+        loss = next_token_loss(wrapped(input_ids=batch).logits, batch)
+        loss = loss + wrapped.config.l0_lambda * wrapped._compute_l0_loss()
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         optimizer.step()
 
     return time_steps(step, device, warmup, steps)

@@ -247,29 +247,8 @@ def _one_shot(
 
 
 # -------------------------------------------------------------- the procedure
-def _resolve_method(method: str | Method, hparams: Mapping[str, Any]) -> Method:
-    if isinstance(method, Method):
-        if hparams:
-            raise ValueError(
-                "Hyper-parameters were given as keywords and a method instance as `method`; "
-                f"set them on the instance instead ({sorted(hparams)})."
-            )
-        resolved = method
-    elif isinstance(method, str):
-        registry.get(method)  # an unknown name fails here, listing the registered ones
-        defaults = LEPORI_CIRCUIT_PROBING if method == "continuous_sparsification_lepori" else {}
-        resolved = registry.create(method, **{**defaults, **hparams})
-    else:
-        raise TypeError(
-            f"`method` must be a registered method name or instance, got {type(method).__name__}."
-        )
-    if not isinstance(resolved, MaskMethod):
-        learnable = [n for n in registry.names() if issubclass(registry.get(n), MaskMethod)]
-        raise ValueError(
-            f"Circuit probing trains a mask from the clustering loss, so it needs a "
-            f"learnable-mask method ({learnable}); got {resolved.name!r}."
-        )
-    return resolved
+def _lepori_defaults(name: str, hparams: Mapping[str, Any]) -> Mapping[str, Any]:
+    return LEPORI_CIRCUIT_PROBING if name == "continuous_sparsification_lepori" else {}
 
 
 def _block_targets(model: Any, block: str, targets: Any) -> Any:
@@ -396,7 +375,15 @@ def circuit_probe(
         )
     source = generator if generator is not None else torch.Generator().manual_seed(0)
     chosen = _block_targets(model, block, targets)
-    resolved = _resolve_method(method, method_hparams)
+    resolved = registry.resolve(
+        method,
+        method_hparams,
+        base=Method,
+        defaults=_lepori_defaults,
+        requires=MaskMethod,
+        requires_why="Circuit probing trains a mask from the clustering loss, so it needs a "
+        "learnable-mask method",
+    )
 
     def loss_fn(probed: Any, batch: Any) -> Tensor:
         vectors, labels = _read(probed, block, batch, position)

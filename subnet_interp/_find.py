@@ -35,17 +35,6 @@ from .methods import registry
 from .methods._base import Callback, FindContext, FindResult, MaskMethod, Method
 
 
-def _resolve_method(method: str | Method) -> Method:
-    if isinstance(method, str):
-        return registry.create(method)
-    if isinstance(method, Method):
-        return method
-    raise TypeError(
-        f"`method` must be a registered method name or a method instance, got "
-        f"{type(method).__name__}: {method!r}. Registered: {registry.names()}."
-    )
-
-
 def select_targets(
     prepared: Prepared,
     targets: str | Iterable[str] | Mapping[str, Target] | None,
@@ -236,7 +225,7 @@ def find(
     sample inside the forward, where Dynamo breaks the graph) are refused. Speed-ups on CPU
     are in ``benchmarks/compile_speed.py``.
     """
-    resolved = _resolve_method(method)
+    resolved = registry.resolve(method, base=Method)
     if steps is None and resolved.needs_steps:
         raise ValueError(
             f"Method {resolved.name!r} trains, so `steps` is required (e.g. steps=1000)."
@@ -326,12 +315,10 @@ def find(
     user_cached = tensor_attributes(user_root)
     snapshot = None  # the weights to put back, where the method trains the model itself
     if resolved.trains_weights and not inplace:
-        if adapter.family == "nnsight":
-            # a deep-copied nnsight wrapper cannot be traced ("the model already ran past
-            # it"): train the wrapped module itself, then put its weights back
-            snapshot = {k: v.detach().clone() for k, v in adapter.root(model).state_dict().items()}
-        else:
+        if adapter.copyable(model):
             model = _copy_model(model)
+        else:  # train the model itself, then put its weights back
+            snapshot = {k: v.detach().clone() for k, v in adapter.root(model).state_dict().items()}
     root = adapter.root(model)
     first = next(iter(chosen.values()))
     model_device = adapters.real_tensor(root.get_submodule(first.module), first.attribute).device

@@ -165,18 +165,28 @@ def _matmul(
     is_linear: bool,
 ) -> Tensor:
     """Part ``s`` of ``x`` (along dim 0) times sample ``s``'s masked weight, plus ``bias``; one
-    masked weight exists at a time."""
+    masked weight exists at a time. Each part goes through the layer's own operation
+    (``F.linear`` for ``nn.Linear``, ``addmm`` for ``Conv1D``), so a part's output is the one
+    the layer-by-layer path computes, and the bias is added inside the matmul."""
     rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
     out = None
     for part in range(parts):
         masked = build(weight, leaves, part)
         masked = masked.to(rows.dtype) if masked.dtype != rows.dtype else masked
-        piece = rows[part] @ (masked.t() if is_linear else masked)
+        if is_linear:
+            piece = torch.nn.functional.linear(rows[part], masked, bias)
+        elif bias is None:
+            piece = rows[part] @ masked
+        else:
+            piece = torch.addmm(bias, rows[part], masked)
+        if parts == 1:
+            out = piece.unsqueeze(0)
+            break
         if out is None:
             out = piece.new_empty((parts, *piece.shape))
         out[part] = piece
-    out = out.reshape(*x.shape[:-1], out.shape[-1])
-    return out if bias is None else out + bias
+    assert out is not None
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class _LeanMaskedMatmul(torch.autograd.Function):

@@ -7,6 +7,7 @@ import difflib
 import math
 import numbers
 import typing
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from ._types import NotFoundError
@@ -83,6 +84,46 @@ class Registry:
         method = cls(**hparams)
         check_hparams(method, kind=self._kind)
         return method
+
+    def resolve(
+        self,
+        spec: Any,
+        hparams: Mapping[str, Any] | None = None,
+        *,
+        base: type,
+        defaults: Callable[[str, Mapping[str, Any]], Mapping[str, Any]] | None = None,
+        requires: type | None = None,
+        requires_why: str = "",
+    ) -> Any:
+        """The instance ``spec`` stands for: a registered name (created with ``hparams`` over
+        the caller's ``defaults(name, hparams)``, then the paper defaults) or an instance of
+        ``base`` (returned as it is; ``hparams`` are then refused, they would be ignored).
+
+        ``requires``: a subclass the result must be an instance of; otherwise a ValueError
+        starting with ``requires_why`` lists the registered names that qualify.
+        """
+        hparams = dict(hparams or {})
+        if isinstance(spec, base):
+            if hparams:
+                raise ValueError(
+                    "Hyper-parameters were given as keywords and a "
+                    f"{self._kind} instance as `{self._kind}`; set them on the instance instead "
+                    f"({sorted(hparams)})."
+                )
+            resolved = spec
+        elif isinstance(spec, str):
+            self.get(spec)  # an unknown name fails here, listing the registered ones
+            chosen = dict(defaults(spec, hparams)) if defaults is not None else {}
+            resolved = self.create(spec, **{**chosen, **hparams})
+        else:
+            raise TypeError(
+                f"`{self._kind}` must be a registered {self._kind} name or a {self._kind} "
+                f"instance, got {type(spec).__name__}: {spec!r}. Registered: {self.names()}."
+            )
+        if requires is not None and not isinstance(resolved, requires):
+            eligible = [name for name in self.names() if issubclass(self.get(name), requires)]
+            raise ValueError(f"{requires_why} ({eligible}); got {resolved.name!r}.")
+        return resolved
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

@@ -149,42 +149,29 @@ def _method(
     targets: Any,
     hparams: Mapping[str, Any],
 ) -> Method:
-    if isinstance(method, Method):
-        if hparams:
-            raise ValueError(
-                "Hyper-parameters were given as keywords and a method instance as `method`; "
-                f"set them on the instance instead ({sorted(hparams)})."
-            )
-        resolved = method
-    elif isinstance(method, str):
-        registry.get(method)  # an unknown name fails here, listing the registered ones
-        settings = dict(hparams)
-        if method == "hard_concrete":
-            chosen = select_targets(prepare(model), targets)
-            mean_size = sum(t.numel for t in chosen.values()) / len(chosen)
-            # dataset_size = mean target size turns hard_concrete's penalty,
-            # l0_lambda / dataset_size * (expected open gates), into
-            # l0_lambda * sum over targets of their expected open fraction (exactly so for
-            # equal-sized targets): Cao et al.'s per-matrix normalisation
-            settings = {
-                **CAO_HARD_CONCRETE,
-                "dataset_size": max(1, round(mean_size)),
-                **settings,
-            }
-            if settings.get("target_density") is not None and "lambda_ramp" not in hparams:
-                del settings["lambda_ramp"]  # the Lagrangian replaces the L0 penalty it ramps
-        resolved = registry.create(method, **settings)
-    else:
-        raise TypeError(
-            f"`method` must be a registered method name or instance, got {type(method).__name__}."
-        )
-    if not isinstance(resolved, MaskMethod):
-        learnable = [n for n in registry.names() if issubclass(registry.get(n), MaskMethod)]
-        raise ValueError(
-            f"Subnetwork probing trains the mask and the probe together, so it needs a "
-            f"learnable-mask method ({learnable}); got {resolved.name!r}."
-        )
-    return resolved
+    def defaults(name: str, given: Mapping[str, Any]) -> dict[str, Any]:
+        if name != "hard_concrete":
+            return {}
+        chosen = select_targets(prepare(model), targets)
+        mean_size = sum(t.numel for t in chosen.values()) / len(chosen)
+        # dataset_size = mean target size turns hard_concrete's penalty,
+        # l0_lambda / dataset_size * (expected open gates), into
+        # l0_lambda * sum over targets of their expected open fraction (exactly so for
+        # equal-sized targets): Cao et al.'s per-matrix normalisation
+        settings = {**CAO_HARD_CONCRETE, "dataset_size": max(1, round(mean_size))}
+        if {**settings, **given}.get("target_density") is not None and "lambda_ramp" not in given:
+            del settings["lambda_ramp"]  # the Lagrangian replaces the L0 penalty it ramps
+        return settings
+
+    return registry.resolve(
+        method,
+        hparams,
+        base=Method,
+        defaults=defaults,
+        requires=MaskMethod,
+        requires_why="Subnetwork probing trains the mask and the probe together, so it needs a "
+        "learnable-mask method",
+    )
 
 
 def subnetwork_probe(

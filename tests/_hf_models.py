@@ -41,9 +41,10 @@ def neox():
     return transformers.GPTNeoXForCausalLM(cfg).eval()
 
 
-def llama():
+def llama(**config):
+    """A tiny Llama; ``config`` adds to or overrides its config (e.g. ``attention_bias=True``)."""
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
+    sizes = dict(
         num_hidden_layers=LAYERS,
         num_attention_heads=HEADS,
         num_key_value_heads=2,
@@ -54,11 +55,57 @@ def llama():
         bos_token_id=0,
         eos_token_id=0,
     )
-    return transformers.LlamaForCausalLM(cfg).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**sizes, **config})).eval()
 
 
 BUILDERS = {"gpt2": gpt2, "neox": neox, "llama": llama}
 TOKENS = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+# Encoders of subnet_interp.adapters.hf_encoders: BERT and RoBERTa (base model, masked-LM and
+# sequence-classification heads) and ViT (base model and image classifier), dropout off.
+ENCODER_D_MLP, LABELS = 64, 3
+IMAGE, PATCH, CHANNELS = 16, 8, 3
+ENCODER_SIZES = dict(
+    num_hidden_layers=LAYERS,
+    num_attention_heads=HEADS,
+    hidden_size=D,
+    intermediate_size=ENCODER_D_MLP,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+TEXT_ENCODER_CLASSES = {
+    "bert": ("BertConfig", "BertModel"),
+    "bert_mlm": ("BertConfig", "BertForMaskedLM"),
+    "bert_cls": ("BertConfig", "BertForSequenceClassification"),
+    "roberta": ("RobertaConfig", "RobertaModel"),
+    "roberta_mlm": ("RobertaConfig", "RobertaForMaskedLM"),
+    "roberta_cls": ("RobertaConfig", "RobertaForSequenceClassification"),
+}
+ENCODER_KINDS = [*TEXT_ENCODER_CLASSES, "vit", "vit_cls"]
+PIXELS = torch.randn(2, CHANNELS, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
+
+
+def encoder(kind):
+    """A tiny ``kind`` encoder (one of :data:`ENCODER_KINDS`); text encoders take tokens in
+    ``[0, VOCAB)`` (use ``TOKENS % (VOCAB - 2) + 2`` to keep off the special ids), ViT takes
+    :data:`PIXELS`-shaped images."""
+    torch.manual_seed(0)
+    if kind.startswith("vit"):
+        cfg = transformers.ViTConfig(
+            image_size=IMAGE,
+            patch_size=PATCH,
+            num_channels=CHANNELS,
+            num_labels=LABELS,
+            **ENCODER_SIZES,
+        )
+        cls = transformers.ViTForImageClassification if kind == "vit_cls" else transformers.ViTModel
+        return cls(cfg).eval()
+    config_name, model_name = TEXT_ENCODER_CLASSES[kind]
+    cfg = getattr(transformers, config_name)(
+        vocab_size=VOCAB, max_position_embeddings=16, num_labels=LABELS, **ENCODER_SIZES
+    )
+    return getattr(transformers, model_name)(cfg).eval()
 
 
 def random_masks(model, include=None, seed=1):
@@ -128,9 +175,10 @@ DECODER_CLASSES = {
 }
 
 
-def decoder(kind):
+def decoder(kind, **config):
     """A tiny ``kind`` causal LM whose biases and norm weights are random too (transformers
-    initialises them to constants), so that masks that touched them would show."""
+    initialises them to constants), so that masks that touched them would show; ``config``
+    adds to or overrides its config."""
     torch.manual_seed(0)
     config_name, model_name, extra = DECODER_CLASSES[kind]
     sizes = dict(
@@ -145,7 +193,8 @@ def decoder(kind):
     )
     if kind != "opt":
         sizes.update(num_key_value_heads=KV_HEADS, intermediate_size=D_MLP)
-    model = getattr(transformers, model_name)(getattr(transformers, config_name)(**sizes, **extra))
+    cfg = getattr(transformers, config_name)(**{**sizes, **extra, **config})
+    model = getattr(transformers, model_name)(cfg)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "bias" in name or "norm" in name:

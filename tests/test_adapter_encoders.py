@@ -13,47 +13,27 @@ import subnet_interp as si
 from subnet_interp.analysis import edge_scores, head_scores, neuron_scores, top_heads
 
 transformers = pytest.importorskip("transformers")
+from _hf_models import (  # noqa: E402
+    CHANNELS,
+    D_HEAD,
+    HEADS,
+    IMAGE,
+    LABELS,
+    LAYERS,
+    PATCH,
+    PIXELS,
+    VOCAB,
+    D,
+    random_masks,
+)
+from _hf_models import ENCODER_D_MLP as D_MLP  # noqa: E402
+from _hf_models import ENCODER_KINDS as KINDS  # noqa: E402
+from _hf_models import encoder as build  # noqa: E402  (test_adapter_biases_all uses build)
 from einops import rearrange  # noqa: E402
 
-VOCAB, D, HEADS, LAYERS, D_MLP, LABELS = 40, 32, 4, 2, 64, 3
-D_HEAD = D // HEADS
-IMAGE, PATCH, CHANNELS = 16, 8, 3
 N_CTX_VIT = (IMAGE // PATCH) ** 2 + 1
-SIZES = dict(
-    num_hidden_layers=LAYERS,
-    num_attention_heads=HEADS,
-    hidden_size=D,
-    intermediate_size=D_MLP,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
-TEXT_CLASSES = {
-    "bert": ("BertConfig", "BertModel"),
-    "bert_mlm": ("BertConfig", "BertForMaskedLM"),
-    "bert_cls": ("BertConfig", "BertForSequenceClassification"),
-    "roberta": ("RobertaConfig", "RobertaModel"),
-    "roberta_mlm": ("RobertaConfig", "RobertaForMaskedLM"),
-    "roberta_cls": ("RobertaConfig", "RobertaForSequenceClassification"),
-}
-KINDS = [*TEXT_CLASSES, "vit", "vit_cls"]
 TOKENS = torch.randint(2, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
 TOKEN_TYPES = torch.randint(0, 2, (2, 10), generator=torch.Generator().manual_seed(1))
-PIXELS = torch.randn(2, CHANNELS, IMAGE, IMAGE, generator=torch.Generator().manual_seed(2))
-
-
-def build(kind):
-    torch.manual_seed(0)
-    if kind.startswith("vit"):
-        cfg = transformers.ViTConfig(
-            image_size=IMAGE, patch_size=PATCH, num_channels=CHANNELS, num_labels=LABELS, **SIZES
-        )
-        cls = transformers.ViTForImageClassification if kind == "vit_cls" else transformers.ViTModel
-        return cls(cfg).eval()
-    config_name, model_name = TEXT_CLASSES[kind]
-    cfg = getattr(transformers, config_name)(
-        vocab_size=VOCAB, max_position_embeddings=16, num_labels=LABELS, **SIZES
-    )
-    return getattr(transformers, model_name)(cfg).eval()
 
 
 def outputs(kind, model, batch=None):
@@ -164,14 +144,6 @@ def expected_shapes(kind):
     return found
 
 
-def random_masks(model, include="*", seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return {
-        name: torch.rand(target.shape, generator=gen) < 0.6
-        for name, target in si.targets(model, include=include).items()
-    }
-
-
 def hand_zeroed(kind, model, masks):
     """A copy of ``model`` with the masked weights zeroed by hand (tied weights untied)."""
     reference = copy.deepcopy(model)
@@ -218,7 +190,7 @@ def test_canonical_names_axes_and_exact_round_trip(kind):
 @pytest.mark.parametrize("kind", KINDS)
 def test_masked_outputs_equal_hand_zeroed_weights(kind):
     model = build(kind)
-    masks = random_masks(model)
+    masks = random_masks(model, include="*")
     before = snapshot(model)
     with torch.no_grad(), si.masked(model, si.Subnetwork(masks)):
         got = outputs(kind, model)
@@ -261,7 +233,7 @@ def test_masked_restores_exactly_also_on_exception(kind):
     model = build(kind)
     before = snapshot(model)
     parameters = dict(model.named_parameters())
-    sub = si.Subnetwork(random_masks(model))
+    sub = si.Subnetwork(random_masks(model, include="*"))
     with si.masked(model, sub):
         outputs(kind, model)
     assert_bit_exact(model, before)

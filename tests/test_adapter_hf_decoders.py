@@ -199,16 +199,7 @@ def test_tied_unembedding_is_masked_separately_from_embedding():
 
 
 def test_opt_word_embedding_projections_are_non_default_targets():
-    cfg = transformers.OPTConfig(
-        num_hidden_layers=1,
-        num_attention_heads=HEADS,
-        hidden_size=D,
-        ffn_dim=D_MLP,
-        word_embed_proj_dim=16,
-        vocab_size=VOCAB,
-        max_position_embeddings=16,
-    )
-    model = transformers.OPTForCausalLM(cfg).eval()
+    model = decoder("opt", num_hidden_layers=1, word_embed_proj_dim=16)
     everything = si.targets(model, include="*")
     assert everything["embed.W_in_proj"].shape == (16, D)
     assert everything["unembed.W_out_proj"].shape == (D, 16)

@@ -18,29 +18,7 @@ from subnet_interp import adapters
 
 transformers = pytest.importorskip("transformers")
 
-from _hf_models import BUILDERS, LAYERS, TOKENS, D  # noqa: E402
-
-SIZES = dict(
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    hidden_size=D,
-    intermediate_size=64,
-    hidden_dropout_prob=0.0,
-    attention_probs_dropout_prob=0.0,
-)
-PIXELS = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-
-
-def bert():
-    torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=40, max_position_embeddings=16, **SIZES)
-    return transformers.BertForMaskedLM(config).eval()
-
-
-def vit():
-    torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, **SIZES)
-    return transformers.ViTForImageClassification(config).eval()
+from _hf_models import BUILDERS, LAYERS, PIXELS, TOKENS, encoder  # noqa: E402
 
 
 def vit_blocks(model):
@@ -53,8 +31,8 @@ HF = {
     "gpt2": (BUILDERS["gpt2"], TOKENS, lambda m: m.transformer.h),
     "neox": (BUILDERS["neox"], TOKENS, lambda m: m.gpt_neox.layers),
     "llama": (BUILDERS["llama"], TOKENS, lambda m: m.model.layers),
-    "bert": (bert, TOKENS % 38 + 2, lambda m: m.bert.encoder.layer),
-    "vit": (vit, PIXELS, vit_blocks),
+    "bert": (lambda: encoder("bert_mlm"), TOKENS % 38 + 2, lambda m: m.bert.encoder.layer),
+    "vit": (lambda: encoder("vit_cls"), PIXELS, vit_blocks),
 }
 
 

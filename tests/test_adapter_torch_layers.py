@@ -394,19 +394,10 @@ def test_find_recovers_a_planted_bias_subnetwork():
 def hf_with_biases(kind):
     """A tiny GPT-2, or a Llama with ``attention_bias`` and ``mlp_bias``, whose biases and norm
     weights are random (transformers initialises them to 0 and 1)."""
-    transformers = pytest.importorskip("transformers")
-    from _hf_models import LAYERS, D, gpt2
+    pytest.importorskip("transformers")
+    from _hf_models import gpt2, llama
 
-    if kind == "gpt2":
-        model = gpt2()
-    else:
-        torch.manual_seed(0)
-        config = transformers.LlamaConfig(
-            num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
-            hidden_size=D, intermediate_size=48, vocab_size=40, max_position_embeddings=16,
-            bos_token_id=0, eos_token_id=0, attention_bias=True, mlp_bias=True,
-        )  # fmt: skip
-        model = transformers.LlamaForCausalLM(config).eval()
+    model = gpt2() if kind == "gpt2" else llama(attention_bias=True, mlp_bias=True)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if parameter.dim() == 1:

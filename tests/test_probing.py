@@ -152,32 +152,15 @@ def test_token_labels_ignore_minus_100_and_count_only_labelled_tokens(trained):
 
 
 # ------------------------------------------------------------------ reading hidden states
-def _encoder(kind):
-    torch.manual_seed(0)
-    sizes = dict(
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        hidden_size=D,
-        intermediate_size=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    if kind == "vit":
-        config = transformers.ViTConfig(image_size=16, patch_size=8, num_channels=3, **sizes)
-        return transformers.ViTForImageClassification(config).eval()
-    config_cls = {"bert": transformers.BertConfig, "roberta": transformers.RobertaConfig}[kind]
-    model_cls = {"bert": transformers.BertForMaskedLM, "roberta": transformers.RobertaModel}[kind]
-    return model_cls(config_cls(vocab_size=40, max_position_embeddings=16, **sizes)).eval()
-
-
 def _family(kind):
-    from _hf_models import BUILDERS, TOKENS
+    from _hf_models import BUILDERS, PIXELS, TOKENS, encoder
 
     if kind in BUILDERS:
         return BUILDERS[kind](), TOKENS
     if kind == "vit":
-        return _encoder(kind), torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    return _encoder(kind), {"input_ids": TOKENS % 38 + 2, "attention_mask": torch.ones_like(TOKENS)}
+        return encoder("vit_cls"), PIXELS
+    model = encoder({"bert": "bert_mlm", "roberta": "roberta"}[kind])
+    return model, {"input_ids": TOKENS % 38 + 2, "attention_mask": torch.ones_like(TOKENS)}
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "neox", "llama", "bert", "roberta", "vit"])

@@ -70,6 +70,12 @@ class Adapter(abc.ABC):
         transformers model); for a family that wraps nothing, :meth:`root`."""
         return self.root(model)
 
+    def copyable(self, model: object) -> bool:
+        """Whether a deep copy of ``model`` works as the model does, so that a method which
+        trains weights can train the copy and leave ``model`` alone (the default). Where it
+        does not, ``si.find`` trains :meth:`root` itself and then puts its weights back."""
+        return True
+
     def blocks(self, model: object) -> list[nn.Module]:
         """The model's transformer blocks in order: the modules its forward pass runs, under
         :meth:`root`."""

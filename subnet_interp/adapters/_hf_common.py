@@ -11,11 +11,13 @@ transformers models they hold. Nothing here imports ``transformers``.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
-from .._types import Layout, Target
-from . import model_class
+from .._types import IDENTITY, Layout, Target
+from . import model_class, real_tensor
 
 TRANSPOSE = ("permute", (1, 0))  # [out, in] nn.Linear weight <-> canonical [in, out]
 
@@ -80,6 +82,32 @@ def init_weights(model: nn.Module) -> None:
     model.init_weights()
 
 
+@dataclass(frozen=True)
+class DecoderDims:
+    """The sizes a Llama-style decoder's config gives (``transformers`` names in brackets)."""
+
+    n_layers: int  # num_hidden_layers
+    d_model: int  # hidden_size
+    heads: int  # num_attention_heads
+    kv_heads: int  # num_key_value_heads (grouped-query attention); default: heads
+    d_head: int  # head_dim; default: d_model // heads
+    d_mlp: int | None  # intermediate_size; None where the config has none
+
+
+def decoder_dims(config: Any) -> DecoderDims:
+    """The :class:`DecoderDims` of a Llama-style ``transformers`` config (Llama, Qwen2,
+    Mistral, Gemma, Phi-3, mixture-of-experts decoders)."""
+    heads, d_model = config.num_attention_heads, config.hidden_size
+    return DecoderDims(
+        n_layers=config.num_hidden_layers,
+        d_model=d_model,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        d_head=getattr(config, "head_dim", None) or d_model // heads,
+        d_mlp=getattr(config, "intermediate_size", None),
+    )
+
+
 def attn_target(name, module, shape, axes, ops, units) -> Target:
     """An attention weight target (``kind="attn"``) viewed through ``ops``."""
     return Target(name, module, "weight", shape, axes, Layout(ops), kind="attn", unit_axes=units)
@@ -124,34 +152,67 @@ def linear_mlp(
     return found
 
 
+def embedding_table(
+    name: str, path: str, shape: tuple[int, ...], axes: tuple[str, ...], layout: Layout = IDENTITY
+) -> Target:
+    """A non-default embedding target: the ``weight`` table at ``path``, one unit per row
+    (``axes[0]``: a token, a position, a token type)."""
+    return Target(
+        name,
+        path,
+        "weight",
+        shape,
+        axes,
+        layout,
+        default=False,
+        kind="embedding",
+        unit_axes=(axes[0],),
+    )
+
+
 def embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str, Target]:
     """``embed.W_E`` of the ``nn.Embedding`` at ``embed`` and, if ``pos`` is given,
     ``pos_embed.W_pos`` of the one at ``pos`` (not default targets)."""
-    found = {}
     table = model.get_submodule(embed).weight
-    found["embed.W_E"] = Target(
-        "embed.W_E",
-        embed,
-        "weight",
-        tuple(table.shape),
-        ("d_vocab", "d_model"),
-        default=False,
-        kind="embedding",
-        unit_axes=("d_vocab",),
-    )
+    found = {
+        "embed.W_E": embedding_table("embed.W_E", embed, tuple(table.shape), ("d_vocab", "d_model"))
+    }
     if pos is not None:
         positions = model.get_submodule(pos).weight
-        found["pos_embed.W_pos"] = Target(
-            "pos_embed.W_pos",
-            pos,
-            "weight",
-            tuple(positions.shape),
-            ("n_ctx", "d_model"),
-            default=False,
-            kind="embedding",
-            unit_axes=("n_ctx",),
+        found["pos_embed.W_pos"] = embedding_table(
+            "pos_embed.W_pos", pos, tuple(positions.shape), ("n_ctx", "d_model")
         )
     return found
+
+
+def has_linear(model: nn.Module, path: str) -> bool:
+    """Whether ``model`` has an ``nn.Linear`` at ``path``."""
+    try:
+        return isinstance(model.get_submodule(path), nn.Linear)
+    except AttributeError:
+        return False
+
+
+def linear_readout(
+    model: nn.Module, name: str, path: str, axes: tuple[str, str], kind: str
+) -> dict[str, Target]:
+    """The ``nn.Linear`` at ``path`` (if the model has one) as a non-default ``[in, out]``
+    target, one unit per output (``{}`` when there is none): task read-outs, projections."""
+    if not has_linear(model, path):
+        return {}
+    out_features, in_features = real_tensor(model.get_submodule(path), "weight").shape
+    target = Target(
+        name,
+        path,
+        "weight",
+        (in_features, out_features),
+        axes,
+        Layout((TRANSPOSE,)),
+        default=False,
+        kind=kind,
+        unit_axes=(axes[1],),
+    )
+    return {name: target}
 
 
 def unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]:
@@ -178,17 +239,22 @@ def unembed_target(model: nn.Module, path: str = "lm_head") -> dict[str, Target]
 
 __all__ = [
     "BLOCK_LISTS",
+    "DecoderDims",
     "TRANSPOSE",
     "attn_target",
     "base_prefix",
     "block_list",
+    "decoder_dims",
+    "embedding_table",
     "embedding_targets",
+    "has_linear",
     "init_weights",
     "is_hf",
     "is_pretrained",
     "linear_mlp",
     "linear_o",
     "linear_qkv",
+    "linear_readout",
     "mlp_target",
     "outermost_pretrained",
     "unembed_target",

@@ -24,6 +24,7 @@ from ._hf_common import (
     attn_target,
     base_prefix,
     block_list,
+    decoder_dims,
     embedding_targets,
     init_weights,
     is_hf,
@@ -140,14 +141,11 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
 
 
 def llama_targets(model: nn.Module) -> dict[str, Target]:
-    cfg = model.config
-    heads, d_model = cfg.num_attention_heads, cfg.hidden_size
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    d_head = getattr(cfg, "head_dim", None) or d_model // heads
-    d_mlp = cfg.intermediate_size
+    dims = decoder_dims(model.config)
+    heads, kv_heads, d_model, d_head = dims.heads, dims.kv_heads, dims.d_model, dims.d_head
     base = base_prefix(model)
     found = embedding_targets(model, f"{base}embed_tokens", None)
-    for layer in range(cfg.num_hidden_layers):
+    for layer in range(dims.n_layers):
         block = f"{base}layers.{layer}"
         for letter, proj, count, head_axis in (
             ("Q", "q_proj", heads, "head"),
@@ -158,7 +156,7 @@ def llama_targets(model: nn.Module) -> dict[str, Target]:
             found.update(linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
         found.update(linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
         inputs = {"W_gate": f"{block}.mlp.gate_proj", "W_in": f"{block}.mlp.up_proj"}
-        found.update(linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, d_mlp))
+        found.update(linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, dims.d_mlp))
     found.update(unembed_target(model))
     return found
 

@@ -38,7 +38,7 @@ from torch import nn
 
 from .._types import Layout, Target
 from . import real_tensor
-from ._hf_common import base_prefix
+from ._hf_common import base_prefix, decoder_dims
 
 
 def _parameter(root: nn.Module, path: str, attribute: str) -> nn.Parameter | None:
@@ -150,11 +150,10 @@ def llama_bias_targets(model: nn.Module) -> dict[str, Target]:
     module names (Llama, Qwen2, Mistral, Gemma, Gemma-2, Phi-3, Mixtral, Qwen2-MoE, Qwen3-MoE)
     and, where the model has them (``attention_bias``, ``mlp_bias``, Qwen2's Q / K / V), the
     projections' biases. Gemma's norms scale by ``(1 + w)``: a zeroed ``w`` gives scale 1."""
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    dims = decoder_dims(model.config)
+    heads, kv_heads = dims.heads, dims.kv_heads
     base, found = base_prefix(model), {}
-    for layer in range(cfg.num_hidden_layers):
+    for layer in range(dims.n_layers):
         block, prefix = f"{base}layers.{layer}", f"blocks.{layer}"
         for letter, proj, count, axis in (
             ("Q", "q_proj", heads, "head"),

@@ -36,10 +36,12 @@ from ._hf_common import (
     TRANSPOSE,
     attn_target,
     base_prefix,
+    decoder_dims,
     embedding_targets,
     linear_mlp,
     linear_o,
     linear_qkv,
+    linear_readout,
     mlp_target,
     unembed_target,
 )
@@ -47,15 +49,13 @@ from ._hf_common import (
 
 def phi3_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of a Phi-3 model (``Phi3Model``, ``Phi3ForCausalLM``, ...)."""
-    cfg = model.config
-    heads, d_model = cfg.num_attention_heads, cfg.hidden_size
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    d_head = getattr(cfg, "head_dim", None) or d_model // heads
-    d_mlp = cfg.intermediate_size
+    dims = decoder_dims(model.config)
+    heads, kv_heads, d_model, d_head = dims.heads, dims.kv_heads, dims.d_model, dims.d_head
+    d_mlp = dims.d_mlp
     base = base_prefix(model)
     found = embedding_targets(model, f"{base}embed_tokens", None)
     rows = {"Q": (0, heads), "K": (heads, kv_heads), "V": (heads + kv_heads, kv_heads)}
-    for layer in range(cfg.num_hidden_layers):
+    for layer in range(dims.n_layers):
         block = f"{base}layers.{layer}"
         for letter, (first_head, count) in rows.items():
             head_axis = "head" if letter == "Q" or kv_heads == heads else "kv_head"
@@ -88,28 +88,6 @@ def phi3_targets(model: nn.Module) -> dict[str, Target]:
     return found
 
 
-def _projection(model: nn.Module, name: str, path: str, axes: tuple[str, str], kind: str):
-    """OPT's optional ``project_in`` / ``project_out`` ``nn.Linear`` as a non-default
-    ``[in, out]`` target (``{}`` when the model has none)."""
-    owner, attribute = path.rsplit(".", 1)
-    module = getattr(model.get_submodule(owner), attribute, None)
-    if not isinstance(module, nn.Linear):
-        return {}
-    out_features, in_features = module.weight.shape
-    target = Target(
-        name,
-        path,
-        "weight",
-        (in_features, out_features),
-        axes,
-        Layout((TRANSPOSE,)),
-        default=False,
-        kind=kind,
-        unit_axes=(axes[1],),
-    )
-    return {name: target}
-
-
 def opt_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of an OPT model (``OPTModel``, ``OPTForCausalLM``, ...)."""
     cfg = model.config
@@ -125,7 +103,7 @@ def opt_targets(model: nn.Module) -> dict[str, Target]:
             table, shape=(n_ctx, table.shape[1]), layout=Layout((("narrow", 0, offset, n_ctx),))
         )
     project_in = ("embed.W_in_proj", f"{base}.project_in", ("d_embed", "d_model"))
-    found.update(_projection(model, *project_in, "embedding"))
+    found.update(linear_readout(model, *project_in, "embedding"))
     for layer in range(cfg.num_hidden_layers):
         block = f"{base}.layers.{layer}"
         for letter in "QKV":
@@ -135,7 +113,7 @@ def opt_targets(model: nn.Module) -> dict[str, Target]:
         inputs = {"W_in": f"{block}.fc1"}
         found.update(linear_mlp(layer, inputs, f"{block}.fc2", d_model, cfg.ffn_dim))
     project_out = ("unembed.W_out_proj", f"{base}.project_out", ("d_model", "d_embed"))
-    found.update(_projection(model, *project_out, "unembedding"))
+    found.update(linear_readout(model, *project_out, "unembedding"))
     found.update(unembed_target(model))
     return found
 

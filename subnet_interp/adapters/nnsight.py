@@ -44,6 +44,10 @@ class NNsightAdapter(Adapter):
         """The wrapped module's family's linear site (``root`` is the wrapped module)."""
         return resolve(root).linear_site(root, location)
 
+    def copyable(self, model: object) -> bool:
+        """No: a deep-copied wrapper cannot be traced ("the model already ran past it")."""
+        return False
+
     def check_attachable(self, model: object) -> None:
         self._wrapped(model).check_attachable(self.root(model))
 

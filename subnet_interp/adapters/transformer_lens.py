@@ -28,7 +28,7 @@ from torch import nn
 
 from .._types import Layout, LinearSite, Target
 from . import Adapter, is_conv1d, model_class, real_tensor
-from ._hf_common import TRANSPOSE, init_weights, outermost_pretrained
+from ._hf_common import TRANSPOSE, embedding_table, init_weights, outermost_pretrained
 from .hf_moe import bridge_moe_targets
 from .hf_seq2seq import bridge_seq2seq_targets
 from .transformer_lens_biases import bridge_bias_targets, hooked_bias_targets
@@ -100,30 +100,22 @@ class TransformerBridgeAdapter(Adapter):
         found: dict[str, Target] = {}
         embed = _component(root, "embed")
         if embed is not None:
-            found["embed.W_E"] = Target(
+            found["embed.W_E"] = embedding_table(
                 "embed.W_E",
                 "embed._original_component",
-                "weight",
                 tuple(embed.weight.shape),
                 ("d_vocab", "d_model"),
-                default=False,
-                kind="embedding",
-                unit_axes=("d_vocab",),
             )
         pos = _component(root, "pos_embed")
         if pos is not None and hasattr(pos, "weight"):
             rows, width = pos.weight.shape
             offset = getattr(pos, "offset", 0)  # OPT reads row position + 2, as the HF adapter
-            found["pos_embed.W_pos"] = Target(
+            found["pos_embed.W_pos"] = embedding_table(
                 "pos_embed.W_pos",
                 "pos_embed._original_component",
-                "weight",
                 (rows - offset, width),
                 ("n_ctx", "d_model"),
                 Layout((("narrow", 0, offset, rows - offset),)) if offset else Layout(),
-                default=False,
-                kind="embedding",
-                unit_axes=("n_ctx",),
             )
         for layer in range(cfg.n_layers):
             for letter, which in (("Q", "q"), ("K", "k"), ("V", "v"), ("O", "o")):

@@ -29,9 +29,24 @@ def sigmoid_penalty(params: Sequence[Tensor], weights: Sequence[int], temperatur
     ).sum()
 
 
+class _SigmoidOfScoreGates:
+    """What both continuous-sparsification variants share about one gate's parameter ``s``:
+    its gate is ``sigmoid(T * s)`` with ``T = 1`` at the start, the final mask ``s > 0`` and
+    the score ``s`` itself (it orders weights as the soft mask does without saturating)."""
+
+    def params_for_probability(self, probability: Tensor) -> Tensor:
+        return torch.logit(probability)  # the gate at the first temperature (1) is sigmoid(s)
+
+    def final_mask(self, params: Tensor) -> Tensor:
+        return params > 0
+
+    def scores(self, params: Tensor) -> Tensor:
+        return params.float()
+
+
 @methods.register
 @dataclass(frozen=True)
-class ContinuousSparsification(MaskMethod):
+class ContinuousSparsification(_SigmoidOfScoreGates, MaskMethod):
     """Continuous Sparsification (Savarese, Silva & Maire, NeurIPS 2020, "Winning the Lottery
     with Continuous Sparsification", Eq. 5-6 and Alg. 1; defaults from the official code,
     lolemacs/continuous-sparsification).
@@ -110,15 +125,6 @@ class ContinuousSparsification(MaskMethod):
             for p in params:
                 p.copy_(torch.clamp(state.temperature * p, max=float(self.mask_init)))
         state.temperature = 1.0
-
-    def params_for_probability(self, probability: Tensor) -> Tensor:
-        return torch.logit(probability)  # the gate at the first temperature (1) is sigmoid(s)
-
-    def final_mask(self, params: Tensor) -> Tensor:
-        return params > 0
-
-    def scores(self, params: Tensor) -> Tensor:
-        return params.float()
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.SGD(

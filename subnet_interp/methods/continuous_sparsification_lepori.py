@@ -11,12 +11,16 @@ from torch import Tensor
 from .._registry import methods
 from .._types import Target
 from ._base import MaskMethod, TrainState
-from .continuous_sparsification import geometric_temperature, sigmoid_penalty
+from .continuous_sparsification import (
+    _SigmoidOfScoreGates,
+    geometric_temperature,
+    sigmoid_penalty,
+)
 
 
 @methods.register
 @dataclass(frozen=True)
-class ContinuousSparsificationLepori(MaskMethod):
+class ContinuousSparsificationLepori(_SigmoidOfScoreGates, MaskMethod):
     """Continuous sparsification for subnetwork discovery in frozen models (Lepori, Serre &
     Pavlick, NeurIPS 2023, "Break It Down: Evidence for Structural Compositionality in Neural
     Networks", Sec. 3; defaults from NeuroSurgeon's ``ContSparse`` layers and the paper's
@@ -61,15 +65,6 @@ class ContinuousSparsificationLepori(MaskMethod):
         self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
     ) -> Tensor:
         return self.l0_lambda * sigmoid_penalty(params, weights, state.temperature)
-
-    def params_for_probability(self, probability: Tensor) -> Tensor:
-        return torch.logit(probability)  # the gate at the first temperature (1) is sigmoid(s)
-
-    def final_mask(self, params: Tensor) -> Tensor:
-        return params > 0
-
-    def scores(self, params: Tensor) -> Tensor:
-        return params.float()
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=self.lr)
