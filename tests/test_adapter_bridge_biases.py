@@ -22,6 +22,7 @@ from _hf_models import (  # noqa: E402
     DECODER_CLASSES,
     TOKENS,
     decoder,
+    encoder,
     hand_zeroed_biases,
 )
 from test_adapter_biases_all import randomized  # noqa: E402
@@ -41,7 +42,7 @@ def build(kind):
     if kind in DECODER_CLASSES:
         return decoder(kind)
     if kind == "bert":
-        return randomized(encoders.build("bert_mlm"))
+        return randomized(encoder("bert_mlm"))
     return randomized(seq2seq_moe.build(kind))
 
 
