@@ -242,3 +242,76 @@ def hand_zeroed_decoder(kind, model, masks):
                 mlp.up_proj.weight.mul_(m["mlp.W_in"].T)
             attn.o_proj.weight.mul_(o_rows)
             mlp.down_proj.weight.mul_(m["mlp.W_out"].T)
+
+
+# norms of the Llama-named families, canonical -> module of the block (Gemma-2 has four)
+_LLAMA_NORMS = {"ln1": "input_layernorm", "ln2": "post_attention_layernorm"}
+_GEMMA2_NORMS = {
+    "ln1": "input_layernorm",
+    "ln1_post": "post_attention_layernorm",
+    "ln2": "pre_feedforward_layernorm",
+    "ln2_post": "post_feedforward_layernorm",
+}
+
+
+def hand_zeroed_biases(kind, model, masks):
+    """Zero the bias and norm-weight entries of a GPT-2, GPT-NeoX, OPT or Llama-named model that
+    the canonical ``masks`` remove, written from each model's forward: GPT-2's fused
+    ``c_attn.bias`` is ``[q | k | v]``, each ``(head d_head)``; GPT-NeoX's ``query_key_value``
+    output is split per head as ``[q | k | v]`` (``(head qkv d_head)``); every other bias and
+    norm is its own vector. Every mask must be used (an unknown name fails)."""
+    left = dict(masks)
+
+    def take(name):
+        mask = left.pop(name).float()
+        return rearrange(mask, "h e -> (h e)") if mask.dim() == 2 else mask
+
+    def scale(name, module, attribute="bias"):
+        if name in left:
+            getattr(module, attribute).mul_(take(name))
+
+    def norm(name, module):
+        scale(f"{name}.w", module, "weight")
+        scale(f"{name}.b", module, "bias")
+
+    with torch.no_grad():
+        if kind == "gpt2":
+            layers, final = model.transformer.h, model.transformer.ln_f
+        elif kind == "neox":
+            layers, final = model.gpt_neox.layers, model.gpt_neox.final_layer_norm
+        elif kind == "opt":
+            layers, final = model.model.decoder.layers, model.model.decoder.final_layer_norm
+        else:
+            layers, final = model.model.layers, model.model.norm
+        for layer, block in enumerate(layers):
+            p = f"blocks.{layer}."
+            if kind == "gpt2":
+                qkv = [take(f"{p}attn.b_{x}") for x in "QKV"]
+                block.attn.c_attn.bias.mul_(torch.cat(qkv))
+                attn_out, mlp_in, mlp_out = block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj
+                norms = {"ln1": block.ln_1, "ln2": block.ln_2}
+            elif kind == "neox":
+                qkv = torch.stack([left.pop(f"{p}attn.b_{x}").float() for x in "QKV"])
+                block.attention.query_key_value.bias.mul_(rearrange(qkv, "t h e -> (h t e)"))
+                attn_out = block.attention.dense
+                mlp_in, mlp_out = block.mlp.dense_h_to_4h, block.mlp.dense_4h_to_h
+                norms = {"ln1": block.input_layernorm, "ln2": block.post_attention_layernorm}
+            else:
+                attn = block.self_attn
+                for x in "QKV":
+                    scale(f"{p}attn.b_{x}", getattr(attn, f"{x.lower()}_proj"))
+                if kind == "opt":
+                    attn_out, mlp_in, mlp_out = attn.out_proj, block.fc1, block.fc2
+                    norms = {"ln1": block.self_attn_layer_norm, "ln2": block.final_layer_norm}
+                else:
+                    attn_out, mlp_in, mlp_out = attn.o_proj, block.mlp.up_proj, block.mlp.down_proj
+                    scale(f"{p}mlp.b_gate", block.mlp.gate_proj)
+                    names = _GEMMA2_NORMS if kind == "gemma2" else _LLAMA_NORMS
+                    norms = {c: getattr(block, m) for c, m in names.items()}
+            scale(f"{p}attn.b_O", attn_out)
+            scale(f"{p}mlp.b_in", mlp_in)
+            scale(f"{p}mlp.b_out", mlp_out)
+            for canonical, module in norms.items():
+                norm(f"{p}{canonical}", module)
+        norm("ln_final", final)
+    assert not left, f"masks the reference does not know: {sorted(left)}"

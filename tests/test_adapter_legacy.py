@@ -28,6 +28,7 @@ from _hf_models import (  # noqa: E402
     D,
     gpt2,
     hand_zeroed,
+    hand_zeroed_biases,
     llama,
     neox,
     random_masks,
@@ -572,3 +573,111 @@ def test_a_4bit_hooked_transformer_is_refused_clearly_and_left_unchanged():
             pass
     assert_bit_exact(model, before)
     assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+
+# ------------------------------------------------- opt-in bias and norm-weight targets
+FAMILIES = {"gpt2": gpt2, **ROTARY}
+
+
+def _randomized(kind):
+    """``kind``'s HF model with random biases and norm weights (so that masks on them show)."""
+    from test_adapter_biases_all import randomized
+
+    return randomized(FAMILIES[kind]())
+
+
+def _bias_targets(model):
+    found = si.targets(model, biases=True)
+    return {n: t for n, t in found.items() if t.kind in si.adapters.OPTIONAL_KINDS}
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_bias_targets_are_the_hooked_parameters_with_the_hf_names(kind):
+    """``b_Q`` ... ``ln_final.b`` are the HookedTransformer's own parameters (identity views;
+    grouped-query ``_b_K`` / ``_b_V``) with the HF model's names, order, shapes, axes and
+    canonical values; Llama, which has no biases, gets TransformerLens's zero biases as extra
+    targets. They are opt-in and outside the fingerprint."""
+    from subnet_interp._fingerprint import read_canonical
+
+    hf = _randomized(kind)
+    model = hooked_from(_randomized(kind))
+    ours, theirs = _bias_targets(model), _bias_targets(hf)
+    assert theirs and [n for n in ours if n in theirs] == list(theirs)
+    for name, target in ours.items():
+        real = si.adapters.real_tensor(model.get_submodule(target.module), target.attribute)
+        assert isinstance(real, torch.nn.Parameter) and target.layout.is_identity, name
+        if name in theirs:
+            described = (target.shape, target.axes, target.kind, target.default)
+            other = theirs[name]
+            assert described == (other.shape, other.axes, other.kind, other.default), name
+            assert torch.equal(read_canonical(model, target), read_canonical(hf, other)), name
+        else:  # a bias the HF model does not have: TransformerLens keeps it at zero
+            assert not real.any(), name
+    extra = {n.split(".", 2)[-1] for n in ours if n not in theirs}
+    grouped = kind == "llama"
+    assert extra == ({"attn.b_Q", "attn.b_K", "attn.b_V", "attn.b_O", "mlp.b_in", "mlp.b_out"}
+                     if grouped else set())  # fmt: skip
+    if grouped:
+        assert ours["blocks.0.attn.b_K"].attribute == "_b_K"
+        assert ours["blocks.0.attn.b_K"].axes == ("kv_head", "d_head")
+    assert not set(ours) & set(si.targets(model, include="*"))
+    assert si.fingerprint(model) == si.fingerprint(hf)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_a_random_bias_mask_equals_hand_zeroed_parameters_and_the_hf_model(kind):
+    """A random mask over every bias and norm target: the masked HookedTransformer's logits and
+    cache are those of the HookedTransformer with the same entries of ``blocks.L.attn.b_Q`` ...
+    zeroed by hand, and its logits those of the HF model zeroed by hand (``hand_zeroed_biases``,
+    from HF's forward) and of the masked HF model; everything is bit-exact afterwards."""
+    model = hooked_from(_randomized(kind))
+    gen = torch.Generator().manual_seed(2)
+    masks = {n: torch.rand(t.shape, generator=gen) < 0.6 for n, t in _bias_targets(model).items()}
+    names = ["blocks.1.attn.hook_q", "blocks.1.ln1.hook_normalized", "ln_final.hook_normalized"]
+    before = snapshot(model)
+    with torch.no_grad(), si.masked(model, masks):
+        got = model(TOKENS)
+        _, cache = model.run_with_cache(TOKENS, names_filter=names)
+    assert_bit_exact(model, before)
+    reference = hooked_from(_randomized(kind))
+    with torch.no_grad():
+        for name, mask in masks.items():
+            owner, attribute = name.rsplit(".", 1)
+            module = reference.get_submodule(owner)
+            if attribute in ("b_K", "b_V") and hasattr(module, "_b_K"):  # grouped-query K / V
+                attribute = f"_{attribute}"
+            getattr(module, attribute).mul_(mask)
+        expected = reference(TOKENS)
+        _, expected_cache = reference.run_with_cache(TOKENS, names_filter=names)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for name in names:
+        torch.testing.assert_close(cache[name], expected_cache[name], atol=1e-5, rtol=1e-5)
+    hf, zeroed = _randomized(kind), _randomized(kind)
+    hf_names = _bias_targets(hf)
+    hand_zeroed_biases(kind, zeroed, {n: m for n, m in masks.items() if n in hf_names})
+    with torch.no_grad(), si.masked(hf, {n: m for n, m in masks.items() if n in hf_names}):
+        torch.testing.assert_close(got, hf(TOKENS).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, zeroed(TOKENS).logits, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, model(TOKENS).detach(), atol=1e-3)  # the mask did act
+
+
+@pytest.mark.parametrize("normalization", ["LNPre", "RMSPre"])
+def test_a_folded_norm_has_no_weight_to_mask_and_the_biases_stay_targets(normalization):
+    """With the norms folded into the next weights (``fold_ln``: ``LayerNormPre`` /
+    ``RMSNormPre``, no parameters) there is no norm target; the biases still are."""
+    model = variant(normalization_type=normalization)
+    names = list(_bias_targets(model))
+    assert not [n for n in names if n.endswith((".w", ".b"))]
+    assert {"blocks.0.attn.b_Q", "blocks.0.attn.b_O", "blocks.0.mlp.b_in"} <= set(names)
+
+
+@pytest.mark.parametrize("kind", list(FAMILIES))
+def test_bias_targets_pass_the_conformance_kit_on_hooked_transformer(kind):
+    """Round trip, effect, by-hand zeroing, restore also on error, fingerprint and ``si.find``
+    training, on the bias and norm targets the HF model has too (Llama's extra zero biases get
+    no gradient: a mask on a zero weight changes nothing)."""
+    model = hooked_from(_randomized(kind))
+    names = list(_bias_targets(FAMILIES[kind]()))
+    report = si.testing.check_adapter(model, TOKENS, include=names, biases=True)
+    assert list(report.targets) == names
+    assert report.passed[-1] == "find"

@@ -136,7 +136,8 @@ _ADAPTERS: list[Adapter] = []
 OPTIONAL_KINDS = frozenset({"bias", "norm"})
 """Kinds of target selected only on request (``si.targets(..., biases=True)``): biases and
 norm weights. They are not weight matrices, are left out of the fingerprint, and not every
-family names them (plain modules and every Hugging Face family do)."""
+family names them (plain modules, every Hugging Face family and the TransformerLens bridges and
+HookedTransformers of those families do)."""
 
 
 def register_adapter(adapter: Adapter, *, first: bool = True) -> Adapter:

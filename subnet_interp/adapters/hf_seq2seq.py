@@ -29,6 +29,7 @@ opt-in targets (:mod:`.hf_biases_stacks`). Nothing here imports ``transformers``
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from torch import nn
@@ -242,7 +243,9 @@ def seq2seq_blocks(model: nn.Module) -> list[nn.Module] | None:
     return [b for s in _stacks(model, base) for b in model.get_submodule(f"{base}{s}.{blocks}")]
 
 
-def bridge_seq2seq_targets(root: nn.Module) -> dict[str, Target]:
+def bridge_seq2seq_targets(
+    root: nn.Module, builders: Mapping[str, Callable[[nn.Module], dict[str, Target]]] | None = None
+) -> dict[str, Target]:
     """The Hugging Face adapter's targets of the T5 or BART model a TransformerLens bridge
     ``root`` wraps (its ``original_model``), same names, shapes, layouts and defaults, each
     pointing at the ``nn.Linear`` / ``nn.Embedding`` inside the bridge component that wraps it
@@ -250,9 +253,13 @@ def bridge_seq2seq_targets(root: nn.Module) -> dict[str, Target]:
     through ``original_model`` (the bridge keeps the model there, unregistered): T5's
     ``encoder.embed_tokens`` / ``decoder.embed_tokens``, which the forward reads, are modules of
     their own tied to ``shared``, and the bridge's ``embed`` wraps ``shared``, which T5's forward
-    never calls. Empty for a bridge of another family."""
+    never calls. Empty for a bridge of another family. ``builders`` (model type -> target
+    builder; default the weight targets') may name other builders of the same models, e.g.
+    the bias and norm targets of :mod:`.hf_biases_stacks`."""
     wrapped = root.__dict__.get("original_model")
-    builder = _BRIDGE_BUILDERS.get(getattr(getattr(wrapped, "config", None), "model_type", None))
+    builder = (builders or _BRIDGE_BUILDERS).get(
+        getattr(getattr(wrapped, "config", None), "model_type", None)
+    )
     if builder is None:
         return {}
     paths: dict[int, str] = {}

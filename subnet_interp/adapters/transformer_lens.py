@@ -7,7 +7,8 @@ components (on GPT-2 the fused ``c_attn`` is not used in its forward), and the M
 (``encoder.blocks.{L}.attn.W_Q``, ``decoder.blocks.{L}.cross_attn.W_O``, ...; see
 ``hf_seq2seq``) on the same ``nn.Linear`` layers, which the bridge's components wrap. Masks go on those components' wrapped ``nn.Linear`` /
 ``Conv1D`` weights, so ``bridge(...)``, ``run_with_cache``, ``run_with_hooks`` and the user's own
-hooks all see them. ``enable_compatibility_mode()`` replaces parameters when it processes
+hooks all see them; the opt-in bias and norm-weight targets are in :mod:`.transformer_lens_biases`.
+``enable_compatibility_mode()`` replaces parameters when it processes
 weights (``fold_ln`` etc.), so it must run before masks are attached: while a mask is attached
 it is blocked with an explanation.
 
@@ -30,6 +31,7 @@ from . import Adapter, is_conv1d, model_class, real_tensor
 from ._hf_common import TRANSPOSE, embedding_table, init_weights, outermost_pretrained
 from .hf_moe import bridge_moe_targets
 from .hf_seq2seq import bridge_seq2seq_targets
+from .transformer_lens_biases import bridge_bias_targets, hooked_bias_targets
 
 # the hook points on the residual stream after a block: HookedTransformer's, the bridge's
 _RESID_POST_HOOKS = ("hook_resid_post", "hook_out")
@@ -91,7 +93,7 @@ class TransformerBridgeAdapter(Adapter):
         root = self.root(model)
         seq2seq = bridge_seq2seq_targets(root)  # T5, BART: the Hugging Face adapter's names
         if seq2seq:
-            return seq2seq
+            return {**seq2seq, **bridge_bias_targets(root)}
         cfg = root.cfg
         heads, d_head, d_model = cfg.n_heads, cfg.d_head, cfg.d_model
         kv_heads = getattr(cfg, "n_key_value_heads", None) or heads
@@ -188,7 +190,7 @@ class TransformerBridgeAdapter(Adapter):
                 kind="unembedding",
                 unit_axes=("d_vocab",),
             )
-        return found
+        return {**found, **bridge_bias_targets(root)}
 
     def inner(self, model: object) -> nn.Module:
         """The model the bridge wraps (``original_model``: a transformers model, or
@@ -334,7 +336,7 @@ class HookedTransformerAdapter(Adapter):
             ("d_vocab",),
             False,
         )
-        return found
+        return {**found, **hooked_bias_targets(root)}
 
     def blocks(self, model: object) -> list[nn.Module]:
         return _blocks(self.root(model))
