@@ -29,7 +29,7 @@ value is defined; numerical: within 0.05 of tracr's value) and the loss; density
 
     python benchmarks/ground_truth.py                     # every method, every program
     python benchmarks/ground_truth.py --methods gumbel_sigmoid --programs reverse sort
-    python benchmarks/ground_truth.py --quick             # smoke test (2 programs, 3 methods)
+    python benchmarks/ground_truth.py --quick             # smoke test (1 program, 2 methods)
     python benchmarks/ground_truth.py --ablation mean --methods gumbel_sigmoid --programs reverse \
         --no-planted --steps 1000 --hp '{"per_example_penalty": false, "lr": 0.1}'
 """
@@ -247,8 +247,9 @@ def main(argv=None) -> int:
     noise = args.noise if args.noise is not None else (0.1 if args.disturbing else 1.0)
     programs, steps = args.programs, args.steps
     if args.quick:
-        methods, programs, steps = ["magnitude", "gumbel_sigmoid", "hard_concrete"], [
-            "frac_prevs", "sort"], 5  # fmt: skip
+        # a smoke test of every code path (a baseline, a learnable method with its preset, the
+        # planted MLP and one tracr program), not of recovery: that is the full run's job
+        methods, programs, steps = ["magnitude", "gumbel_sigmoid"], ["frac_prevs"], 3
     rows = []
 
     def record(row):

@@ -209,18 +209,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--child")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--options", nargs="*", default=None, help="memory options to run")
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=4,
+        help="MLP depth: one layer's backward temporaries are 1/layers of the masked weights",
+    )
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    width, layers = (256, 2) if args.quick else (2048, 4)
+    width, layers = (256, 2) if args.quick else (args.width, args.layers)
     results = {"fine-tuning (Adam on weights)": run_child(
         {"method": "fine-tuning", "width": width, "layers": layers}
     )["peak"]}  # fmt: skip
     rows = []
     methods = ["continuous_sparsification_lepori"] if args.quick else args.methods
-    options = list(OPTIONS)[1:3] if args.quick else list(OPTIONS)
+    options = list(OPTIONS)[2:3] if args.quick else (args.options or list(OPTIONS))
     for method in methods:
         for option in options:
             if method == "continuous_sparsification" and "neuron" in option:
@@ -257,7 +265,8 @@ def main() -> None:
         print(
             f"  {row['model']} ({row['parameters'] / 1e9:.2f}B params, {row['masked'] / 1e9:.2f}B masked): {cells}"
         )
-    name = "mask_memory_quick.json" if args.quick else "mask_memory.json"
+    shape = "" if (width, layers) == (2048, 4) or args.quick else f"_{layers}x{width}"
+    name = "mask_memory_quick.json" if args.quick else f"mask_memory{shape}.json"
     write_record(args.out, name, {
         "mlp": {"width": width, "layers": layers},
         "rows": rows,

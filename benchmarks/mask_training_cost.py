@@ -212,8 +212,7 @@ def main(argv=None) -> int:
     if args.configs:
         configs = args.configs
     elif args.quick:
-        configs = ["finetune", "gumbel_sigmoid", "continuous_sparsification_lepori"]
-        configs += ["continuous_sparsification_lepori:patch"]
+        configs = ["finetune", "continuous_sparsification_lepori:patch"]  # one process each
     else:
         configs = ["finetune", *METHODS, "gumbel_sigmoid:sequential", "gumbel_sigmoid:1sample"]
         configs += [

@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 from mask_training_cost import _has_neurosurgeon, _neurosurgeon, build, lm_loss  # noqa: E402
 
 WARMUP, STEPS = 1, 3
+QUICK = ["gumbel_sigmoid (4 samples), lean", "trains weights", "NeuroSurgeon"]
 MASKS = [  # (label, method, sample_batching, hyper-parameters)
     ("gumbel_sigmoid (4 samples), lean layers", "gumbel_sigmoid", "auto", {}),
     ("gumbel_sigmoid (4 samples), layer by layer", "gumbel_sigmoid", "sequential", {}),
@@ -123,8 +124,10 @@ def main(argv=None) -> int:
     model, batches = build(model_name, "cpu")
     runs = configurations(model, batches)
     base = "plain fine-tuning (Adam, all weights)"
-    if args.only:
-        runs = {k: v for k, v in runs.items() if k == base or any(o in k for o in args.only)}
+    # --quick: one configuration per timing path (fused samples, two optimisers, NeuroSurgeon)
+    only = args.only or (QUICK if args.quick else None)
+    if only:
+        runs = {k: v for k, v in runs.items() if k == base or any(o in k for o in only)}
     seconds = {label: [] for label in runs}
     for index in range(rounds):
         for label, run in runs.items():
