@@ -246,3 +246,21 @@ def test_unknown_granularity_is_rejected():
             steps=1,
             progress=False,
         )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_hard_gumbel_sample_is_the_straight_through_estimator_bit_for_bit(temperature):
+    """The hard sample's fused forward/backward equals ``hard - soft.detach() + soft``: the
+    same binary value, and the same gradient as autograd takes through the soft sample."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(300, 200, generator=generator).mul_(3).requires_grad_()
+    noise = logistic_noise(logits.shape, generator, "cpu")
+    upstream = torch.randn(300, 200, generator=generator)
+    soft = torch.sigmoid((logits + noise) / temperature)
+    reference = (soft > 0.5).to(soft.dtype) - soft.detach() + soft
+    (expected,) = torch.autograd.grad(reference, logits, upstream)
+    sample = gumbel_sigmoid(logits, noise, temperature, hard=True)
+    (found,) = torch.autograd.grad(sample, logits, upstream)
+    assert torch.equal(sample, reference.detach())
+    assert set(sample.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(found, expected)

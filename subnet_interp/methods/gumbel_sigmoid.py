@@ -25,10 +25,31 @@ def logistic_noise(
 def gumbel_sigmoid(logits: Tensor, noise: Tensor, temperature: float, hard: bool) -> Tensor:
     """Sample ``sigmoid((logits + noise) / temperature)``; with ``hard``, threshold at 0.5 in the
     forward pass and pass the soft gradient backward (straight-through estimator)."""
-    soft = torch.sigmoid((logits + noise) / temperature)
-    if not hard:
-        return soft
-    return (soft > 0.5).to(soft.dtype) - soft.detach() + soft
+    if hard:
+        return _StraightThrough.apply(logits + noise, temperature)
+    return torch.sigmoid((logits + noise) / temperature)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``(x > 0)`` forward, the gradient of ``sigmoid(x / T)`` backward: the value of
+    ``hard - soft.detach() + soft`` and its gradient, without building ``soft`` in the forward.
+
+    ``sigmoid(x / T) > 0.5`` exactly when ``x > 0`` (for ``T > 0``), so the threshold needs no
+    sigmoid; backward recomputes it from ``x`` with the operation autograd itself uses."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, temperature: float) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.temperature = temperature
+        return (x > 0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (x,) = ctx.saved_tensors
+        temperature = ctx.temperature
+        soft = torch.sigmoid(x / temperature if temperature != 1.0 else x)
+        grad_x = torch.ops.aten.sigmoid_backward(grad, soft)
+        return (grad_x / temperature if temperature != 1.0 else grad_x), None
 
 
 @methods.register
