@@ -23,12 +23,18 @@ import time
 from datetime import datetime, timezone
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from mask_training_cost import _has_neurosurgeon, _neurosurgeon, build, lm_loss  # noqa: E402
+from mask_training_cost import (  # noqa: E402
+    _has_neurosurgeon,
+    _neurosurgeon,
+    build,
+    lm_loss,
+    seconds_per_step,
+    step_marks,
+)
 
 WARMUP, STEPS = 1, 3
 QUICK = ["gumbel_sigmoid (4 samples), lean", "trains weights", "NeuroSurgeon"]
@@ -67,17 +73,7 @@ def configurations(model, batches) -> dict:
 
     def masks(method, batching, hparams):
         def run() -> float:
-            # timestamps after every optimiser step, from a global optimiser hook, so the timed
-            # steps log nothing (fine-tuning logs nothing either); a method that also trains
-            # weights steps two optimisers per step (and may replace them between rounds): a
-            # step ends at its last optimiser step
-            marks = []
-
-            def mark(optimizer, args, kwargs):
-                marks.append(time.perf_counter())
-
-            hook = register_optimizer_step_post_hook(mark)
-            try:
+            with step_marks("cpu") as marks:  # no logging inside the timed steps
                 si.find(
                     model,
                     si.methods.create(method, **hparams),
@@ -88,11 +84,7 @@ def configurations(model, batches) -> dict:
                     progress=False,
                     sample_batching=batching,
                 )
-            finally:
-                hook.remove()
-            per_step = len(marks) // (WARMUP + STEPS + 1)
-            ends = marks[per_step - 1 :: per_step]
-            return (ends[WARMUP + STEPS] - ends[WARMUP]) / STEPS
+            return seconds_per_step(marks, WARMUP, STEPS)
 
         return run
 
