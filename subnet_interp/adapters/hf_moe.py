@@ -39,9 +39,9 @@ from ._hf_common import (
     linear_mlp,
     linear_o,
     linear_qkv,
+    linear_readout,
     mlp_target,
 )
-from .hf_encoders import _readout
 
 
 def _expert_targets(model: nn.Module, layer: int, path: str) -> dict[str, Target]:
@@ -158,7 +158,9 @@ def moe_targets(model: nn.Module) -> dict[str, Target]:
                 "shared_gate",
             )
         )
-    found.update(_readout(model, "unembed.W_U", "lm_head", ("d_model", "d_vocab"), "unembedding"))
+    found.update(
+        linear_readout(model, "unembed.W_U", "lm_head", ("d_model", "d_vocab"), "unembedding")
+    )
     return found
 
 

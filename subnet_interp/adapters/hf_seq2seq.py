@@ -36,8 +36,7 @@ from torch import nn
 
 from .._types import Target
 from . import real_tensor
-from ._hf_common import base_prefix, linear_mlp, linear_o, linear_qkv
-from .hf_encoders import _readout
+from ._hf_common import base_prefix, linear_mlp, linear_o, linear_qkv, linear_readout
 
 _VOCAB = ("d_model", "d_vocab")
 _CLASSIFIER_HEADS = (
@@ -108,9 +107,9 @@ def _token_embedding(model: nn.Module, base: str, stack: str) -> dict[str, Targe
 
 
 def _readouts(model: nn.Module) -> dict[str, Target]:
-    found = _readout(model, "unembed.W_U", "lm_head", _VOCAB, "unembedding")
+    found = linear_readout(model, "unembed.W_U", "lm_head", _VOCAB, "unembedding")
     for name, path, axes in _CLASSIFIER_HEADS:
-        found.update(_readout(model, name, path, axes, "classifier"))
+        found.update(linear_readout(model, name, path, axes, "classifier"))
     return found
 
 
