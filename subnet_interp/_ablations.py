@@ -40,7 +40,8 @@ class Ablation:
         """Called once per attach, before the masks are attached."""
 
     def hooks(self, root: nn.Module, slots: Mapping[tuple[str, str], _Slot]) -> list:
-        """Register extra hooks once the masks are attached; returns their handles."""
+        """Register extra hooks once the masks are attached; returns their handles. If it
+        raises, it must first remove the hooks it registered (``_sites.removed_on_error``)."""
         return []
 
     @no_type_check  # read inside torch.compile's traces (see _Masking.forward)
@@ -157,16 +158,16 @@ class _InputAblation(Ablation):
             self._moe.finish_capture(root)
 
     def hooks(self, root, slots):
-        handles = []
-        if self._moe is not None:
-            handles += self._moe.hooks(root, slots, "resample" if self._needs_input else "mean")
-        for location, slot in slots.items():
-            if location not in self._sites:  # a router or fused experts (above)
-                continue
-            hook = self._make_hook(root.get_submodule(location[0]), location, slot)
-            handles += _sites.watch(
-                root, self._sites[location], hook, needs_input=self._needs_input
-            )
+        with _sites.removed_on_error([]) as handles:
+            if self._moe is not None:
+                handles += self._moe.hooks(root, slots, "resample" if self._needs_input else "mean")
+            for location, slot in slots.items():
+                if location not in self._sites:  # a router or fused experts (above)
+                    continue
+                hook = self._make_hook(root.get_submodule(location[0]), location, slot)
+                handles += _sites.watch(
+                    root, self._sites[location], hook, needs_input=self._needs_input
+                )
         return handles
 
     def release(self) -> None:

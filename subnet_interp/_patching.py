@@ -95,16 +95,19 @@ class PatchAblation(Ablation):
 
     def hooks(self, root, slots):
         self._slots = dict(slots)
-        handles = [] if self._moe is None else self._moe.hooks(root, slots, "patch")
-        for location, slot in slots.items():
-            if location not in self._sites:  # a router or fused experts (above)
-                continue
-            site, owner = self._sites[location], root.get_submodule(location[0])
-            if _own_site(site, location):
-                handles.append(owner.register_forward_pre_hook(self._before(owner, location, slot)))
-                handles.append(owner.register_forward_hook(self._after(owner, location, slot)))
-            else:
-                handles += _sites.watch(root, site, self._general(owner, location, slot))
+        with _sites.removed_on_error([]) as handles:
+            if self._moe is not None:
+                handles += self._moe.hooks(root, slots, "patch")
+            for location, slot in slots.items():
+                if location not in self._sites:  # a router or fused experts (above)
+                    continue
+                site, owner = self._sites[location], root.get_submodule(location[0])
+                if _own_site(site, location):
+                    before = self._before(owner, location, slot)
+                    handles.append(owner.register_forward_pre_hook(before))
+                    handles.append(owner.register_forward_hook(self._after(owner, location, slot)))
+                else:
+                    handles += _sites.watch(root, site, self._general(owner, location, slot))
         return handles
 
     def release(self) -> None:

@@ -12,7 +12,8 @@ output, the layer's contraction); for any other owner the model's adapter descri
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -169,6 +170,18 @@ def input_hook(root: nn.Module, site: LinearSite, record: Callable[[Tensor], Non
     return module.register_forward_pre_hook(before, with_kwargs=True)
 
 
+@contextmanager
+def removed_on_error(handles: list) -> Iterator[list]:
+    """Yield ``handles``, the list a caller appends hook handles to; if the block raises, remove
+    them all (newest first) before the error goes on, so no hook outlives a failed attach."""
+    try:
+        yield handles
+    except BaseException:
+        for handle in reversed(handles):
+            handle.remove()
+        raise
+
+
 def watch(
     root: nn.Module,
     site: LinearSite,
@@ -206,7 +219,10 @@ def watch(
             )
         return fn(current.pop(), output)
 
-    return [input_hook(root, site, keep), output_module.register_forward_hook(made)]
+    with removed_on_error([]) as handles:
+        handles.append(input_hook(root, site, keep))
+        handles.append(output_module.register_forward_hook(made))
+    return handles
 
 
 __all__ = [
@@ -217,5 +233,6 @@ __all__ = [
     "linear_sites",
     "masked_out_term",
     "module_kind",
+    "removed_on_error",
     "watch",
 ]

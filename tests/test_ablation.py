@@ -184,3 +184,42 @@ def test_mean_ablation_in_ablation_effect_restores(planted):
     assert report.kept < report.removed
     assert_bit_exact(planted.model, before)
     assert not any(m._forward_hooks for m in planted.model.modules())
+
+
+def _fail_on_second_call(monkeypatch, owner, name):
+    """Make ``owner.name`` raise the second time it is called (the first call runs as usual)."""
+    real, calls = getattr(owner, name), []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("planted failure while registering hooks")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, flaky)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["mean", "resample", "patch"])
+def test_a_failure_while_registering_hooks_leaves_no_hook_and_restores(monkeypatch, mlp, kind):
+    """Hooks registered before the failure are removed (they used to stay on the model)."""
+    from subnet_interp import _patching, _sites
+
+    data = [torch.randn(4, 6, generator=torch.Generator().manual_seed(0))]
+    if kind == "patch":  # nn.Linear layers get their own pre- and post-hooks per location
+        ablation = si.PatchAblation(lambda model, batch: model(batch))
+        calls = _fail_on_second_call(monkeypatch, _patching.PatchAblation, "_after")
+    else:
+        ablation = (si.MeanAblation if kind == "mean" else si.ResampleAblation)(data)
+        calls = _fail_on_second_call(monkeypatch, _sites, "watch")
+    gen = torch.Generator().manual_seed(1)
+    masks = {n: torch.rand(t.shape, generator=gen) < 0.5 for n, t in si.targets(mlp).items()}
+    before = snapshot(mlp)
+    with pytest.raises(RuntimeError, match="planted failure"):
+        with si.masked(mlp, masks, ablation=ablation):
+            pass
+    assert len(calls) == 2  # the first location's hooks were registered
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in mlp.modules())
+    assert_bit_exact(mlp, before)
+    with torch.no_grad(), si.masked(mlp, masks, ablation="zero"):
+        mlp(data[0])  # attaches again: nothing half-attached was left

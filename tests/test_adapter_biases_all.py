@@ -10,11 +10,12 @@ import torch
 import subnet_interp as si
 
 transformers = pytest.importorskip("transformers")
-import test_adapter_encoders as encoders  # noqa: E402
 import test_adapter_seq2seq_moe as seq2seq_moe  # noqa: E402
-from _hf_models import D_HEAD, HEADS, TOKENS, decoder, neox  # noqa: E402
+from _hf_models import D_HEAD, HEADS, PIXELS, TOKENS, VOCAB, decoder, encoder, neox  # noqa: E402
 
 from subnet_interp.adapters.hf import BIAS_FAMILIES, FAMILIES  # noqa: E402
+
+ENCODER_TOKENS = TOKENS % (VOCAB - 2) + 2  # off BERT's and RoBERTa's special ids
 
 
 def randomized(model):
@@ -55,22 +56,22 @@ CASES = {
         ["blocks.0.ln1.b"],
     ),
     "bert": (
-        lambda: encoders.build("bert_mlm"),
-        encoders.TOKENS,
+        lambda: encoder("bert_mlm"),
+        ENCODER_TOKENS,
         None,
         ["blocks.0.attn.b_O", "blocks.1.ln2.b", "embed.ln.w"],
         [],
     ),
     "roberta": (
-        lambda: encoders.build("roberta_cls"),
-        encoders.TOKENS,
+        lambda: encoder("roberta_cls"),
+        ENCODER_TOKENS,
         None,
         ["blocks.1.attn.b_Q", "blocks.0.ln1.w"],
         [],
     ),
     "vit": (
-        lambda: encoders.build("vit_cls"),
-        encoders.PIXELS,
+        lambda: encoder("vit_cls"),
+        PIXELS,
         vit_forward,
         ["blocks.0.mlp.b_in", "blocks.1.ln1.b", "ln_final.w"],
         [],

@@ -171,10 +171,9 @@ def test_the_bridge_bias_targets_pass_the_conformance_kit(kind):
 
 
 def test_a_bert_bridge_has_the_hf_bias_targets_and_their_masked_logits():
-    """BERT (whose bridge's weight targets lack the HF model's ``token_type_embed`` and
-    ``mlm_head`` ones, so fingerprints differ): its bias and norm targets, the embedding
-    LayerNorm ``embed.ln`` (the bridge's ``embed_ln``) included, are the HF model's, and one
-    random mask over them gives the masked HF model's logits."""
+    """BERT (whose weight targets test_adapter_bridge_encoders checks): its bias and norm
+    targets, the embedding LayerNorm ``embed.ln`` (the bridge's ``embed_ln``) included, are the
+    HF model's, and one random mask over them gives the masked HF model's logits."""
     bridge, hf = bridge_of(build("bert")), build("bert")
     ours, theirs = bias_targets(bridge), bias_targets(hf)
     assert "embed.ln.w" in ours and list(ours) == list(theirs)

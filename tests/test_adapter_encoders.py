@@ -28,7 +28,7 @@ from _hf_models import (  # noqa: E402
 )
 from _hf_models import ENCODER_D_MLP as D_MLP  # noqa: E402
 from _hf_models import ENCODER_KINDS as KINDS  # noqa: E402
-from _hf_models import encoder as build  # noqa: E402  (test_adapter_biases_all uses build)
+from _hf_models import encoder as build  # noqa: E402
 from einops import rearrange  # noqa: E402
 
 N_CTX_VIT = (IMAGE // PATCH) ** 2 + 1

@@ -62,3 +62,22 @@ def test_circuits_imports_no_format_module_at_import_time():
     names = [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
     names += [a.name for n in top if isinstance(n, ast.Import) for a in n.names]
     assert not [n for n in names if "format" in n], names
+
+
+@pytest.mark.parametrize(
+    "scores, match",
+    [
+        ({(0, -1): 1.0}, r"non-negative int pairs as keys; got a dict with keys \[\(0, -1\)\]"),
+        (torch.zeros(2, 3, 4), r"\[layers, heads\] tensor .*got a tensor of shape \(2, 3, 4\)"),
+    ],
+)
+def test_compare_to_circuit_names_malformed_scores(scores, match):
+    with pytest.raises(TypeError, match=match):
+        compare_to_circuit(scores, Circuit.from_heads([(0, 0)]))
+
+
+def test_compare_to_circuit_reads_a_mapping_as_the_tensor_with_nan_for_missing_heads():
+    mapping = {(1, 0): 0.9, (0, 1): 0.2}
+    matrix = torch.tensor([[float("nan"), 0.2], [0.9, float("nan")]])
+    circuit = Circuit.from_heads([(1, 0)])
+    assert compare_to_circuit(mapping, circuit) == compare_to_circuit(matrix, circuit)

@@ -161,3 +161,20 @@ def test_the_head_density_plot_has_one_panel_per_attention_kind():
     titles = [axes.get_title() for axes in figure.axes if axes.get_title()]
     plt.close(figure)
     assert titles == [f"kept fraction per {group} head" for group in GROUPS]
+
+
+def test_compare_to_circuit_refuses_the_per_kind_dict_and_names_the_key_to_pass():
+    """A circuit's heads (``blocks.L.attn.head.H``) name no stack: the dict is refused with its
+    keys and the tensor to pass instead, which compares as any ``[layer, head]`` tensor does."""
+    model = build("t5")
+    masks = ones(model)
+    for letter in "QKVO":
+        masks[f"decoder.blocks.1.attn.W_{letter}"][2] = False
+    scores = head_scores(model, si.Subnetwork(masks), count_zeros=True)
+    circuit = si.analysis.Circuit.from_heads([(1, 2)])
+    with pytest.raises(
+        TypeError, match=r"keyed by sub-layer kind.*'decoder\.cross_attn'.*scores\["
+    ):
+        si.analysis.compare_to_circuit(scores, circuit)
+    result = si.analysis.compare_to_circuit(-scores["decoder.attn"], circuit, k=1)
+    assert result.auc == 1.0 and result.overlap == 1

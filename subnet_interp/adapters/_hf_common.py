@@ -138,6 +138,23 @@ def linear_o(layer: int, path: str, heads: int, d_head: int, d_model: int) -> di
     return {name: attn_target(name, path, shape, axes, ops, ("d_model",))}
 
 
+def llama_attention(layer: int, path: str, dims: DecoderDims) -> dict[str, Target]:
+    """``blocks.{L}.attn.W_Q|K|V|O`` of a Llama-style attention module at ``path``
+    (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``); with grouped-query attention K and V have
+    ``kv_head`` axes of ``dims.kv_heads``."""
+    found: dict[str, Target] = {}
+    for letter, proj, count, head_axis in (
+        ("Q", "q_proj", dims.heads, "head"),
+        ("K", "k_proj", dims.kv_heads, "kv_head"),
+        ("V", "v_proj", dims.kv_heads, "kv_head"),
+    ):
+        found.update(
+            linear_qkv(layer, letter, f"{path}.{proj}", count, dims.d_model, dims.d_head, head_axis)
+        )
+    found.update(linear_o(layer, f"{path}.o_proj", dims.heads, dims.d_head, dims.d_model))
+    return found
+
+
 def linear_mlp(
     layer: int, inputs: dict[str, str], output: str, d_model: int, d_mlp: int
 ) -> dict[str, Target]:
@@ -255,6 +272,7 @@ __all__ = [
     "linear_o",
     "linear_qkv",
     "linear_readout",
+    "llama_attention",
     "mlp_target",
     "outermost_pretrained",
     "unembed_target",

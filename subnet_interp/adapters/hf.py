@@ -30,7 +30,7 @@ from ._hf_common import (
     is_hf,
     linear_mlp,
     linear_o,
-    linear_qkv,
+    llama_attention,
     mlp_target,
     outermost_pretrained,
     unembed_target,
@@ -143,21 +143,13 @@ def neox_targets(model: nn.Module) -> dict[str, Target]:
 
 def llama_targets(model: nn.Module) -> dict[str, Target]:
     dims = decoder_dims(model.config)
-    heads, kv_heads, d_model, d_head = dims.heads, dims.kv_heads, dims.d_model, dims.d_head
     base = base_prefix(model)
     found = embedding_targets(model, f"{base}embed_tokens", None)
     for layer in range(dims.n_layers):
         block = f"{base}layers.{layer}"
-        for letter, proj, count, head_axis in (
-            ("Q", "q_proj", heads, "head"),
-            ("K", "k_proj", kv_heads, "kv_head"),
-            ("V", "v_proj", kv_heads, "kv_head"),
-        ):
-            path = f"{block}.self_attn.{proj}"
-            found.update(linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
-        found.update(linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
+        found.update(llama_attention(layer, f"{block}.self_attn", dims))
         inputs = {"W_gate": f"{block}.mlp.gate_proj", "W_in": f"{block}.mlp.up_proj"}
-        found.update(linear_mlp(layer, inputs, f"{block}.mlp.down_proj", d_model, dims.d_mlp))
+        found.update(linear_mlp(layer, inputs, f"{block}.mlp.down_proj", dims.d_model, dims.d_mlp))
     found.update(unembed_target(model))
     return found
 

@@ -112,11 +112,6 @@ def _blocks(
     return found
 
 
-# the name hf_seq2seq and hf_moe import (they are being edited elsewhere; switch them to
-# _hf_common.linear_readout and drop this alias once those edits are merged)
-_readout = linear_readout
-
-
 def _readouts(model: nn.Module, base: str, heads: tuple[tuple[str, str, tuple, str], ...]):
     found: dict[str, Target] = {}
     found.update(

@@ -35,13 +35,13 @@ from . import real_tensor
 from ._hf_common import (
     TRANSPOSE,
     base_prefix,
+    decoder_dims,
     embedding_targets,
     linear_mlp,
-    linear_o,
-    linear_qkv,
+    linear_readout,
+    llama_attention,
     mlp_target,
 )
-from .hf_encoders import _readout
 
 
 def _expert_targets(model: nn.Module, layer: int, path: str) -> dict[str, Target]:
@@ -114,21 +114,12 @@ def _gate_target(model: nn.Module, name: str, path: str, unit: str) -> dict[str,
 def moe_targets(model: nn.Module) -> dict[str, Target]:
     """Targets of a Mixtral, Qwen2-MoE or Qwen3-MoE model (``*Model``, ``*ForCausalLM``)."""
     cfg = model.config
-    heads, d_model = cfg.num_attention_heads, cfg.hidden_size
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    d_head = getattr(cfg, "head_dim", None) or d_model // heads
+    dims = decoder_dims(cfg)
     base = base_prefix(model)
     found = embedding_targets(model, f"{base}embed_tokens", None)
     for layer in range(len(model.get_submodule(f"{base}layers"))):
         block = f"{base}layers.{layer}"
-        for letter, proj, count, head_axis in (
-            ("Q", "q_proj", heads, "head"),
-            ("K", "k_proj", kv_heads, "kv_head"),
-            ("V", "v_proj", kv_heads, "kv_head"),
-        ):
-            path = f"{block}.self_attn.{proj}"
-            found.update(linear_qkv(layer, letter, path, count, d_model, d_head, head_axis))
-        found.update(linear_o(layer, f"{block}.self_attn.o_proj", heads, d_head, d_model))
+        found.update(llama_attention(layer, f"{block}.self_attn", dims))
         try:
             mlp = model.get_submodule(f"{block}.mlp")
         except AttributeError:
@@ -158,7 +149,9 @@ def moe_targets(model: nn.Module) -> dict[str, Target]:
                 "shared_gate",
             )
         )
-    found.update(_readout(model, "unembed.W_U", "lm_head", ("d_model", "d_vocab"), "unembedding"))
+    found.update(
+        linear_readout(model, "unembed.W_U", "lm_head", ("d_model", "d_vocab"), "unembedding")
+    )
     return found
 
 

@@ -36,8 +36,14 @@ from torch import nn
 
 from .._types import Target
 from . import real_tensor
-from ._hf_common import base_prefix, linear_mlp, linear_o, linear_qkv
-from .hf_encoders import _readout
+from ._hf_common import (
+    base_prefix,
+    embedding_table,
+    linear_mlp,
+    linear_o,
+    linear_qkv,
+    linear_readout,
+)
 
 _VOCAB = ("d_model", "d_vocab")
 _CLASSIFIER_HEADS = (
@@ -95,22 +101,16 @@ class _Stack:
         return _renamed(found, f"blocks.{layer}.mlp.", f"{self.stack}.blocks.{layer}.mlp.")
 
 
-def _embedding(name: str, path: str, shape: tuple[int, ...], axes: tuple[str, str]) -> Target:
-    return Target(
-        name, path, "weight", shape, axes, default=False, kind="embedding", unit_axes=(axes[0],)
-    )
-
-
 def _token_embedding(model: nn.Module, base: str, stack: str) -> dict[str, Target]:
     path, name = f"{base}{stack}.embed_tokens", f"{stack}.embed.W_E"
     shape = tuple(real_tensor(model.get_submodule(path), "weight").shape)
-    return {name: _embedding(name, path, shape, ("d_vocab", "d_model"))}
+    return {name: embedding_table(name, path, shape, ("d_vocab", "d_model"))}
 
 
 def _readouts(model: nn.Module) -> dict[str, Target]:
-    found = _readout(model, "unembed.W_U", "lm_head", _VOCAB, "unembedding")
+    found = linear_readout(model, "unembed.W_U", "lm_head", _VOCAB, "unembedding")
     for name, path, axes in _CLASSIFIER_HEADS:
-        found.update(_readout(model, name, path, axes, "classifier"))
+        found.update(linear_readout(model, name, path, axes, "classifier"))
     return found
 
 
@@ -151,7 +151,7 @@ def t5_targets(model: nn.Module) -> dict[str, Target]:
         except AttributeError:
             continue
         name = f"{stack}.pos_embed.W_rel_bias"
-        found[name] = _embedding(
+        found[name] = embedding_table(
             name, bias, tuple(real_tensor(table, "weight").shape), ("bucket", "head")
         )
     found.update(_readouts(model))
@@ -184,7 +184,7 @@ def bart_targets(model: nn.Module) -> dict[str, Target]:
         positions = f"{base}{stack}.embed_positions"
         name = f"{stack}.pos_embed.W_pos"
         shape = tuple(real_tensor(model.get_submodule(positions), "weight").shape)
-        found[name] = _embedding(name, positions, shape, ("n_ctx", "d_model"))
+        found[name] = embedding_table(name, positions, shape, ("n_ctx", "d_model"))
     found.update(_readouts(model))
     return found
 

@@ -3,9 +3,12 @@
 **TransformerBridge** wraps a Hugging Face model and computes attention with split ``q/k/v/o``
 components (on GPT-2 the fused ``c_attn`` is not used in its forward), and the MLP with
 ``in/out`` (and ``gate``) components. Of T5, mT5, BART and mBART, whose bridge keeps
-``encoder_blocks`` and ``decoder_blocks``, the targets are the Hugging Face adapter's
-(``encoder.blocks.{L}.attn.W_Q``, ``decoder.blocks.{L}.cross_attn.W_O``, ...; see
-``hf_seq2seq``) on the same ``nn.Linear`` layers, which the bridge's components wrap. Masks go on those components' wrapped ``nn.Linear`` /
+``encoder_blocks`` and ``decoder_blocks``, and of BERT, RoBERTa and ViT (whose bridges compute
+with the transformers layers, ViT's also with its ``ViTEmbeddings`` holding ``cls_token`` and
+``position_embeddings``), the targets are the Hugging Face adapter's (names, order, layouts,
+defaults: ``encoder.blocks.{L}.attn.W_Q``, ``token_type_embed.W_token_type``, ``mlm_head.W``,
+``embed.W_patch``, ...; see ``hf_seq2seq``, ``hf_encoders``) on the same ``nn.Linear`` layers,
+which the bridge's components wrap, so the fingerprint is the transformers model's. Masks go on those components' wrapped ``nn.Linear`` /
 ``Conv1D`` weights, so ``bridge(...)``, ``run_with_cache``, ``run_with_hooks`` and the user's own
 hooks all see them; the opt-in bias and norm-weight targets are in :mod:`.transformer_lens_biases`.
 ``enable_compatibility_mode()`` replaces parameters when it processes
@@ -29,12 +32,17 @@ from torch import nn
 from .._types import Layout, LinearSite, Target
 from . import Adapter, is_conv1d, model_class, real_tensor
 from ._hf_common import TRANSPOSE, embedding_table, init_weights, outermost_pretrained
+from .hf_encoders import bert_targets, vit_targets
 from .hf_moe import bridge_moe_targets
 from .hf_seq2seq import bridge_seq2seq_targets
 from .transformer_lens_biases import bridge_bias_targets, hooked_bias_targets
 
 # the hook points on the residual stream after a block: HookedTransformer's, the bridge's
 _RESID_POST_HOOKS = ("hook_resid_post", "hook_out")
+
+
+# model_type -> the Hugging Face adapter's builder, run on the model a bridge wraps
+_HF_BUILT = {"bert": bert_targets, "roberta": bert_targets, "vit": vit_targets}
 
 
 def _blocks(root: nn.Module) -> list[nn.Module]:
@@ -91,9 +99,11 @@ class TransformerBridgeAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
-        seq2seq = bridge_seq2seq_targets(root)  # T5, BART: the Hugging Face adapter's names
-        if seq2seq:
-            return {**seq2seq, **bridge_bias_targets(root)}
+        # T5, BART, BERT, RoBERTa, ViT: the Hugging Face adapter's targets on the layers the
+        # bridge computes with (its blocks of these keep the transformers modules' own names)
+        wrapped = bridge_seq2seq_targets(root) or bridge_seq2seq_targets(root, _HF_BUILT)
+        if wrapped:
+            return {**wrapped, **bridge_bias_targets(root)}
         cfg = root.cfg
         heads, d_head, d_model = cfg.n_heads, cfg.d_head, cfg.d_model
         kv_heads = getattr(cfg, "n_key_value_heads", None) or heads

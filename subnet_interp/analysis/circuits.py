@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from .._types import NotFoundError
+from ._head_matrix import head_matrix
 from .overlap import OverlapStats, hypergeometric_pmf
 
 _NODE = re.compile(r"^(?:embed|unembed|blocks\.(\d+)\.(?:attn\.head\.(\d+)|mlp))$")
@@ -354,18 +355,16 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
 
 
 def compare_to_circuit(
-    head_scores: Tensor | Mapping[tuple[int, int], float], circuit: Circuit, *, k: int | None = None
+    head_scores: Tensor | Mapping[tuple[int, int], float] | Mapping[str, Tensor],
+    circuit: Circuit,
+    *,
+    k: int | None = None,
 ) -> CircuitComparison:
     """Compare per-head scores (``[layers, heads]``, e.g. ``si.analysis.head_scores``) with a
-    circuit's heads. ``nan`` scores (heads a subnetwork does not cover) count as lowest."""
-    if isinstance(head_scores, Mapping):
-        layers = 1 + max(layer for layer, _ in head_scores)
-        heads = 1 + max(h for _, h in head_scores)
-        matrix = torch.full((layers, heads), float("nan"))
-        for (layer, head), value in head_scores.items():
-            matrix[layer, head] = value
-        head_scores = matrix
-    scores = head_scores.detach().double().cpu()
+    circuit's heads. ``nan`` scores (heads a subnetwork does not cover) count as lowest. An
+    encoder-decoder's per-kind dict of scores is refused (circuit heads name no stack): pass
+    one kind's tensor, e.g. ``scores["decoder.attn"]``."""
+    scores = head_matrix(head_scores, "compare_to_circuit").detach().double().cpu()
     n_layers, n_heads = scores.shape
     circuit.check_against(n_layers, n_heads)
     labels = torch.zeros(n_layers, n_heads, dtype=torch.bool)
