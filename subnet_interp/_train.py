@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from . import _checkpoint, _distributed, _fused, _loop
+from . import _checkpoint, _distributed, _fused, _loop, _step_hooks
 from ._attach import Attachment
 from ._checkpoint import RunState
 from ._checkpoint import save as _save  # a module global, looked up at each save
@@ -47,6 +47,8 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     bar = _loop.progress_bar(context.steps, method.name, show=context.progress, rank=plan.rank)
     try:
         plan.fused = _fused.sample_batching(plan, attachment)
+        if _step_hooks.eligible(plan):
+            plan.hooked = _step_hooks.HookedSteps(plan, run)
         start = _resume(plan, run, bar)
         for step in range(start, context.steps):
             loss, penalty = _step(plan, run, attachment, step)
@@ -59,6 +61,8 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
         bar.close()
         if plan.fused is not None:
             plan.fused.remove()
+        if plan.hooked is not None:
+            plan.hooked.remove()
         attachment.remove()
     return _finish(plan, run)
 
@@ -85,6 +89,7 @@ class _Plan:
     unchecked_reads: bool  # sharded: whether the first loss is still to be checked
     watch: _loop.FiniteWatch = field(default_factory=_loop.FiniteWatch)  # losses, on the device
     fused: _fused.SampleBatching | None = None  # the mask samples side by side in one forward
+    hooked: _step_hooks.HookedSteps | None = None  # mask steps inside a step's one backward
 
     @property
     def rank(self) -> int:
@@ -239,11 +244,15 @@ def _step(plan: _Plan, run: RunState, attachment: Attachment, step: int) -> tupl
             state.batch_size, plan.world, context.device
         )
     loss = _task_loss(plan, run, attachment, batch, step)
-    with _distributed.replicating(context.mesh):
-        penalty = plan.method.penalty(list(run.params.values()), plan.per_gate, state)
-        if penalty.requires_grad:
-            penalty.backward()
-    _update(plan, run)
+    hooked = plan.hooked is not None and plan.hooked.armed
+    if hooked:  # the masks stepped inside backward, each with its own penalty term
+        penalty = plan.hooked.finish()
+    else:
+        with _distributed.replicating(context.mesh):
+            penalty = plan.method.penalty(list(run.params.values()), plan.per_gate, state)
+            if penalty.requires_grad:
+                penalty.backward()
+    _update(plan, run, masks_stepped=hooked)
     return loss, penalty
 
 
@@ -274,11 +283,13 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     size = batch_size(batch)
     if plan.fused is not None and size % plan.samples == 0:
         seeds = run.seed_source.get_state()
+        _arm(plan, True)  # one backward pass
         loss = _fused.fused_loss(plan, batch, size, step, lambda: _samplers(plan, run), run.params)
         if loss is not None:
             return loss
         run.seed_source.set_state(seeds)  # not fusable: the sequential loop draws the same noise
     chunks = split_batch(batch, plan.samples)
+    _arm(plan, len(chunks) == 1)  # several backward passes accumulate: step after them
     loss_sum = torch.zeros((), device=context.device)
     for chunk in chunks:
         samplers = {n: partial(f, run.params[n]) for n, f in _samplers(plan, run).items()}
@@ -298,6 +309,14 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
         loss_sum = loss_sum + loss.detach() / len(chunks)
     attachment.set_masks({})
     return loss_sum
+
+
+def _arm(plan: _Plan, one_backward: bool) -> None:
+    """Let the masks step inside this step's backward when it is the only one."""
+    if plan.hooked is not None and one_backward:
+        plan.hooked.arm()
+    elif plan.hooked is not None:
+        plan.hooked.disarm()
 
 
 def _samplers(plan: _Plan, run: RunState) -> dict[str, Any]:
@@ -323,15 +342,17 @@ def _last_good(plan: _Plan, run: RunState) -> Subnetwork:
     return Subnetwork(_final_masks(plan, run))
 
 
-def _update(plan: _Plan, run: RunState) -> None:
-    """Average the gradients over the ranks, clip them, and step every optimiser."""
+def _update(plan: _Plan, run: RunState, masks_stepped: bool = False) -> None:
+    """Average the gradients over the ranks, clip them, and step every optimiser (the mask
+    optimiser's steps were taken inside backward when ``masks_stepped``)."""
     if plan.context.mesh is not None:
         _distributed.plain_grads(run.state.aux.values())
     if plan.world is not None:
         _distributed.average_gradients(plan.synced, plan.world[1])
     if plan.clip is not None:
         torch.nn.utils.clip_grad_norm_(list(run.params.values()), plan.clip, foreach=True)
-    for optimizer in (run.optimizer, run.weight_optimizer, run.extra_optimizer):
+    mask_optimizer = None if masks_stepped else run.optimizer
+    for optimizer in (mask_optimizer, run.weight_optimizer, run.extra_optimizer):
         if optimizer is not None:
             _loop.step_while_finite(optimizer, plan.watch)
             optimizer.zero_grad(set_to_none=True)

@@ -162,8 +162,8 @@ def test_steps_after_a_nan_leave_the_mask_parameters_bit_exactly(method, monkeyp
     after: list[dict[str, torch.Tensor]] = []  # the mask parameters after each step
     update = _train._update
 
-    def recorded(plan, run):
-        update(plan, run)
+    def recorded(plan, run, **kwargs):
+        update(plan, run, **kwargs)
         after.append({n: p.detach().clone() for n, p in run.params.items()})
 
     monkeypatch.setattr(_train, "_update", recorded)

@@ -271,6 +271,13 @@ class MaskMethod(Method):
         """Max norm the mask parameters' gradients are clipped to; ``None``: no clipping."""
         return None
 
+    def penalty_separable(self) -> bool:
+        """Whether ``penalty(params, weights, state)`` is the sum over targets of
+        ``penalty([p], [w], state)``, so that one target's gradient of it can be taken alone.
+        Then (with no gradient clipping) each mask's optimiser can step inside backward, as soon
+        as its gradient is complete, and no full set of mask gradients is ever held."""
+        return False
+
     def extra_state(self, state: TrainState) -> dict[str, Any]:
         """The method's own state to checkpoint after a step (what it keeps in ``state.aux``).
 

@@ -115,6 +115,9 @@ class ContinuousSparsification(_SigmoidOfScoreGates, MaskMethod):
             mask = mask * (1.0 + math.exp(-self.mask_init))  # divide by sigmoid(s0)
         return mask
 
+    def penalty_separable(self) -> bool:
+        return True  # a sum of per-target terms
+
     def penalty(
         self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
     ) -> Tensor:

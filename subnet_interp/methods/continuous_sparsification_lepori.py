@@ -61,6 +61,9 @@ class ContinuousSparsificationLepori(_SigmoidOfScoreGates, MaskMethod):
     def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
         return torch.sigmoid(state.temperature * params)
 
+    def penalty_separable(self) -> bool:
+        return True  # a sum of per-target terms
+
     def penalty(
         self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
     ) -> Tensor:

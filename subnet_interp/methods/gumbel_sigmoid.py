@@ -100,6 +100,9 @@ class GumbelSigmoid(MaskMethod):
         noise = logistic_noise(params.shape, generator, params.device)
         return gumbel_sigmoid(params, noise, self.temperature, self.hard)
 
+    def penalty_separable(self) -> bool:
+        return True  # a sum of per-target terms
+
     def penalty(
         self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
     ) -> Tensor:

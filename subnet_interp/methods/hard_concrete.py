@@ -130,6 +130,9 @@ class HardConcrete(MaskMethod):
         uniform = uniform * (1 - 2 * eps) + eps
         return hard_concrete_sample(params, uniform, self.beta, self.gamma, self.zeta)
 
+    def penalty_separable(self) -> bool:
+        return self.target_density is None  # the Lagrangian couples the targets
+
     def penalty(
         self, params: Sequence[Tensor], weights: Sequence[int], state: TrainState
     ) -> Tensor:

@@ -1,0 +1,96 @@
+"""Mask optimiser steps taken inside backward: no full set of mask gradients is ever held.
+
+Plain training keeps every mask parameter's gradient (4 bytes per masked weight in fp32) from
+backward until the optimiser steps. When a step has a single backward pass, the method has no
+gradient clipping and its penalty is a sum of per-target terms (``penalty_separable``), each
+target's mask can instead be stepped as soon as its gradient is complete: a post-accumulate-grad
+hook adds that target's own penalty gradient, steps the optimiser (the other parameters have no
+gradient at that moment, so only this one moves) and frees the gradient.
+
+The arithmetic is the plain path's: the task gradient first, then the penalty's added to it, then
+the same optimiser update, so masks and scores are bit-identical (tested). Targets the task loss
+does not reach are stepped after backward in the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import _loop
+
+
+def eligible(plan: Any) -> bool:
+    """Whether a run's mask optimiser may step inside backward."""
+    context, method = plan.context, plan.method
+    return (
+        not method.trains_weights
+        and plan.clip is None
+        and plan.world is None
+        and context.mesh is None
+        and method.penalty_separable()
+    )
+
+
+class HookedSteps:
+    """The post-accumulate-grad hooks of one run's mask parameters; they act only while armed
+    (around the one backward pass of a step)."""
+
+    def __init__(self, plan: Any, run: Any):
+        self.plan, self.run = plan, run
+        self.armed = False
+        self.stepped: set[str] = set()
+        self.penalties: list[Tensor] = []
+        self.weights = dict(zip(plan.names, plan.per_gate, strict=True))
+        self.handles = [
+            param.register_post_accumulate_grad_hook(self._hook(name))
+            for name, param in run.params.items()
+        ]
+
+    def arm(self) -> None:
+        """Step each mask in the next backward pass, as its gradient completes."""
+        self.armed, self.stepped, self.penalties = True, set(), []
+
+    def disarm(self) -> None:
+        self.armed = False
+
+    def _hook(self, name: str):
+        def hook(param: Tensor) -> None:
+            if self.armed:
+                self._step(name, param)
+
+        return hook
+
+    def _step(self, name: str, param: Tensor) -> None:
+        """Add this target's penalty gradient, step its optimiser, free its gradient."""
+        run, method = self.run, self.plan.method
+        with torch.enable_grad():
+            penalty = method.penalty([param], [self.weights[name]], run.state)
+        if penalty.requires_grad:
+            (gradient,) = torch.autograd.grad(penalty, param)
+            if param.grad is None:
+                param.grad = gradient
+            else:
+                param.grad += gradient  # as a second backward pass would accumulate it
+        self.penalties.append(penalty.detach())
+        _loop.step_while_finite(run.optimizer, self.plan.watch)  # only `param` has a gradient
+        param.grad = None
+        self.stepped.add(name)
+
+    def finish(self) -> Tensor:
+        """After the armed backward: step the targets it did not reach; the step's penalty."""
+        self.armed = False
+        for name, param in self.run.params.items():
+            if name not in self.stepped:
+                self._step(name, param)
+        return torch.stack(self.penalties).sum()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+__all__ = ["HookedSteps", "eligible"]
