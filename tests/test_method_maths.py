@@ -264,3 +264,22 @@ def test_hard_gumbel_sample_is_the_straight_through_estimator_bit_for_bit(temper
     assert torch.equal(sample, reference.detach())
     assert set(sample.unique().tolist()) == {0.0, 1.0}
     assert torch.equal(found, expected)
+
+
+def test_hard_concrete_sample_function_equals_the_composed_operations_bit_for_bit():
+    """The one-function sample (kept: only the sigmoid) gives the composed formula's values and
+    autograd's gradient through it exactly, clamped gates included."""
+    beta, gamma, zeta = 2 / 3, -0.1, 1.1
+    generator = torch.Generator().manual_seed(5)
+    log_alpha = torch.randn(400, 300, generator=generator).mul_(3).requires_grad_()
+    uniform = torch.rand(400, 300, generator=generator).mul_(1 - 2e-6).add_(1e-6)
+    upstream = torch.randn(400, 300, generator=generator)
+    s = torch.sigmoid((torch.log(uniform) - torch.log1p(-uniform) + log_alpha) / beta)
+    reference = torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+    (expected,) = torch.autograd.grad(reference, log_alpha, upstream)
+    sample = hard_concrete_sample(log_alpha, uniform, beta, gamma, zeta)
+    (found,) = torch.autograd.grad(sample, log_alpha, upstream)
+    assert torch.equal(sample, reference.detach())
+    assert torch.equal(found, expected)
+    clamped = (reference == 0) | (reference == 1)
+    assert clamped.any() and (~clamped).any()  # both branches of the clamp are exercised

@@ -19,8 +19,36 @@ def hard_concrete_sample(
 ) -> Tensor:
     """``z = clamp(sigmoid((log u - log(1 - u) + log_alpha) / beta) * (zeta - gamma) + gamma, 0, 1)``
     (Louizos et al. 2018, Eq. 10 with the stretch of Sec. 4)."""
-    s = torch.sigmoid((torch.log(uniform) - torch.log1p(-uniform) + log_alpha) / beta)
-    return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+    if not log_alpha.requires_grad:
+        s = torch.sigmoid((torch.log(uniform) - torch.log1p(-uniform) + log_alpha) / beta)
+        return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+    return _HardConcreteSample.apply(log_alpha, uniform, beta, gamma, zeta)
+
+
+class _HardConcreteSample(torch.autograd.Function):
+    """:func:`hard_concrete_sample` as one autograd function that keeps only the sigmoid ``s``
+    for backward (autograd would keep every intermediate) and computes the forward in place. The
+    backward repeats autograd's own steps (clamp's pass-through where ``min <= y <= max``, the
+    stretch's scale, ``sigmoid_backward``, the temperature's division), so values and gradients
+    are bit-identical to the composed operations (tested)."""
+
+    @staticmethod
+    def forward(ctx, log_alpha, uniform, beta, gamma, zeta):
+        noise = torch.log(uniform).sub_(torch.log1p(-uniform))
+        s = noise.add_(log_alpha).div_(beta).sigmoid_()
+        ctx.save_for_backward(s)
+        ctx.constants = (beta, gamma, zeta)
+        return torch.clamp(s * (zeta - gamma) + gamma, 0.0, 1.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        beta, gamma, zeta = ctx.constants
+        stretched = s * (zeta - gamma) + gamma
+        inside = (stretched >= 0.0) & (stretched <= 1.0)
+        grad = torch.where(inside, grad, 0.0) * (zeta - gamma)
+        grad = torch.ops.aten.sigmoid_backward(grad, s) / beta
+        return grad, None, None, None, None
 
 
 def expected_l0(log_alpha: Tensor, beta: float, gamma: float, zeta: float) -> Tensor:
@@ -127,7 +155,7 @@ class HardConcrete(MaskMethod):
     def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
         eps = 1e-6
         uniform = torch.rand(params.shape, generator=generator, device=params.device)
-        uniform = uniform * (1 - 2 * eps) + eps
+        uniform = uniform.mul_(1 - 2 * eps).add_(eps)  # in place: the same values
         return hard_concrete_sample(params, uniform, self.beta, self.gamma, self.zeta)
 
     def penalty_separable(self) -> bool:
