@@ -47,9 +47,9 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     bar = _loop.progress_bar(context.steps, method.name, show=context.progress, rank=plan.rank)
     try:
         plan.fused = _fused.sample_batching(plan, attachment)
-        if _step_hooks.eligible(plan):
-            plan.hooked = _step_hooks.HookedSteps(plan, run)
         start = _resume(plan, run, bar)
+        if _step_hooks.eligible(plan):  # on the parameters a resumed run trains
+            plan.hooked = _step_hooks.HookedSteps(plan, run)
         for step in range(start, context.steps):
             loss, penalty = _step(plan, run, attachment, step)
             if step % context.log_every == 0 or step == context.steps - 1:
