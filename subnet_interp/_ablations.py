@@ -236,16 +236,8 @@ class ResampleAblation(_InputAblation):
         def hook(x, output):
             if slot.mask is None:
                 return output
-            pool = self._inputs[location]
-            if pool.shape[1:] != x.shape[1:]:
-                raise ValueError(
-                    f"ResampleAblation at {_sites.label(location)!r}: reference inputs have shape "
-                    f"{tuple(pool.shape[1:])} per example but the model now gets "
-                    f"{tuple(x.shape[1:])}; use reference data of the same shape (e.g. the same "
-                    "sequence length)."
-                )
-            index = torch.randint(pool.shape[0], (x.shape[0],), generator=self.generator)
-            twin = pool[index.to(pool.device)]
+            where = repr(_sites.label(location))
+            twin = _sites.resample_twins(self._inputs[location], x, self.generator, where)
             return output + masked_out_term(owner, location[1], equation, slot.mask, twin)
 
         return hook

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import parametrize
 
-from . import adapters
+from . import _sites, adapters
 from ._types import Target, model_class
 
 if TYPE_CHECKING:
@@ -298,16 +298,8 @@ class MoeInputs:
             if all(slot.mask is None for slot in slots):
                 return
             if self.mode == "resample":
-                pool = self._pool[block]
-                if pool.shape[1:] != x.shape[1:]:
-                    raise ValueError(
-                        f"ResampleAblation at the MoE block {block!r}: reference inputs have "
-                        f"shape {tuple(pool.shape[1:])} per example but the model now gets "
-                        f"{tuple(x.shape[1:])}; use reference data of the same shape (e.g. the "
-                        "same sequence length)."
-                    )
-                index = torch.randint(pool.shape[0], (x.shape[0],), generator=self.generator)
-                twin = pool[index.to(pool.device)]
+                where = f"the MoE block {block!r}"
+                twin = _sites.resample_twins(self._pool[block], x, self.generator, where)
             else:
                 twin = self._paired(block, x)
             self._twin[block] = twin.reshape(-1, twin.shape[-1])
