@@ -135,6 +135,30 @@ def test_lepori_mask_is_not_rescaled_and_ramps_over_whole_run():
     )
 
 
+@pytest.mark.parametrize("name", ["continuous_sparsification", "continuous_sparsification_lepori"])
+def test_sigmoid_gates_never_scale_a_weight_to_a_subnormal_float(name):
+    """Gates at most 2**-63 are exactly 0 (value and gradient); every other gate, and its
+    gradient, is the plain ``sigmoid(T * s)``'s bit for bit. Unmasked, 200 * s in (-104, -87)
+    gives subnormal gates, and many more weights times gates become subnormal."""
+    unscaled = {"rescale": False} if name == "continuous_sparsification" else {}
+    method = si.methods.create(name, **unscaled)  # Savarese's gate, not divided by sigmoid(s0)
+    st = state(temperature=200.0)
+    s = torch.linspace(-0.6, 0.1, 7001).requires_grad_(True)
+    plain = s.detach().clone().requires_grad_(True)
+    gate = method.sample(s, st, gen())
+    reference = torch.sigmoid(200.0 * plain)
+    (gate * torch.arange(7001.0)).sum().backward()
+    (reference * torch.arange(7001.0)).sum().backward()
+    kept = reference.detach() > 2.0**-63
+    assert torch.equal(gate[kept], reference[kept]) and torch.equal(s.grad[kept], plain.grad[kept])
+    assert not gate[~kept].any() and not s.grad[~kept].any()
+    tiny = torch.finfo(torch.float32).tiny
+    weights = torch.full_like(gate, 0.01)
+    subnormal = lambda x: ((x != 0) & (x.abs() < tiny)).sum().item()  # noqa: E731
+    assert subnormal(reference * weights) > 100  # the test can fail: the band is there
+    assert subnormal(gate.detach() * weights) == 0
+
+
 # --------------------------------------------------------------- hard concrete
 def test_hard_concrete_expected_l0_matches_sampling():
     beta, gamma, zeta = 2 / 3, -0.1, 1.1

@@ -15,6 +15,7 @@ from .continuous_sparsification import (
     _SigmoidOfScoreGates,
     geometric_temperature,
     sigmoid_penalty,
+    soft_gate,
 )
 
 
@@ -59,7 +60,7 @@ class ContinuousSparsificationLepori(_SigmoidOfScoreGates, MaskMethod):
         )
 
     def sample(self, params: Tensor, state: TrainState, generator: torch.Generator) -> Tensor:
-        return torch.sigmoid(state.temperature * params)
+        return soft_gate(params, state.temperature)
 
     def penalty_separable(self) -> bool:
         return True  # a sum of per-target terms
