@@ -185,6 +185,7 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
                 log_every=10**9,
                 progress=False,
                 recompute_masks="recompute" in variants,
+                memory="lean" if "lean" in variants else "default",
                 sample_batching="sequential" if "sequential" in variants else "auto",
             )
         per_step = seconds_per_step(marks, warmup, steps)
