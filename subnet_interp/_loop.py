@@ -93,17 +93,31 @@ class FiniteWatch:
 
 
 def step_while_finite(optimizer: torch.optim.Optimizer, watch: FiniteWatch) -> None:
-    """``optimizer.step()``, skipped on the device once a loss was not finite.
+    """``optimizer.step()``, skipped once a loss was not finite.
+
+    Where the flag lives on the CPU, reading it waits for no device: the whole step is taken or
+    skipped on the host. On an accelerator it is skipped on the device
+    (:func:`step_skipping_on_device`).
+    """
+    ok = watch.ok
+    if ok is None:
+        optimizer.step()
+    elif ok.device.type == "cpu":
+        if bool(ok):  # no copy of the parameters, no pass over them to restore them
+            optimizer.step()
+    else:
+        step_skipping_on_device(optimizer, ok)
+
+
+def step_skipping_on_device(optimizer: torch.optim.Optimizer, ok: Tensor) -> None:
+    """``optimizer.step()`` where the 0-dim bool ``ok`` (on the device) is true, without reading
+    it on the host.
 
     An optimiser that takes ``found_inf`` (the fused ones, as ``GradScaler`` uses them) skips
     the whole step, its step count included. Any other steps, then puts its parameters back
     where the flag says so; its own state may take the skipped step, which does not matter:
     the run stops at the next log point, and only the parameters are kept (in the error).
     """
-    ok = watch.ok
-    if ok is None:
-        optimizer.step()
-        return
     if getattr(optimizer, "_step_supports_amp_scaling", False):
         optimizer.found_inf = (~ok).to(torch.float32)  # type: ignore[attr-defined]
         optimizer.grad_scale = None  # type: ignore[attr-defined]
@@ -229,5 +243,6 @@ __all__ = [
     "skip",
     "split_batch",
     "stacked",
+    "step_skipping_on_device",
     "step_while_finite",
 ]

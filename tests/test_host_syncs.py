@@ -25,6 +25,7 @@ HOST_ONLY = {
     ("_train.py", "_samplers"),
     ("adam.py", "_single_tensor_adam"),
     ("optimizer.py", "_get_value"),
+    ("_loop.py", "step_while_finite"),  # only where the flag is on the CPU (tested below)
 }
 MASK_METHODS = [
     "gumbel_sigmoid",
@@ -198,8 +199,26 @@ def test_step_while_finite_steps_bit_exactly_or_not_at_all(fused):
     nan.observe(torch.tensor(2.0), 2, None)  # a later finite loss does not clear it
     for watch, expected in ((finite, plain.detach()), (nan, torch.linspace(-1, 1, 7))):
         param, optimizer = setup()
-        _loop.step_while_finite(optimizer, watch)
+        on_device = _loop.step_skipping_on_device  # what an accelerator runs: no host read
+        on_device(optimizer, watch.ok)
         assert torch.equal(param.detach(), expected)
+        if fused and watch is nan:  # the whole step is skipped, Adam's step count included
+            assert float(optimizer.state[param]["step"]) == 0.0
+        param, optimizer = setup()
+        _loop.step_while_finite(optimizer, watch)  # the flag is on the CPU: read on the host
+        assert torch.equal(param.detach(), expected)
+        assert (param in optimizer.state) == (watch is finite)  # skipped whole, state included
     assert int(nan.step) == 1
-    if fused:  # the whole step is skipped, Adam's step count included
-        assert float(optimizer.state[param]["step"]) == 0.0
+
+
+def test_a_step_on_the_cpu_neither_copies_nor_restores_the_parameters(monkeypatch):
+    """On the CPU the flag is read on the host: no clone of the parameters before the step."""
+    cloned = []
+    original = torch.Tensor.clone
+    monkeypatch.setattr(torch.Tensor, "clone", lambda t, *a, **k: cloned.append(t) or original(t))
+    param = torch.nn.Parameter(torch.ones(5))
+    param.grad = torch.ones(5)
+    watch = _loop.FiniteWatch()
+    watch.observe(torch.tensor(1.0), 0, None)
+    _loop.step_while_finite(torch.optim.Adam([param], lr=0.1), watch)
+    assert not cloned and not torch.equal(param.detach(), torch.ones(5))
