@@ -86,6 +86,10 @@ class ContinuousSparsification(_SigmoidOfScoreGates, MaskMethod):
     ``continuous_sparsification_lepori``. The penalty counts the un-rescaled soft mask, as the
     paper's Eq. 6 writes it (the code multiplies it by ``1 / sigmoid(s0)``, a constant factor).
 
+    Gates of at most ``2**-63`` are exactly 0 (``soft_gate``): below float32's resolution
+    next to any normal term, they would otherwise make subnormal masked weights, which slow CPU
+    matrix products many times over as ``beta`` grows.
+
     Scores (``FindResult.scores``): ``s`` after the last round. The soft mask ``sigmoid(beta
     * s)`` orders weights the same way but saturates in float32 at the final ``beta = 200``;
     ``s`` does not. The mask is ``score > 0``, exactly its top ``kept()`` weights.

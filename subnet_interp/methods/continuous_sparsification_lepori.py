@@ -33,6 +33,10 @@ class ContinuousSparsificationLepori(_SigmoidOfScoreGates, MaskMethod):
     ``l0_lambda * sum(sigmoid(T * s))`` with ``l0_lambda = 1e-8``. Adam, ``lr = 1e-2`` (their
     grid: 1e-2, 1e-4). Weights frozen. Final mask: ``s > 0``.
 
+    Gates of at most ``2**-63`` are exactly 0 (``soft_gate``), as in
+    ``continuous_sparsification``: a run keeps its speed to the end, where the plain gate makes
+    subnormal masked weights (measured in ``benchmarks/long_run_gates.py``).
+
     Where it differs from Savarese et al. 2020 (``continuous_sparsification``): no rescaling by
     ``1 / sigmoid(s0)`` (so at ``s0 = 0`` the initial network has every weight halved), a single
     round with no rewinding of ``s``, Adam instead of SGD, and frozen weights.
