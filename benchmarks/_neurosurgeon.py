@@ -32,3 +32,22 @@ def circuit_model(model, l0_lambda: float = 1e-8):
         l0_lambda=l0_lambda,
     )
     return ns_circuit_model.CircuitModel(config, model)
+
+
+def trainer(wrapped):
+    """One training step of ``wrapped`` (a :func:`circuit_model`), as a function of a batch of
+    token ids: the next-token loss every benchmark configuration uses, plus the L0 term its
+    forward adds, then Adam at NeuroSurgeon's mask learning rate."""
+    import torch
+    from mask_training_cost import next_token_loss  # the benchmarks' folder is on the path
+
+    optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+
+    def step(batch) -> None:
+        loss = next_token_loss(wrapped(input_ids=batch).logits, batch)
+        loss = loss + wrapped.config.l0_lambda * wrapped._compute_l0_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step

@@ -95,21 +95,16 @@ def ours(model, batches, steps: int, plain_gate: bool) -> dict:
 def neurosurgeon(model, batches, steps: int) -> dict:
     import copy
 
-    from _neurosurgeon import circuit_model
+    from _neurosurgeon import circuit_model, trainer
 
     from subnet_interp.methods.continuous_sparsification import geometric_temperature
 
     wrapped = circuit_model(copy.deepcopy(model))
-    optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    train = trainer(wrapped)
     ends = []
     for step in range(steps):
         wrapped.temperature = geometric_temperature(200.0, step, steps)
-        batch = batches[step % len(batches)]
-        loss = next_token_loss(wrapped(input_ids=batch).logits, batch)
-        loss = loss + wrapped.config.l0_lambda * wrapped._compute_l0_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train(batches[step % len(batches)])
         ends.append(time.perf_counter())
     return {"fifths_ms": by_fifth(ends, steps)}
 

@@ -202,20 +202,12 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
 
 def _neurosurgeon(model, batches, device, warmup, steps) -> float:
     """NeuroSurgeon 0.1.0's continuous-sparsification masks on the same model and batches."""
-    import torch
-    from _neurosurgeon import circuit_model
+    from _neurosurgeon import circuit_model, trainer
 
-    wrapped = circuit_model(model).to(device)
-    optimizer = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=1e-2)
+    train = trainer(circuit_model(model).to(device))
 
     def step(i):
-        batch = batches[i % len(batches)]
-        # the same loss as every other configuration, plus the L0 term its forward adds
-        loss = next_token_loss(wrapped(input_ids=batch).logits, batch)
-        loss = loss + wrapped.config.l0_lambda * wrapped._compute_l0_loss()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        train(batches[i % len(batches)])
 
     return time_steps(step, device, warmup, steps)
 

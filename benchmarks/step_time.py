@@ -13,6 +13,7 @@ fine-tuning of the whole model. NeuroSurgeon (if installed) gets a copy: it repl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -37,11 +38,16 @@ from mask_training_cost import (  # noqa: E402
 )
 
 WARMUP, STEPS = 1, 3
+PREDRAWN = "gumbel_sigmoid (4 samples), noise pre-drawn"
 QUICK = ["gumbel_sigmoid (4 samples), lean", "trains weights", "NeuroSurgeon"]
 MASKS = [  # (label, method, sample_batching, hyper-parameters)
     ("gumbel_sigmoid (4 samples), lean layers", "gumbel_sigmoid", "auto", {}),
     ("gumbel_sigmoid (4 samples), layer by layer", "gumbel_sigmoid", "sequential", {}),
     ("gumbel_sigmoid (1 sample), lean layers", "gumbel_sigmoid", "auto", {"mask_samples": 1}),
+    # analysis, not a configuration a user runs: the same steps with their random draws taken
+    # out (each noise shape drawn once, before the timed steps), i.e. the share of the CPU's
+    # serial random number generator in the step; on a GPU the draws cost little
+    (PREDRAWN, "gumbel_sigmoid", "auto", {}),
     ("continuous_sparsification_lepori, lean", "continuous_sparsification_lepori", "auto", {}),
     (
         "continuous_sparsification_lepori, layer by layer",
@@ -53,6 +59,29 @@ MASKS = [  # (label, method, sample_batching, hyper-parameters)
     ("hard_concrete, layer by layer", "hard_concrete", "sequential", {}),
     ("continuous_sparsification (trains weights)", "continuous_sparsification", "auto", {}),
 ]
+
+
+@contextlib.contextmanager
+def _predrawn_noise(active: bool):
+    """While active, Gumbel-sigmoid's logistic noise of each shape is drawn once and then reused
+    (the steps do every other operation as usual)."""
+    from subnet_interp.methods import gumbel_sigmoid
+
+    real = gumbel_sigmoid.logistic_noise
+    drawn: dict = {}
+
+    def reused(shape, generator, device, eps=1e-10):
+        key = (tuple(shape), str(device))
+        if key not in drawn:
+            drawn[key] = real(shape, generator, device, eps)
+        return drawn[key]  # read, never written: gumbel_sigmoid adds it out of place
+
+    if active:
+        gumbel_sigmoid.logistic_noise = reused
+    try:
+        yield
+    finally:
+        gumbel_sigmoid.logistic_noise = real
 
 
 def configurations(model, batches) -> dict:
@@ -71,9 +100,9 @@ def configurations(model, batches) -> dict:
             times.append(time.perf_counter() - start)
         return statistics.mean(times[WARMUP:])
 
-    def masks(method, batching, hparams):
+    def masks(method, batching, hparams, predrawn=False):
         def run() -> float:
-            with step_marks("cpu") as marks:  # no logging inside the timed steps
+            with step_marks("cpu") as marks, _predrawn_noise(predrawn):  # no logging inside
                 si.find(
                     model,
                     si.methods.create(method, **hparams),
@@ -90,7 +119,7 @@ def configurations(model, batches) -> dict:
 
     found = {"plain fine-tuning (Adam, all weights)": finetune}
     for label, method, batching, hparams in MASKS:
-        found[label] = masks(method, batching, hparams)
+        found[label] = masks(method, batching, hparams, predrawn=label == PREDRAWN)
     if _has_neurosurgeon():
         found["NeuroSurgeon 0.1.0 continuous sparsification"] = lambda: _neurosurgeon(
             copy.deepcopy(model), batches, "cpu", WARMUP, STEPS

@@ -72,6 +72,26 @@ def test_transformers_fused_equals_sequential(build):
     assert_bit_exact(model, before)
 
 
+def test_fused_under_autocast_equals_sequential():
+    """Under bf16 autocast each part's product is cast as the layer's own would be (the fused
+    forward keeps its out-of-place products there), and backward's bf16 gradients reach the fp32
+    input."""
+    model = gpt2()
+
+    def autocast_loss(model, batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(batch).logits
+        return _lm_loss(lambda _: type("Out", (), {"logits": logits.float()}), batch)
+
+    data = _tokens()
+    sequential = _run(model, autocast_loss, data, "sequential", steps=4)
+    fused = _run(model, autocast_loss, data, "fused", steps=4)
+    _assert_same_run(sequential, fused)
+    assert (
+        sequential.history["loss"] != _run(model, _lm_loss, data, "fused", steps=4).history["loss"]
+    )
+
+
 class _SequenceFirst(nn.Module):
     """A linear layer fed ``[seq, batch, d]``: its rows are not grouped by example."""
 
