@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .._registry import methods
 from .._types import Target
-from ._base import MaskMethod, TrainState
+from ._base import MaskMethod, TrainState, adam_for_masks
 from .continuous_sparsification import (
     _SigmoidOfScoreGates,
     geometric_temperature,
@@ -75,4 +75,4 @@ class ContinuousSparsificationLepori(_SigmoidOfScoreGates, MaskMethod):
         return self.l0_lambda * sigmoid_penalty(params, weights, state.temperature)
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.lr)
+        return adam_for_masks(params, self.lr)

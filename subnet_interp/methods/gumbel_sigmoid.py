@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._registry import methods
 from .._types import Target
-from ._base import MaskMethod, TrainState
+from ._base import MaskMethod, TrainState, adam_for_masks
 
 
 def logistic_noise(
@@ -121,7 +121,7 @@ class GumbelSigmoid(MaskMethod):
         return torch.sigmoid(params.float())
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.lr)
+        return adam_for_masks(params, self.lr)
 
     def grad_clip(self) -> float | None:
         return self.clip_grad_norm

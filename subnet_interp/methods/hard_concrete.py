@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._registry import check_hparams, methods
 from .._types import Target
-from ._base import MaskMethod, TrainState
+from ._base import MaskMethod, TrainState, adam_for_masks
 
 
 def hard_concrete_sample(
@@ -232,4 +232,4 @@ class HardConcrete(MaskMethod):
         return expected_l0(params.float(), self.beta, self.gamma, self.zeta)
 
     def optimizer(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
-        return torch.optim.Adam(params, lr=self.lr)
+        return adam_for_masks(params, self.lr)
