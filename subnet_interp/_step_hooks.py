@@ -10,6 +10,11 @@ gradient at that moment, so only this one moves) and frees the gradient.
 The arithmetic is the plain path's: the task gradient first, then the penalty's added to it, then
 the same optimiser update, so masks and scores are bit-identical (tested). Targets the task loss
 does not reach are stepped after backward in the same way.
+
+A method that trains the weights with the mask (Savarese et al.'s continuous sparsification)
+steps each weight the same way, as soon as its gradient is complete, so neither the weights' nor
+the masks' full set of gradients is held. A weight the loss does not reach has no gradient and
+is not stepped, as in the plain path.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ from . import _loop
 
 
 def eligible(plan: Any) -> bool:
-    """Whether a run's mask optimiser may step inside backward."""
+    """Whether a run's mask optimiser (and weight optimiser, for a method that trains the
+    weights too) may step inside backward."""
     context, method = plan.context, plan.method
     return (
-        not method.trains_weights
-        and plan.clip is None
+        plan.clip is None
         and plan.world is None
         and context.mesh is None
         and method.penalty_separable()
@@ -48,6 +53,12 @@ class HookedSteps:
             param.register_post_accumulate_grad_hook(self._hook(name))
             for name, param in run.params.items()
         ]
+        if run.weight_optimizer is not None:  # each weight steps once its gradient is complete
+            self.handles += [
+                param.register_post_accumulate_grad_hook(self._weight_hook)
+                for group in run.weight_optimizer.param_groups
+                for param in group["params"]
+            ]
 
     def arm(self) -> None:
         """Step each mask in the next backward pass, as its gradient completes."""
@@ -62,6 +73,15 @@ class HookedSteps:
                 self._step(name, param)
 
         return hook
+
+    def _weight_hook(self, param: Tensor) -> None:
+        """Step the weight optimiser on this weight alone (the only one with a gradient: the
+        others were stepped and freed, or are still to come) and free its gradient. Every node
+        that reads the weight has run by now (it gives the weight its gradient), so the update
+        in place changes nothing backward still needs."""
+        if self.armed:
+            _loop.step_while_finite(self.run.weight_optimizer, self.plan.watch)
+            param.grad = None
 
     def _step(self, name: str, param: Tensor) -> None:
         """Add this target's penalty gradient, step its optimiser, free its gradient."""

@@ -351,8 +351,10 @@ def _update(plan: _Plan, run: RunState, masks_stepped: bool = False) -> None:
         _distributed.average_gradients(plan.synced, plan.world[1])
     if plan.clip is not None:
         torch.nn.utils.clip_grad_norm_(list(run.params.values()), plan.clip, foreach=True)
-    mask_optimizer = None if masks_stepped else run.optimizer
-    for optimizer in (mask_optimizer, run.weight_optimizer, run.extra_optimizer):
+    stepped = (run.optimizer, run.weight_optimizer) if masks_stepped else ()
+    for optimizer in (run.optimizer, run.weight_optimizer, run.extra_optimizer):
+        if optimizer in stepped:  # inside backward, with the weights' own when they train
+            continue
         if optimizer is not None:
             _loop.step_while_finite(optimizer, plan.watch)
             optimizer.zero_grad(set_to_none=True)
