@@ -1,10 +1,11 @@
 """Lean masked layers, and several mask samples in one forward pass.
 
-While a learnable mask trains on frozen weights, every masked ``nn.Linear`` / transformers
-``Conv1D`` gets an instance-attribute ``forward`` that reads the unmasked weight, builds the
-masked weight from the mask parameters and multiplies. Its autograd function keeps only the
-layer's input for backward (which the layer keeps anyway); backward rebuilds the masked weight,
-so no masked weight, mask or mask intermediate of any layer lives between forward and backward.
+While a learnable mask trains, every masked ``nn.Linear`` / transformers ``Conv1D`` gets an
+instance-attribute ``forward`` that reads the unmasked weight, builds the masked weight from the
+mask parameters and multiplies. Its autograd function keeps only the layer's input for backward
+(which the layer keeps anyway); backward rebuilds the masked weight, so no masked weight, mask or
+mask intermediate of any layer lives between forward and backward. Where the method trains the
+weights too, backward also returns their gradient, taken through the same rebuilt product.
 
 Gumbel-sigmoid masks (Csordás et al. 2021) see each batch through ``S`` independent mask
 samples, sample ``s`` on the ``s``-th equal part of the batch. One sample at a time, that is
@@ -15,8 +16,8 @@ one sample's masked weight at a time, so the model runs once per step.
 The maths and the order of every floating-point operation on the weights are those of the
 layer-by-layer loop (same noise, same parts, same products): masks and scores come out
 bit-identical (tested). A run is fused only where that holds: every targeted weight is a plain
-``nn.Linear`` / ``Conv1D`` weight under zero ablation, weights frozen, and every such layer sees
-inputs whose leading dimension is the batch's. The first forward that breaks this raises
+``nn.Linear`` / ``Conv1D`` weight under zero ablation, and every such layer sees inputs whose
+leading dimension is the batch's. The first forward that breaks this raises
 :class:`NotFusable` before anything is updated, and the loop falls back to the layer-by-layer
 path (or reports it, when ``sample_batching="fused"`` was asked for).
 """
@@ -223,6 +224,9 @@ class _LeanMaskedMatmul(torch.autograd.Function):
         grad_x = x.new_empty(rows.shape) if ctx.needs_input_grad[0] else None
         copies = [leaf.detach().requires_grad_(leaf.requires_grad) for leaf in leaves]
         trained = [c for c in copies if c.requires_grad]
+        if ctx.needs_input_grad[1]:  # a method that trains the weights with the mask
+            weight = weight.detach().requires_grad_()
+            trained.append(weight)
         sums: list[Tensor | None] = [None] * len(trained)
         for part in range(parts):
             with torch.enable_grad():
@@ -244,12 +248,13 @@ class _LeanMaskedMatmul(torch.autograd.Function):
                 ]
         gathered = iter(sums)
         grad_leaves = [next(gathered) if c.requires_grad else None for c in copies]
+        grad_weight = next(gathered) if ctx.needs_input_grad[1] else None
         grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
         if grad_x is not None:
             grad_x = grad_x.reshape(x.shape)
-        return grad_x, None, grad_bias, None, None, None, *grad_leaves
+        return grad_x, grad_weight, grad_bias, None, None, None, *grad_leaves
 
 
 def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
@@ -259,9 +264,11 @@ def parametrize_original(module: nn.Module, attribute: str) -> Tensor:
 
 
 def sample_batching(plan: Any, attachment: Attachment) -> SampleBatching | None:
-    """The fused forwards of a run on frozen weights where its layers allow them, else None."""
+    """The fused forwards of a run where its layers allow them, else None. A method that
+    trains the weights too (continuous sparsification) gets the weights' gradients from the
+    same rebuilt masked weight."""
     asked = plan.context.sample_batching
-    if asked == "sequential" or plan.method.trains_weights:
+    if asked == "sequential":
         return None
     reason = unfusable_reason(attachment)
     if reason is None:

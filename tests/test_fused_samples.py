@@ -72,6 +72,36 @@ def test_transformers_fused_equals_sequential(build):
     assert_bit_exact(model, before)
 
 
+@pytest.mark.parametrize("build", [gpt2, llama], ids=["gpt2-conv1d", "llama-linear"])
+def test_weights_trained_with_the_mask_train_alike_in_lean_layers(build, monkeypatch):
+    """Continuous sparsification trains the weights too: the lean layers (one rebuilt masked
+    weight in backward) give the weights and masks of the parametrized layers, bit for bit."""
+    from subnet_interp import _fused
+
+    model = build()
+    before = snapshot(model)
+    data = _tokens()
+    lean_calls = []
+    original = _fused.SampleBatching.set_samples
+    monkeypatch.setattr(
+        _fused.SampleBatching,
+        "set_samples",
+        lambda self, *a, **k: lean_calls.append(1) or original(self, *a, **k),
+    )
+    method = si.methods.create("continuous_sparsification", num_rounds=1, rewind_fraction=1.0)
+    runs = {}
+    for mode in ("sequential", "auto"):
+        runs[mode] = si.find(model, method, _lm_loss, data, steps=6, progress=False,
+                             log_every=1, sample_batching=mode)  # fmt: skip
+        assert bool(lean_calls) == (mode == "auto")
+    _assert_same_run(runs["sequential"], runs["auto"])
+    for name, weight in runs["auto"].weights.items():  # after 5 steps of training
+        assert torch.equal(weight, runs["sequential"].weights[name]), name
+    trained = si.find(model, method, _lm_loss, data, steps=1, progress=False).weights
+    assert any(not torch.equal(trained[n], w) for n, w in runs["auto"].weights.items())
+    assert_bit_exact(model, before)
+
+
 def test_fused_under_autocast_equals_sequential():
     """Under bf16 autocast each part's product is cast as the layer's own would be (the fused
     forward keeps its out-of-place products there), and backward's bf16 gradients reach the fp32
