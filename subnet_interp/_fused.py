@@ -166,29 +166,23 @@ def _matmul(
     is_linear: bool,
 ) -> Tensor:
     """Part ``s`` of ``x`` (along dim 0) times sample ``s``'s masked weight, plus ``bias``; one
-    masked weight exists at a time. Each part goes through the product the layer's own
-    operation makes of a matrix (``F.linear``'s ``addmm`` / ``mm`` with the transposed weight for
-    ``nn.Linear``, ``addmm`` for ``Conv1D``), so a part's output is the one the layer-by-layer
-    path computes, and the bias is added inside the matmul."""
+    masked weight exists at a time. Each part goes through the layer's own operation
+    (``F.linear`` for ``nn.Linear``, ``addmm`` for ``Conv1D``), so a part's output is the one
+    the layer-by-layer path computes, and the bias is added inside the matmul."""
     rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
-    # each part's product goes straight into its rows of the output (an ``out=`` product),
-    # except under autocast, which casts only out-of-place products
-    in_place = not torch.is_autocast_enabled(x.device.type)
     out = None
     for part in range(parts):
         masked = build(weight, leaves, part)
         masked = masked.to(rows.dtype) if masked.dtype != rows.dtype else masked
-        if is_linear:  # F.linear of a matrix: addmm(bias, x, W^T), or x @ W^T without bias
-            masked = masked.t()
-        if in_place:
-            if out is None:
-                out = rows.new_empty((parts, rows.shape[1], masked.shape[1]))
-            if bias is None:
-                torch.mm(rows[part], masked, out=out[part])
-            else:
-                torch.addmm(bias, rows[part], masked, out=out[part])
-            continue
-        piece = rows[part] @ masked if bias is None else torch.addmm(bias, rows[part], masked)
+        if is_linear:
+            piece = torch.nn.functional.linear(rows[part], masked, bias)
+        elif bias is None:
+            piece = rows[part] @ masked
+        else:
+            piece = torch.addmm(bias, rows[part], masked)
+        if parts == 1:
+            out = piece.unsqueeze(0)
+            break
         if out is None:
             out = piece.new_empty((parts, *piece.shape))
         out[part] = piece

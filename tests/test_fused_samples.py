@@ -103,9 +103,9 @@ def test_weights_trained_with_the_mask_train_alike_in_lean_layers(build, monkeyp
 
 
 def test_fused_under_autocast_equals_sequential():
-    """Under bf16 autocast each part's product is cast as the layer's own would be (the fused
-    forward keeps its out-of-place products there), and backward's bf16 gradients reach the fp32
-    input."""
+    """Under bf16 autocast each part's product is cast as the layer's own is, and backward's
+    bf16 output gradients give the fp32 input its gradient (the product is not written in place
+    there: the dtypes differ)."""
     model = gpt2()
 
     def autocast_loss(model, batch):
