@@ -252,7 +252,7 @@ def _step(plan: _Plan, run: RunState, attachment: Attachment, step: int) -> tupl
             penalty = plan.method.penalty(list(run.params.values()), plan.per_gate, state)
             if penalty.requires_grad:
                 penalty.backward()
-    _update(plan, run, masks_stepped=hooked)
+    _update(plan, run, stepped_in_backward=hooked)
     return loss, penalty
 
 
@@ -342,19 +342,19 @@ def _last_good(plan: _Plan, run: RunState) -> Subnetwork:
     return Subnetwork(_final_masks(plan, run))
 
 
-def _update(plan: _Plan, run: RunState, masks_stepped: bool = False) -> None:
-    """Average the gradients over the ranks, clip them, and step every optimiser (the mask
-    optimiser's steps were taken inside backward when ``masks_stepped``)."""
+def _update(plan: _Plan, run: RunState, stepped_in_backward: bool = False) -> None:
+    """Average the gradients over the ranks, clip them, and step every optimiser (the mask and
+    weight optimisers' steps were taken inside backward when ``stepped_in_backward``)."""
     if plan.context.mesh is not None:
         _distributed.plain_grads(run.state.aux.values())
     if plan.world is not None:
         _distributed.average_gradients(plan.synced, plan.world[1])
     if plan.clip is not None:
         torch.nn.utils.clip_grad_norm_(list(run.params.values()), plan.clip, foreach=True)
-    stepped = (run.optimizer, run.weight_optimizer) if masks_stepped else ()
-    for optimizer in (run.optimizer, run.weight_optimizer, run.extra_optimizer):
-        if optimizer in stepped:  # inside backward, with the weights' own when they train
-            continue
+    left = [run.extra_optimizer]
+    if not stepped_in_backward:
+        left = [run.optimizer, run.weight_optimizer, *left]
+    for optimizer in left:
         if optimizer is not None:
             _loop.step_while_finite(optimizer, plan.watch)
             optimizer.zero_grad(set_to_none=True)

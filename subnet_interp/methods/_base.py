@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .._ablations import ZERO, Ablation
+from .._distributed import is_dtensor
 from .._subnetwork import Subnetwork
 from .._types import Target
 
@@ -305,7 +306,7 @@ class MaskMethod(Method):
 
 def adam_for_masks(params: Sequence[Tensor], lr: float) -> torch.optim.Adam:
     """``torch.optim.Adam(params, lr=lr)``, with the fused kernel (one pass per tensor instead
-    of one per operation) where every parameter is a plain fp32 tensor on the CPU or a CUDA
+    of one per operation) where every parameter is an unsharded fp32 tensor on the CPU or a CUDA
     device, and the default implementation elsewhere (other dtypes, sharded parameters).
 
     On the CPU the fused kernel's fp32 arithmetic is the default's bit for bit (tested). On a
@@ -313,9 +314,7 @@ def adam_for_masks(params: Sequence[Tensor], lr: float) -> torch.optim.Adam:
     without a copy of the parameters (``_loop.step_skipping_on_device``)."""
     params = list(params)
     fused = bool(params) and all(
-        type(p) in (Tensor, nn.Parameter)
-        and p.dtype == torch.float32
-        and p.device.type in ("cpu", "cuda")
+        not is_dtensor(p) and p.dtype == torch.float32 and p.device.type in ("cpu", "cuda")
         for p in params
     )
     return torch.optim.Adam(params, lr=lr, fused=True if fused else None)
