@@ -15,6 +15,9 @@ A method that trains the weights with the mask (Savarese et al.'s continuous spa
 steps each weight the same way, as soon as its gradient is complete, so neither the weights' nor
 the masks' full set of gradients is held. A weight the loss does not reach has no gradient and
 is not stepped, as in the plain path.
+
+Each of those steps shows its optimiser only the one parameter it updates (:func:`step_alone`),
+so a step costs the same however many targets the run has, not a scan over all of them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,28 @@ def eligible(plan: Any) -> bool:
     )
 
 
+def step_alone(
+    optimizer: torch.optim.Optimizer, group: dict, param: Tensor, watch: _loop.FiniteWatch
+) -> None:
+    """Step ``optimizer`` on ``param`` alone (of its param group ``group``).
+
+    The optimiser sees a copy of that group holding only ``param`` for the length of the step:
+    its state (kept per parameter) and hyper-parameters are the group's, so the update is the
+    one a full step makes to a parameter that alone has a gradient, without the full step's pass
+    over every parameter of the run (quadratic in the number of targets over a backward pass).
+    """
+    groups = optimizer.param_groups
+    optimizer.param_groups = [{**group, "params": [param]}]
+    try:
+        _loop.step_while_finite(optimizer, watch)
+    finally:
+        optimizer.param_groups = groups
+
+
+def _groups(optimizer: torch.optim.Optimizer) -> dict[Tensor, dict]:
+    return {param: group for group in optimizer.param_groups for param in group["params"]}
+
+
 class HookedSteps:
     """The post-accumulate-grad hooks of one run's mask parameters; they act only while armed
     (around the one backward pass of a step)."""
@@ -49,11 +74,13 @@ class HookedSteps:
         self.stepped: set[str] = set()
         self.penalties: list[Tensor] = []
         self.weights = dict(zip(plan.names, plan.per_gate, strict=True))
+        self.groups = _groups(run.optimizer)
         self.handles = [
             param.register_post_accumulate_grad_hook(self._hook(name))
             for name, param in run.params.items()
         ]
         if run.weight_optimizer is not None:  # each weight steps once its gradient is complete
+            self.weight_groups = _groups(run.weight_optimizer)
             self.handles += [
                 param.register_post_accumulate_grad_hook(self._weight_hook)
                 for group in run.weight_optimizer.param_groups
@@ -75,12 +102,12 @@ class HookedSteps:
         return hook
 
     def _weight_hook(self, param: Tensor) -> None:
-        """Step the weight optimiser on this weight alone (the only one with a gradient: the
-        others were stepped and freed, or are still to come) and free its gradient. Every node
+        """Step the weight optimiser on this weight alone and free its gradient. Every node
         that reads the weight has run by now (it gives the weight its gradient), so the update
         in place changes nothing backward still needs."""
         if self.armed:
-            _loop.step_while_finite(self.run.weight_optimizer, self.plan.watch)
+            optimizer = self.run.weight_optimizer
+            step_alone(optimizer, self.weight_groups[param], param, self.plan.watch)
             param.grad = None
 
     def _step(self, name: str, param: Tensor) -> None:
@@ -95,7 +122,7 @@ class HookedSteps:
             else:
                 param.grad += gradient  # as a second backward pass would accumulate it
         self.penalties.append(penalty.detach())
-        _loop.step_while_finite(run.optimizer, self.plan.watch)  # only `param` has a gradient
+        step_alone(run.optimizer, self.groups[param], param, self.plan.watch)
         param.grad = None
         self.stepped.add(name)
 
@@ -113,4 +140,4 @@ class HookedSteps:
         self.handles = []
 
 
-__all__ = ["HookedSteps", "eligible"]
+__all__ = ["HookedSteps", "eligible", "step_alone"]
