@@ -187,6 +187,7 @@ def run_one(config: str, model_name: str, device: str, warmup: int, steps: int) 
                 recompute_masks="recompute" in variants,
                 memory="lean" if "lean" in variants else "default",
                 sample_batching="sequential" if "sequential" in variants else "auto",
+                inplace="inplace" in variants,  # a method that trains weights: no restore copy
             )
         per_step = seconds_per_step(marks, warmup, steps)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -250,6 +251,7 @@ def main(argv=None) -> int:
             "gumbel_sigmoid:1sample+patch",
             "continuous_sparsification_lepori:mean",
         ]
+        configs += ["continuous_sparsification:inplace"]  # trains the model's own weights
         configs += ["neurosurgeon"] if _has_neurosurgeon() else []
     rows = []
     for config in configs:
