@@ -8,6 +8,7 @@ always give the same masks. Keeping the ``count`` best weights is then ``rank < 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import torch
@@ -42,6 +43,9 @@ def _ranks_of(values: Tensor) -> Tensor:
 def ranks(scores: Mapping[str, Tensor], *, per_target: bool = False) -> dict[str, Tensor]:
     """The rank of every weight (int64, shaped like its score): 0 is the highest score.
 
+    Scores are compared exactly: across targets in the widest of their dtypes (at least
+    float32), so float64 scores are not rounded before they are ranked.
+
     Args:
         scores: target name -> float scores (any device; all on the same one if global).
         per_target: rank within each target separately instead of across all of them.
@@ -51,7 +55,8 @@ def ranks(scores: Mapping[str, Tensor], *, per_target: bool = False) -> dict[str
         return {
             name: _ranks_of(value.flatten()).view(value.shape) for name, value in scores.items()
         }
-    flat = torch.cat([value.detach().flatten().float() for value in scores.values()])
+    dtype = functools.reduce(torch.promote_types, (v.dtype for v in scores.values()), torch.float32)
+    flat = torch.cat([value.detach().flatten().to(dtype) for value in scores.values()])
     all_ranks = _ranks_of(flat)
     result, start = {}, 0
     for name, value in scores.items():

@@ -34,3 +34,18 @@ def test_kept_count_and_errors():
         ranks({"w": torch.ones(2, dtype=torch.bool)})
     with pytest.raises(ValueError, match="contains NaN"):
         ranks({"w": torch.tensor([float("nan")])})
+
+
+def test_float64_scores_rank_exactly_across_targets():
+    """Scores closer than float32's resolution keep their order, and a constant shift of every
+    score changes nothing: the global ranking agrees with the per-target one."""
+    close = torch.tensor([1.0, 1 + 1e-12, 1 + 2e-12, 1 + 3e-12], dtype=torch.float64)
+    assert ranks({"x": close})["x"].tolist() == [3, 2, 1, 0]
+    assert ranks({"x": close})["x"].tolist() == ranks({"x": close}, per_target=True)["x"].tolist()
+    big = {
+        "a": torch.tensor([1e8 + 1, 1e8 + 2], dtype=torch.float64),
+        "b": torch.tensor([1e8 + 3, 1e8 + 4], dtype=torch.float64),
+    }
+    assert ranks(big)["b"].tolist() == [1, 0] and ranks(big)["a"].tolist() == [3, 2]
+    mixed = {"a": torch.tensor([0.5], dtype=torch.bfloat16), "b": close}
+    assert ranks(mixed)["a"].tolist() == [4] and ranks(mixed)["b"].tolist() == [3, 2, 1, 0]
