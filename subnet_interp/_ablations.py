@@ -58,6 +58,12 @@ class Ablation:
     def release(self) -> None:
         """Called once the attachment that prepared this ablation is removed."""
 
+    def restart(self) -> None:
+        """Called by ``ablation_effect`` and ``faithfulness_curve`` before each pass over their
+        data (one configuration's measurement). An ablation that draws at random starts its
+        draws again from where they started at construction, so every configuration of one
+        call sees the same draws and a repeated call gives the same numbers."""
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
@@ -211,7 +217,12 @@ class ResampleAblation(_InputAblation):
     """Resample ablation: masked weights see the input another example gave the same layer,
     ``y = (m * W) x + ((1 - m) * W) x' + b``, with ``x'`` drawn (per example, with ``generator``)
     from the unmasked model's inputs on ``data``. Reference inputs must have the current
-    inputs' shape apart from the batch dimension (e.g. the same sequence length). On a
+    inputs' shape apart from the batch dimension (e.g. the same sequence length).
+    ``ablation_effect`` and ``faithfulness_curve`` start the draws again from the generator's
+    state at construction before each configuration they measure (:meth:`restart`), so the
+    configurations of one call are compared on the same draws (the empty circuit scores
+    faithfulness 0 exactly) and a repeated call gives the same numbers; ``si.find`` draws on
+    through its steps. On a
     mixture-of-experts block one example is drawn per example for the router and all experts;
     an expert's ``W_out`` sees the expert's activation on the drawn input at the same position.
     """
@@ -226,18 +237,27 @@ class ResampleAblation(_InputAblation):
     ):
         super().__init__(data, forward)
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._start = self.generator.get_state()
+
+    def restart(self) -> None:
+        """Draw again from the generator's state at construction."""
+        self.generator.set_state(self._start)
 
     def prepare(self, model, root, targets) -> None:
         self._capture(model, root, targets, keep_all=True)
 
     def _make_hook(self, owner, location, slot):
         equation = self._sites[location].equation
+        where = repr(_sites.label(location))
 
         def hook(x, output):
+            # drawn even where this layer keeps every weight, so each layer's draws are the
+            # same whichever layers a configuration masks
+            pool = self._inputs[location]
+            index = _sites.resample_index(pool, x, self.generator, where)
             if slot.mask is None:
                 return output
-            where = repr(_sites.label(location))
-            twin = _sites.resample_twins(self._inputs[location], x, self.generator, where)
+            twin = pool[index.to(pool.device)]
             return output + masked_out_term(owner, location[1], equation, slot.mask, twin)
 
         return hook
@@ -246,7 +266,8 @@ class ResampleAblation(_InputAblation):
 class ReinitAblation(Ablation):
     """Re-initialisation ablation (Lepori et al. 2023): masked weights are replaced by a fresh
     draw from the layer's initial distribution, ``W' = m * W + (1 - m) * R``. ``R`` is drawn once
-    per attach with ``generator``: PyTorch's default for ``nn.Linear`` / convolutions
+    per attach with ``generator``, from its state at construction (so every attach, and a
+    repeated analysis call, computes with the same ``R``): PyTorch's default for ``nn.Linear`` / convolutions
     (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), ``N(0, initializer_range)`` for transformers'
     ``Conv1D`` (GPT-2, 0.02 by default) and otherwise ``N(0, std(W))``.
     """
@@ -255,10 +276,12 @@ class ReinitAblation(Ablation):
 
     def __init__(self, generator: torch.Generator | None = None, initializer_range: float = 0.02):
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
+        self._start = self.generator.get_state()
         self.initializer_range = initializer_range
         self._draws: dict[tuple[str, str], Tensor] = {}
 
     def prepare(self, model, root, targets) -> None:
+        self.generator.set_state(self._start)  # every attach draws the same R
         self._draws = {}
         for target in targets.values():
             location = target.location

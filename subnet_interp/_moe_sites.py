@@ -295,11 +295,14 @@ class MoeInputs:
                 self._recorded.setdefault(block, []).append(x.detach())
                 return
             self._twin.pop(block, None)
+            if self.mode == "resample":  # drawn even when the block keeps every weight, so
+                # each block's draws are the same whichever blocks a configuration masks
+                where = f"the MoE block {block!r}"
+                index = _sites.resample_index(self._pool[block], x, self.generator, where)
             if all(slot.mask is None for slot in slots):
                 return
             if self.mode == "resample":
-                where = f"the MoE block {block!r}"
-                twin = _sites.resample_twins(self._pool[block], x, self.generator, where)
+                twin = self._pool[block][index.to(self._pool[block].device)]
             else:
                 twin = self._paired(block, x)
             self._twin[block] = twin.reshape(-1, twin.shape[-1])

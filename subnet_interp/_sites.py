@@ -41,9 +41,10 @@ def label(location: tuple[str, str]) -> str:
     return location[0] if location[1] == "weight" else f"{location[0]}.{location[1]}"
 
 
-def resample_twins(pool: Tensor, x: Tensor, generator: torch.Generator, where: str) -> Tensor:
-    """One example drawn from ``pool`` (the reference inputs) for each example of ``x``; a clear
-    error when their per-example shapes differ. ``where`` names the site in the message."""
+def resample_index(pool: Tensor, x: Tensor, generator: torch.Generator, where: str) -> Tensor:
+    """Which example of ``pool`` (the reference inputs) each example of ``x`` gets, drawn with
+    ``generator`` (int64, on its device); a clear error when their per-example shapes differ.
+    ``where`` names the site in the message."""
     if pool.shape[1:] != x.shape[1:]:
         raise ValueError(
             f"ResampleAblation at {where}: reference inputs have shape "
@@ -51,8 +52,7 @@ def resample_twins(pool: Tensor, x: Tensor, generator: torch.Generator, where: s
             f"{tuple(x.shape[1:])}; use reference data of the same shape (e.g. the same "
             "sequence length)."
         )
-    index = torch.randint(pool.shape[0], (x.shape[0],), generator=generator)
-    return pool[index.to(pool.device)]
+    return torch.randint(pool.shape[0], (x.shape[0],), generator=generator)
 
 
 def linear_sites(

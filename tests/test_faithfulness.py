@@ -139,6 +139,48 @@ def test_mean_ablation_per_target_and_a_reference_metric(planted):
 
 
 # ------------------------------------------------------------------ errors
+@pytest.mark.parametrize("kind", ["resample", "reinit"])
+def test_random_ablations_compare_every_configuration_on_the_same_draws(planted, kind):
+    """Under resample and re-initialisation ablation the empty circuit scores faithfulness 0
+    exactly (it is measured on the draws the density-0 circuit gets), and a repeated call, of
+    the curve or of ablation_effect, gives the same numbers."""
+    inputs = [x for x, _ in planted.batches(128)]
+
+    def ablation():
+        return si.ResampleAblation(inputs) if kind == "resample" else si.ReinitAblation()
+
+    abl = ablation()
+    kept, _, density = planted_density(planted)
+    curves = [
+        faithfulness_curve(
+            planted.model,
+            noisy_scores(planted),
+            planted.batches(128),
+            loss(planted.loss_fn),
+            densities=(0.0, 0.05, density, 1.0),
+            ablation=abl,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert curves[0].values[0] == curves[0].empty and curves[0].faithfulness[0] == 0.0
+    assert curves[0].values == curves[1].values and curves[0].empty == curves[1].empty
+    sub = si.Subnetwork.from_scores(noisy_scores(planted), count=kept)
+    reports = [
+        si.analysis.ablation_effect(
+            planted.model,
+            sub,
+            loss(planted.loss_fn),
+            planted.batches(128),
+            controls=2,
+            ablation=abl,
+            generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert (reports[0].kept, reports[0].empty) == (reports[1].kept, reports[1].empty)
+    assert torch.equal(reports[0].controls, reports[1].controls)
+
+
 def test_errors_say_what_was_given_and_the_fix(planted):
     scores = noisy_scores(planted)
     metric, data = loss(planted.loss_fn), planted.batches(256)

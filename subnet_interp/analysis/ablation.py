@@ -115,6 +115,8 @@ def evaluator(model: Any, metric: Metric, batches: list[Any]) -> Callable[[], fl
     def evaluate(attachment: Attachment | None = None) -> float:
         """The metric's mean; with ``attachment``, its ablation sees every batch first."""
         values = []
+        if attachment is not None:
+            attachment.ablation.restart()  # every configuration on the same random draws
         with torch.no_grad():
             for index, batch in enumerate(batches):
                 if attachment is not None:
