@@ -188,8 +188,9 @@ def to_auto_circuit(
     attn_only: bool | None = None,
 ) -> dict[str, Tensor]:
     """auto-circuit ``PruneScores`` for the complete graph: each edge's score from
-    ``edge_scores`` (``scores=True``; edges without a score get 1 in the circuit, 0 outside) or
-    circuit membership as 1 / 0 (``scores=False``). ``parallel_attn_mlp=True`` (GPT-NeoX /
+    ``edge_scores`` (``scores=True``; edges without a score get 1 in the circuit, 0 outside;
+    an edge of the circuit scored 0 or NaN is refused, since auto-circuit would read it as
+    outside) or circuit membership as 1 / 0 (``scores=False``). ``parallel_attn_mlp=True`` (GPT-NeoX /
     Pythia; default: what the circuit was read as, from auto-circuit or EAP-IG's ``cfg``)
     gives each MLP only the sources before its block; ``attn_only=True`` (default: what the
     circuit was read as) writes no MLP sources or destinations, as for an attention-only
@@ -224,6 +225,20 @@ def to_auto_circuit(
                 n_src + (0 if parallel_attn_mlp else n_heads)
             )
     out[f"blocks.{n_layers - 1}.hook_resid_post"] = torch.zeros(len(srcs))
+    if scores:  # auto-circuit reads an edge as in the circuit where its score is non-zero
+        unmarked = sorted(
+            e
+            for e in circuit.edges
+            if e in circuit.edge_scores
+            and (circuit.edge_scores[e] == 0.0 or math.isnan(circuit.edge_scores[e]))
+        )
+        if unmarked:
+            raise ValueError(
+                f"{len(unmarked)} edges of the circuit have a score of 0 or NaN (e.g. "
+                f"{unmarked[:3]}): auto-circuit's prune scores mark the circuit's edges by "
+                "non-zero scores, so these would read back as outside it. Pass scores=False "
+                "to write membership (1 in the circuit, 0 outside), or give them scores."
+            )
     edges = circuit.edges | (set(circuit.edge_scores) if scores else set())
     for edge in edges:
         src, dst = edge

@@ -109,7 +109,12 @@ def from_eap(source: Mapping[str, Any] | str | os.PathLike, *, prune: bool = Fal
     may have in-graph edges whose nodes are not in the graph: those nodes become circuit nodes
     (every edge end is one), a warning says so, and ``to_eap`` writes their flags back as the
     file had them. ``prune=True`` keeps what EAP-IG's ``Graph.prune`` (run before evaluation)
-    keeps: the in-graph edges on a path from input to logits, and their ends as nodes."""
+    keeps: the in-graph edges on a path from input to logits, and their ends as nodes.
+
+    EAP-IG has no value for "not scored": every edge's score starts at 0.0 and ``to_json``
+    writes it, as ``to_eap`` writes the edges a circuit has no score for. An edge score of
+    exactly 0.0 is therefore read as no score, so a circuit written and read back has the
+    scores it had (its in-graph flags say which edges are in it)."""
     data = read_json(source)
     missing = [key for key in ("cfg", "nodes", "edges") if key not in data]
     if missing:
@@ -135,7 +140,7 @@ def from_eap(source: Mapping[str, Any] | str | os.PathLike, *, prune: bool = Fal
         edge = _from_eap_edge(name)
         if entry.get("in_graph"):
             edges.add(edge)
-        if entry.get("score") is not None:
+        if entry.get("score") is not None and entry["score"] != 0.0:
             edge_scores[edge] = entry["score"]
     metadata: dict[str, Any] = {"eap_cfg": cfg, "eap_node_order": list(data["nodes"])}
     if neurons:
