@@ -5,8 +5,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
-from subnet_interp.analysis import Circuit, head_node, mlp_node
+from subnet_interp.analysis import (
+    Circuit,
+    compare_circuits,
+    compare_to_circuit,
+    head_node,
+    mlp_node,
+)
+from subnet_interp.analysis.circuits import all_edges
 
 L, H = 2, 4
 
@@ -44,3 +52,57 @@ def test_auto_circuit_refuses_circuit_edges_it_would_read_as_outside(bad):
         circuit.to_auto_circuit()
     membership = circuit.to_auto_circuit(scores=False)
     assert Circuit.from_auto_circuit(membership).edges == {edge}
+
+
+def _attention_only(edges) -> Circuit:
+    circuit = Circuit(frozenset(), frozenset(edges), n_layers=L, n_heads=H)
+    return Circuit.from_auto_circuit(circuit.to_auto_circuit(attn_only=True))
+
+
+def test_compare_circuits_counts_chance_on_an_attention_only_graph():
+    """Read from attention-only prune scores, circuits are compared among the model's 8 heads
+    and its 81 edges, not a graph with MLPs; the chance level is the hypergeometric one."""
+    a = _attention_only(
+        {
+            ("embed", head_node(0, 1, "q")),
+            (head_node(0, 1), head_node(1, 2, "v")),
+            (head_node(1, 2), "unembed"),
+        }  # fmt: skip
+    )
+    b = _attention_only(
+        {
+            ("embed", head_node(0, 1, "q")),
+            (head_node(0, 2), head_node(1, 3, "k")),
+            (head_node(1, 3), "unembed"),
+        }  # fmt: skip
+    )
+    result = compare_circuits(a, b)
+    assert result.nodes["n"] == L * H and result.edges["n"] == 81
+    assert len(set(all_edges(L, H, attn_only=True))) == 81
+    assert result.nodes["expected"] == pytest.approx(2 * 3 / 8)
+    assert result.nodes["p_value"] == pytest.approx(1 - math.comb(6, 3) / math.comb(8, 3))
+    with_mlps = Circuit(frozenset({head_node(0, 1), mlp_node(0)}), n_layers=L, n_heads=H)
+    with pytest.raises(ValueError, match="attention-only model, but the circuits have MLPs"):
+        compare_circuits(a, with_mlps)
+    parallel = Circuit(
+        frozenset({head_node(0, 1)}), n_layers=L, n_heads=H,
+        metadata={"eap_cfg": {"parallel_attn_mlp": True}},
+    )  # fmt: skip
+    sequential = Circuit(
+        frozenset({head_node(0, 1)}), n_layers=L, n_heads=H,
+        metadata={"eap_cfg": {"parallel_attn_mlp": False}},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="different models.*parallel attention and MLP"):
+        compare_circuits(parallel, sequential)
+
+
+def test_compare_to_circuit_refuses_scores_of_another_model_shape():
+    circuit = Circuit.from_eap(
+        Circuit(frozenset({head_node(1, 2), head_node(0, 1)}), n_layers=2, n_heads=4).to_eap(
+            d_model=32
+        )
+    )
+    assert compare_to_circuit(torch.rand(2, 4), circuit).auc >= 0
+    for shape in [(2, 8), (3, 4), (4, 8)]:
+        with pytest.raises(ValueError, match=r"2 x 4: compare scores and a circuit of the same"):
+            compare_to_circuit(torch.rand(shape), circuit)

@@ -366,6 +366,12 @@ def compare_to_circuit(
     one kind's tensor, e.g. ``scores["decoder.attn"]``."""
     scores = head_matrix(head_scores, "compare_to_circuit").detach().double().cpu()
     n_layers, n_heads = scores.shape
+    if circuit.n_layers not in (None, n_layers) or circuit.n_heads not in (None, n_heads):
+        raise ValueError(
+            f"The head scores are of a model with {n_layers} layers x {n_heads} heads, but the "
+            f"circuit is of one with {circuit.n_layers} x {circuit.n_heads}: compare scores and "
+            "a circuit of the same model."
+        )
     circuit.check_against(n_layers, n_heads)
     labels = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     for layer, head in circuit.heads():
@@ -423,7 +429,10 @@ def _overlap_stats(a: set, b: set, universe: int) -> dict[str, float | int]:
 def compare_circuits(a: Circuit, b: Circuit) -> CircuitOverlap:
     """How much two circuits of the same model share (nodes: heads and MLPs; edges: if both
     have any), against the chance of independent circuits of the same sizes. Head-input ports
-    are compared as given if both circuits use them, else edges are compared by node pairs."""
+    are compared as given if both circuits use them, else edges are compared by node pairs.
+    The candidates are the complete graph's nodes and edges, of an attention-only or a
+    parallel attention / MLP model where a circuit was read from one (auto-circuit's or ACDC's
+    attention-only graphs, EAP-IG's ``parallel_attn_mlp``)."""
     n_layers = a.n_layers if a.n_layers is not None else b.n_layers
     n_heads = a.n_heads if a.n_heads is not None else b.n_heads
     if n_layers is None or n_heads is None:
@@ -435,15 +444,53 @@ def compare_circuits(a: Circuit, b: Circuit) -> CircuitOverlap:
                 f"The circuits are of different models: {a.n_layers}x{a.n_heads} vs "
                 f"{b.n_layers}x{b.n_heads} (layers x heads)."
             )
+    attn_only = _shared_kind(a, b, "attn_only", "attention-only")
+    parallel = _shared_kind(a, b, "parallel_attn_mlp", "parallel attention and MLP")
+    if attn_only and (a.mlps() or b.mlps()):
+        raise ValueError(
+            f"One circuit was read from an attention-only model, but the circuits have MLPs "
+            f"{sorted(set(a.mlps()) | set(b.mlps()))}: they are not of the same model."
+        )
     inner = lambda c: {n for n in c.nodes if n not in (EMBED, UNEMBED)}  # noqa: E731
-    nodes = _overlap_stats(inner(a), inner(b), n_layers * (n_heads + 1))
+    nodes = _overlap_stats(inner(a), inner(b), n_layers * (n_heads + (0 if attn_only else 1)))
     ported = all(any(node_of(d) != d for _, d in c.edges) for c in (a, b))
     edge_set = lambda c: (  # noqa: E731
         set(c.edges) if ported else {(s, node_of(d)) for s, d in c.edges}
     )
-    universe = len(set(all_edges(n_layers, n_heads, ports=ported)))
+    complete = all_edges(
+        n_layers, n_heads, ports=ported, attn_only=attn_only, parallel_attn_mlp=parallel
+    )
+    universe = len(set(complete))
     edges = _overlap_stats(edge_set(a), edge_set(b), universe)
     return CircuitOverlap(nodes, edges)
+
+
+def _graph_kind(circuit: Circuit, kind: str) -> bool | None:
+    """What the file a circuit was read from says of its model's graph: ``kind`` is
+    ``"attn_only"`` (no MLPs) or ``"parallel_attn_mlp"`` (GPT-NeoX / Pythia: an MLP does not
+    read its own block's heads); None where it says nothing."""
+    meta = circuit.metadata
+    from_auto_circuit = "auto_circuit_attn_only" in meta
+    if kind == "attn_only":
+        if from_auto_circuit:
+            return bool(meta["auto_circuit_attn_only"])
+        return True if meta.get("acdc_attn_only") else None
+    if meta.get("auto_circuit_parallel_attn_mlp"):
+        return True
+    eap = meta.get("eap_cfg", {})
+    if "parallel_attn_mlp" in eap:
+        return bool(eap["parallel_attn_mlp"])
+    return False if from_auto_circuit else None
+
+
+def _shared_kind(a: Circuit, b: Circuit, kind: str, words: str) -> bool:
+    known = {v for v in (_graph_kind(a, kind), _graph_kind(b, kind)) if v is not None}
+    if len(known) > 1:
+        raise ValueError(
+            f"The circuits are of different models: one was read from a {words} model's graph, "
+            "the other not."
+        )
+    return known.pop() if known else False
 
 
 def compare_edges(
