@@ -156,3 +156,35 @@ def test_on_a_tiny_gpt2_with_real_graph_edge_scores():
 def test_a_threshold_that_is_not_a_number_is_refused():
     with pytest.raises((TypeError, ValueError), match="threshold"):
         Circuit.from_edge_scores(SCORES, threshold="high")
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_parallel_attention_and_mlp_blocks_have_no_head_to_own_mlp_edges(parallel):
+    """GPT-NeoX with use_parallel_residual: MLP L reads the block's input, so no head of block
+    L feeds it; the scores' edges are the parallel graph's, and its circuits export as one."""
+    import transformers
+
+    from subnet_interp.analysis import is_parallel_attn_mlp
+    from subnet_interp.analysis.circuits import all_edges
+
+    torch.manual_seed(0)
+    cfg = transformers.GPTNeoXConfig(
+        num_hidden_layers=2, num_attention_heads=4, hidden_size=32, intermediate_size=64,
+        vocab_size=20, use_parallel_residual=parallel,
+    )  # fmt: skip
+    model = transformers.GPTNeoXForCausalLM(cfg).eval()
+    assert is_parallel_attn_mlp(model) is parallel
+    scores = graph_edge_scores(model, None)
+    inner = {
+        e
+        for e in all_edges(2, 4, parallel_attn_mlp=parallel)
+        if "embed" not in e[0] and e[1] != "unembed"
+    }
+    assert set(scores) == inner
+    assert ((head_node(0, 1), mlp_node(0)) in scores) is not parallel
+    assert (head_node(0, 1), mlp_node(1)) in scores
+    circuit = Circuit.from_edge_scores(scores, top_k=6)
+    circuit.to_auto_circuit(parallel_attn_mlp=parallel)
+    eap = circuit.to_eap(d_model=32, parallel_attn_mlp=is_parallel_attn_mlp(model))
+    assert eap["cfg"]["parallel_attn_mlp"] is parallel
+    assert Circuit.from_eap(eap).edges == circuit.edges

@@ -331,8 +331,34 @@ def _canonical(model: Any, subnetwork: Subnetwork | None, name: str) -> Tensor |
 
 
 @model_then_subnetwork()
+def is_parallel_attn_mlp(model: Any) -> bool:
+    """Whether each block's MLP reads the block's input, as its attention does, instead of the
+    attention's output (GPT-NeoX / Pythia with ``use_parallel_residual``, GPT-J, Phi-1/2,
+    Falcon's parallel blocks, CodeGen; TransformerLens ``cfg.parallel_attn_mlp``): then no
+    head of block ``L`` feeds MLP ``L``."""
+    from .. import adapters
+
+    for holder in (model, adapters.resolve(model).root(model)):
+        flag = getattr(getattr(holder, "cfg", None), "parallel_attn_mlp", None)
+        if isinstance(flag, bool):
+            return flag
+        config = getattr(holder, "config", None)
+        if config is None:
+            continue
+        for name in ("use_parallel_residual", "parallel_attn"):
+            if isinstance(getattr(config, name, None), bool):
+                return bool(getattr(config, name))
+        if getattr(config, "model_type", None) in ("gptj", "phi", "codegen"):
+            return True
+    return False
+
+
 def graph_edge_scores(
-    model: Any, subnetwork: Subnetwork | None, *, chunk: int = 64
+    model: Any,
+    subnetwork: Subnetwork | None,
+    *,
+    chunk: int = 64,
+    parallel_attn_mlp: bool | None = None,
 ) -> dict[tuple[str, str], float]:
     """Weight-based strength of every edge between heads and MLPs, from the masked weights:
     for source ``s`` writing ``W_s`` into the residual stream and destination input ``t`` reading
@@ -342,9 +368,12 @@ def graph_edge_scores(
     (``R = W_QK``), key input (``R = W_QK^T``), value input (``R = W_OV``), named
     ``blocks.L.attn.head.H.q|k|v`` as in :class:`Circuit` edges, and an MLP's ``W_in`` (with
     ``W_gate``). For head pairs these are the composition scores of Elhage et al. 2021 (as in
-    :func:`edge_scores`), extended to MLPs. Every edge goes forward (MLP ``L`` reads heads of
-    layer ``L``); keys follow ``si.analysis.circuit_formats.all_edges`` without embed/unembed.
-    ``subnetwork=None`` scores the unmasked model.
+    :func:`edge_scores`), extended to MLPs. Every edge goes forward: MLP ``L`` reads heads of
+    layer ``L``, except in a model whose blocks run attention and MLP in parallel
+    (``parallel_attn_mlp``; default: :func:`is_parallel_attn_mlp` of the model, e.g. True for
+    GPT-NeoX / Pythia), where it reads only earlier blocks. Keys follow ``si.analysis.circuit_formats.all_edges`` (with the
+    same ``parallel_attn_mlp``) without embed/unembed. ``subnetwork=None`` scores the unmasked
+    model.
 
     Computed as ``<W_s^T W_s, R_t R_t^T>`` between ``d_model``-square Gram matrices, one matmul
     per group of at most ``chunk`` destinations, vectorised over all sources: memory is the
@@ -360,6 +389,9 @@ def graph_edge_scores(
             "composition per (source, reader) kind, e.g. encoder heads into "
             "decoder.cross_attn keys, and head_scores / neuron_scores for the units."
         )
+    parallel = (
+        is_parallel_attn_mlp(model) if parallel_attn_mlp is None else bool(parallel_attn_mlp)
+    )
     wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
     n_layers, n_heads = wq.shape[0], wq.shape[1]
     mlps = {}
@@ -403,7 +435,8 @@ def graph_edge_scores(
             if layer in mlps:
                 w_in, _, gate = mlps[layer]
                 read = w_in @ w_in.T + (gate @ gate.T if gate is not None else 0)
-                yield [mlp_node(layer)], 2 * layer + 1, read[None]
+                # a parallel block's MLP reads the block's input, before its heads write
+                yield [mlp_node(layer)], 2 * layer + (0 if parallel else 1), read[None]
 
     out: dict[tuple[str, str], float] = {}
     for names, position, gram in destinations():
@@ -431,5 +464,6 @@ __all__ = [
     "head_overlap",
     "head_scores",
     "neuron_scores",
+    "is_parallel_attn_mlp",
     "top_heads",
 ]

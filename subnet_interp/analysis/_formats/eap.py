@@ -172,7 +172,11 @@ def from_eap(source: Mapping[str, Any] | str | os.PathLike, *, prune: bool = Fal
 
 
 def to_eap(
-    circuit: Circuit, path: str | os.PathLike | None = None, *, d_model: int | None = None
+    circuit: Circuit,
+    path: str | os.PathLike | None = None,
+    *,
+    d_model: int | None = None,
+    parallel_attn_mlp: bool | None = None,
 ) -> dict[str, Any]:
     """Write as EAP-IG's ``Graph.to_json`` dict: every node and edge of the complete graph for
     ``circuit.n_layers`` x ``circuit.n_heads``, in the order EAP-IG writes them (so a file read
@@ -184,10 +188,17 @@ def to_eap(
     a circuit node and whose child is logits or a circuit node (each of a head's q / k / v
     inputs). Every node then has an edge from input and one to logits, so EAP-IG's ``prune()``
     keeps all of them. A circuit with edges, or one read from an EAP-IG file, is written as it
-    is (only its edges in the graph)."""
+    is (only its edges in the graph).
+
+    ``parallel_attn_mlp=True`` writes the graph of a model whose blocks run attention and MLP
+    in parallel (GPT-NeoX / Pythia: no edge from a block's heads to its MLP); default: what the
+    circuit was read as (EAP-IG's ``cfg``, auto-circuit's prune scores), else False. For a
+    circuit of ``graph_edge_scores``, pass ``si.analysis.is_parallel_attn_mlp(model)``."""
     n_layers, n_heads = need_shape(circuit, "Writing an EAP-IG graph")
     cfg = dict(circuit.metadata.get("eap_cfg", {}))
     cfg.update(n_layers=n_layers, n_heads=n_heads)
+    if parallel_attn_mlp is not None:
+        cfg["parallel_attn_mlp"] = bool(parallel_attn_mlp)
     cfg.setdefault(
         "parallel_attn_mlp", bool(circuit.metadata.get("auto_circuit_parallel_attn_mlp", False))
     )
