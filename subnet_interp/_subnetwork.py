@@ -164,6 +164,15 @@ class Subnetwork:
             raise TypeError(
                 f"`{op}` needs two Subnetworks, got Subnetwork and {type(other).__name__}."
             )
+        prints = (self._meta.get("fingerprint"), other._meta.get("fingerprint"))
+        if None not in prints and prints[0] != prints[1]:
+            raise ValueError(
+                f"`{op}` needs subnetworks of one model, but these were found on models with "
+                f"different weights (fingerprints {str(prints[0])[:12]}... and "
+                f"{str(prints[1])[:12]}...), so the result would apply to neither. To compare "
+                "them, use si.analysis.overlap(a, b); to combine them anyway, drop one's "
+                "fingerprint: si.Subnetwork(b.masks)."
+            )
         if set(self._masks) != set(other._masks):
             only_left = sorted(set(self._masks) - set(other._masks))
             only_right = sorted(set(other._masks) - set(self._masks))
@@ -190,7 +199,8 @@ class Subnetwork:
         fingerprints = {self._meta.get("fingerprint")}
         if other is not None:
             fingerprints.add(other._meta.get("fingerprint"))
-        if len(fingerprints) == 1 and None not in fingerprints:
+        fingerprints.discard(None)  # a hand-made mask restricts a found one to its model
+        if len(fingerprints) == 1:
             meta["fingerprint"] = fingerprints.pop()
         return meta
 
@@ -265,14 +275,16 @@ class Subnetwork:
         return cls(masks, {**dict(meta or {}), **cut})
 
     def __eq__(self, other: object) -> bool:
-        """Equal when the two cover the same targets with identical masks (meta is ignored)."""
+        """Equal when the two cover the same targets with identical masks (meta and the order
+        of the targets are ignored)."""
         if not isinstance(other, Subnetwork):
             return NotImplemented
-        if list(self._masks) != list(other._masks):
+        if set(self._masks) != set(other._masks):
             return False
         return all(
-            a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
-            for a, b in zip(self._masks.values(), other._masks.values(), strict=True)
+            mask.shape == other._masks[name].shape
+            and torch.equal(mask.cpu(), other._masks[name].cpu())
+            for name, mask in self._masks.items()
         )
 
     def __repr__(self) -> str:

@@ -51,6 +51,10 @@ def test_masks_are_copied_and_read_only():
 def test_equality_compares_masks():
     assert make(0) == make(0)
     assert make(0) != make(1)
+    a = make(0)
+    reordered = si.Subnetwork({n: a[n] for n in reversed(a.names)})
+    assert list(reordered.names) != list(a.names) and reordered == a
+    assert si.Subnetwork({"a.weight": a["a.weight"]}) != a
 
 
 def test_repr_shows_density_and_targets():
@@ -128,3 +132,18 @@ def test_fingerprint_survives_set_algebra_when_shared():
     a = si.Subnetwork({"x": torch.ones(2, dtype=torch.bool)}, {"fingerprint": "abc"})
     assert (a & a).meta["fingerprint"] == "abc"
     assert (~a).meta["fingerprint"] == "abc"
+
+
+def test_set_algebra_refuses_subnetworks_of_different_models():
+    """Subnetworks found on models with different weights do not combine (the result would
+    apply to neither); a hand-made mask, with no fingerprint, restricts a found one and the
+    result keeps the found one's fingerprint."""
+    masks = {"x": torch.tensor([True, False, True])}
+    a = si.Subnetwork(masks, {"fingerprint": "abc"})
+    b = si.Subnetwork(masks, {"fingerprint": "def"})
+    for op in (lambda: a & b, lambda: a | b, lambda: a - b, lambda: a ^ b):
+        with pytest.raises(ValueError, match="different weights.*si.analysis.overlap"):
+            op()
+    hand = si.Subnetwork({"x": torch.tensor([True, True, False])})
+    assert (a & hand).meta["fingerprint"] == "abc" and (hand | a).meta["fingerprint"] == "abc"
+    assert (a & si.Subnetwork(b.masks)).kept() == 2

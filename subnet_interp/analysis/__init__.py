@@ -33,9 +33,9 @@ from .components import (
     HeadOverlap,
     edge_scores,
     graph_edge_scores,
-    is_parallel_attn_mlp,
     head_overlap,
     head_scores,
+    is_parallel_attn_mlp,
     neuron_scores,
     top_heads,
 )

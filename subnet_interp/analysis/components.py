@@ -389,9 +389,7 @@ def graph_edge_scores(
             "composition per (source, reader) kind, e.g. encoder heads into "
             "decoder.cross_attn keys, and head_scores / neuron_scores for the units."
         )
-    parallel = (
-        is_parallel_attn_mlp(model) if parallel_attn_mlp is None else bool(parallel_attn_mlp)
-    )
+    parallel = is_parallel_attn_mlp(model) if parallel_attn_mlp is None else bool(parallel_attn_mlp)
     wq, wk, wv, wo = (_stacked(model, subnetwork, x) for x in "QKVO")
     n_layers, n_heads = wq.shape[0], wq.shape[1]
     mlps = {}
