@@ -156,13 +156,18 @@ def find(
             backward (the masked weight is rebuilt there from the mask parameters, one layer
             and one sample at a time); with several mask samples (``gumbel_sigmoid``'s
             ``mask_samples``) each part of the batch meets its own sample in the same single
-            forward pass, as Csordás et al.'s code does. Masks, scores and losses are
-            bit-identical to the layer-by-layer path. It falls back to that path by itself
-            where it cannot apply (other weight owners, e.g. einsum weights; a layer whose
-            inputs do not lead with the batch dimension; ablations other than zero; sharded
-            weights; batches that do not split evenly into the samples). ``"sequential"``:
-            always the layer-by-layer path (the parametrization, one forward per mask sample on
-            its part of the batch). ``"fused"``: refuse to fall back (an error says why).
+            forward pass, as Csordás et al.'s code does, and ``loss_fn`` runs once on the
+            whole batch. It falls back to the layer-by-layer path by itself where it cannot
+            apply (other weight owners, e.g. einsum weights; a layer whose inputs do not lead
+            with the batch dimension; ablations other than zero; sharded weights).
+            ``"sequential"``: always the layer-by-layer path (the parametrization, one forward
+            per mask sample on its part of the batch, ``loss_fn`` on each part, each part's loss
+            weighted by its share of the examples). Parts are ``torch.tensor_split``'s on both
+            paths. For a loss that is a mean over the batch's examples the two give the same
+            masks (bit-identical masks, scores and losses when the batch splits evenly); for
+            other losses (a sum; a mean over tokens of padded sequences, as transformers'
+            ``labels`` loss) they differ, and ``"auto"``'s one loss on the whole batch is
+            Csordás et al.'s. ``"fused"``: refuse to fall back (an error says why).
             Sequence-first layers whose sequence length happens to equal the batch size cannot
             be told apart from batch-first ones: use ``"sequential"`` for them.
         memory: ``"default"``, or ``"lean"``: the low-memory preset for learnable methods,
@@ -323,12 +328,21 @@ def find(
     first = next(iter(chosen.values()))
     model_device = adapters.real_tensor(root.get_submodule(first.module), first.attribute).device
     run_device = torch.device(device) if device is not None else model_device
+    if run_device.type == "meta":
+        raise ValueError(
+            "device='meta' holds no data: the model's weights could not be moved back from it. "
+            "Pass a device that computes, e.g. 'cpu' or 'cuda', or None for the model's own."
+        )
 
     flags = {name: p.requires_grad for name, p in root.named_parameters()}
     modes = {name: m.training for name, m in root.named_modules()}
+    # the run starts from no gradients and leaves the model's own as they were
+    grads = {name: p.grad for name, p in root.named_parameters() if p.grad is not None}
     moved = run_device != model_device
     cached = tensor_attributes(root)
     try:
+        for p in root.parameters():
+            p.grad = None
         if moved:
             root.to(run_device)
         if not resolved.trains_weights:
@@ -371,7 +385,7 @@ def find(
             # an error after a forward leaves FSDP's gathered parameters registered; the flags
             # belong to the sharded ones
             adapters.reshard(root)
-        _restore(root, flags, modes, model_device if moved else None)
+        _restore(root, flags, modes, model_device if moved else None, grads)
         detach_new_caches(root, cached)
         if user_root is not root:
             detach_new_caches(user_root, user_cached)
@@ -449,12 +463,14 @@ def _restore(
     flags: Mapping[str, bool],
     modes: Mapping[str, bool],
     device: torch.device | None,
+    grads: Mapping[str, Tensor],
 ) -> None:
     if device is not None:
         root.to(device)
     for name, p in root.named_parameters():
         if name in flags:
             p.requires_grad_(flags[name])
+        p.grad = grads.get(name)
     for name, m in root.named_modules():
         if name in modes:
             m.training = modes[name]

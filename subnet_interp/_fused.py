@@ -156,6 +156,18 @@ def _make_forward(
     return forward
 
 
+def part_bounds(batch_size: int, parts: int) -> list[tuple[int, int]]:
+    """Where each part of a batch starts and ends: ``torch.tensor_split``'s parts (equal, or
+    the first ``batch_size % parts`` one example longer), as the sequential loop splits it."""
+    size, extra = divmod(batch_size, parts)
+    bounds, start = [], 0
+    for part in range(parts):
+        end = start + size + (part < extra)
+        bounds.append((start, end))
+        start = end
+    return bounds
+
+
 def _matmul(
     x: Tensor,
     weight: Tensor,
@@ -165,27 +177,29 @@ def _matmul(
     parts: int,
     is_linear: bool,
 ) -> Tensor:
-    """Part ``s`` of ``x`` (along dim 0) times sample ``s``'s masked weight, plus ``bias``; one
-    masked weight exists at a time. Each part goes through the layer's own operation
-    (``F.linear`` for ``nn.Linear``, ``addmm`` for ``Conv1D``), so a part's output is the one
-    the layer-by-layer path computes, and the bias is added inside the matmul."""
-    rows = x.reshape(parts, -1, x.shape[-1])  # part s: examples s*B/S .. (s+1)*B/S - 1
+    """Part ``s`` of ``x`` (along dim 0, as :func:`part_bounds`) times sample ``s``'s masked
+    weight, plus ``bias``; one masked weight exists at a time. Each part goes through the
+    layer's own operation (``F.linear`` for ``nn.Linear``, ``addmm`` for ``Conv1D``), so a
+    part's output is the one the layer-by-layer path computes, and the bias is added inside the
+    matmul."""
+    examples = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, positions, in]
     out = None
-    for part in range(parts):
+    for part, (start, end) in enumerate(part_bounds(x.shape[0], parts)):
+        rows = examples[start:end].reshape(-1, x.shape[-1])
         masked = build(weight, leaves, part)
         masked = masked.to(rows.dtype) if masked.dtype != rows.dtype else masked
         if is_linear:
-            piece = torch.nn.functional.linear(rows[part], masked, bias)
+            piece = torch.nn.functional.linear(rows, masked, bias)
         elif bias is None:
-            piece = rows[part] @ masked
+            piece = rows @ masked
         else:
-            piece = torch.addmm(bias, rows[part], masked)
+            piece = torch.addmm(bias, rows, masked)
         if parts == 1:
-            out = piece.unsqueeze(0)
+            out = piece
             break
         if out is None:
-            out = piece.new_empty((parts, *piece.shape))
-        out[part] = piece
+            out = piece.new_empty((examples.shape[0] * examples.shape[1], piece.shape[-1]))
+        out[start * examples.shape[1] : end * examples.shape[1]] = piece
     assert out is not None
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -212,9 +226,9 @@ class _LeanMaskedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, *leaves = ctx.saved_tensors
-        parts = ctx.parts
-        grad_rows = grad_out.reshape(parts, -1, grad_out.shape[-1])
-        rows = x.reshape(parts, -1, x.shape[-1])
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        rows = x.reshape(-1, x.shape[-1])
+        per_example = rows.shape[0] // x.shape[0]
         grad_x = x.new_empty(rows.shape) if ctx.needs_input_grad[0] else None
         copies = [leaf.detach().requires_grad_(leaf.requires_grad) for leaf in leaves]
         trained = [c for c in copies if c.requires_grad]
@@ -222,18 +236,19 @@ class _LeanMaskedMatmul(torch.autograd.Function):
             weight = weight.detach().requires_grad_()
             trained.append(weight)
         sums: list[Tensor | None] = [None] * len(trained)
-        for part in range(parts):
+        for part, (start, end) in enumerate(part_bounds(x.shape[0], ctx.parts)):
+            lo, hi = start * per_example, end * per_example
             with torch.enable_grad():
                 masked = ctx.build(weight, copies, part)
-            dy, inputs = grad_rows[part], rows[part].to(grad_rows.dtype)
+            dy, inputs = grad_rows[lo:hi], rows[lo:hi].to(grad_rows.dtype)
             plain = masked.detach().to(dy.dtype)
             if ctx.is_linear:  # y = x W^T: dx = dy W, dW = dy^T x
                 if grad_x is not None:
-                    _mm_into(grad_x[part], dy, plain)
+                    _mm_into(grad_x[lo:hi], dy, plain)
                 grad_masked = dy.t() @ inputs
             else:  # y = x W: dx = dy W^T, dW = x^T dy
                 if grad_x is not None:
-                    _mm_into(grad_x[part], dy, plain.t())
+                    _mm_into(grad_x[lo:hi], dy, plain.t())
                 grad_masked = inputs.t() @ dy
             if trained:
                 found = torch.autograd.grad(masked, trained, grad_masked.to(masked.dtype))

@@ -281,7 +281,7 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     """Forward and backward of each mask sample on its share of the batch; the mean loss."""
     context = plan.context
     size = batch_size(batch)
-    if plan.fused is not None and size % plan.samples == 0:
+    if plan.fused is not None and size >= plan.samples:
         seeds = run.seed_source.get_state()
         _arm(plan, True)  # one backward pass
         loss = _fused.fused_loss(plan, batch, size, step, lambda: _samplers(plan, run), run.params)
@@ -291,7 +291,8 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
     chunks = split_batch(batch, plan.samples)
     _arm(plan, len(chunks) == 1)  # several backward passes accumulate: step after them
     loss_sum = torch.zeros((), device=context.device)
-    for chunk in chunks:
+    sizes = [batch_size(chunk) for chunk in chunks]
+    for chunk, part in zip(chunks, sizes, strict=True):
         samplers = {n: partial(f, run.params[n]) for n, f in _samplers(plan, run).items()}
         if context.recompute_masks or context.mesh is not None:
             attachment.set_mask_functions(samplers)
@@ -305,8 +306,10 @@ def _task_loss(plan: _Plan, run: RunState, attachment: Attachment, batch: Any, s
             plan.unchecked_reads = False
         _loop.check_loss(loss, step)
         plan.watch.observe(loss, step, plan.world)  # a non-finite loss: the update is skipped
-        (loss / len(chunks)).backward()
-        loss_sum = loss_sum + loss.detach() / len(chunks)
+        # each part weighs its share of the examples: a mean over the batch's examples
+        share = loss / len(chunks) if len(set(sizes)) == 1 else loss * (part / sum(sizes))
+        share.backward()
+        loss_sum = loss_sum + share.detach()
     attachment.set_masks({})
     return loss_sum
 

@@ -14,6 +14,8 @@ nnsight = pytest.importorskip("nnsight")
 
 from _hf_models import BUILDERS, TOKENS, hand_zeroed, random_masks  # noqa: E402
 
+from subnet_interp.tasks import planted_mlp  # noqa: E402
+
 ARCH = {"gpt2": "GPT2LMHeadModel", "neox": "GPTNeoXForCausalLM", "llama": "LlamaForCausalLM"}
 
 
@@ -244,3 +246,26 @@ def test_language_model_wrappers_see_masks_and_restore(wrapper):
     with torch.no_grad():
         expected = reference(ids).logits
     torch.testing.assert_close(logits(out), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["continuous_sparsification", "lottery_ticket"])
+def test_weight_training_on_a_wrapper_keeps_the_users_gradients_out(method):
+    """An nnsight wrapper cannot be copied, so a method that trains weights trains the model
+    itself: gradients already on its weights change neither the run nor are they lost, and
+    the run leaves none of its own behind."""
+    task = planted_mlp()
+
+    def loss(wrapped, batch):  # the wrapped module is the task's model
+        return task.loss_fn(task.model, batch)
+
+    def run():
+        return si.find(nnsight.NNsight(task.model), method, loss, task.batches(64),
+                       steps=3, progress=False).subnetwork  # fmt: skip
+
+    clean = run()
+    assert all(p.grad is None for p in task.model.parameters())
+    task.loss_fn(task.model, task.batches(64)[0]).backward()
+    grads = {n: p.grad.clone() for n, p in task.model.named_parameters()}
+    assert run() == clean
+    for name, p in task.model.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name

@@ -426,6 +426,12 @@ FIND = [
         id="steps-float",
     ),
     pytest.param(
+        dict(device="meta"),
+        ValueError,
+        r"device='meta' holds no data.*Pass a device that computes",
+        id="device-meta",
+    ),
+    pytest.param(
         dict(log_every=0),
         ValueError,
         r"`log_every` must be a positive int, got 0",

@@ -11,6 +11,7 @@ from _util import assert_bit_exact, snapshot
 from torch import nn
 
 import subnet_interp as si
+from subnet_interp import _fused
 from subnet_interp.tasks import planted_mlp
 
 
@@ -178,14 +179,22 @@ def test_auto_falls_back_to_the_sequential_run_and_fused_refuses(build, reason):
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_batches_that_do_not_split_evenly_run_sequentially():
+def test_batches_that_do_not_split_evenly_are_fused_too(monkeypatch):
+    """50 and 12 examples split into parts of 13/13/12/12 and 3/3/3/3 on both paths; the fused
+    path takes every step (no switch of the loss's meaning between steps), and a mean loss
+    gives the sequential run's masks: there each part's loss weighs its share of the
+    examples."""
     task = planted_mlp()
-    data = task.batches(50)  # 50 and 12 examples: neither splits into 4 equal parts
-    _assert_same_run(
-        _run(task.model, task.loss_fn, data, "sequential", steps=12),
-        _run(task.model, task.loss_fn, data, "auto", steps=12),
-        atol=0,
-    )
+    data = task.batches(50)
+    assert sorted({len(x) for x, _ in data}) == [12, 50]
+    sequential = _run(task.model, task.loss_fn, data, "sequential", steps=12, init_logit=0.1)
+    calls = []
+    original = _fused.fused_loss
+    monkeypatch.setattr(_fused, "fused_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
+    fused = _run(task.model, task.loss_fn, data, "fused", steps=12, init_logit=0.1)
+    assert len(calls) == 12
+    _assert_same_run(sequential, fused, atol=1e-5)
+    assert fused.subnetwork.density() < 0.95  # the masks moved: the comparison bites
 
 
 def test_fused_refuses_owners_that_are_not_linear_layers_before_touching_the_model():

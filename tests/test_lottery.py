@@ -236,3 +236,27 @@ def test_inplace_trains_the_model_itself():
         inplace=True,
     )
     assert not torch.equal(task.model[0].weight, before["0.weight"])
+
+
+@pytest.mark.parametrize("method", ["lottery_ticket", "lt_sft"])
+def test_weight_training_methods_run_inside_another_mask(method):
+    """Inside si.masked, the model's weights carry that mask's parametrization: rewinding and
+    resetting load the weights through it, the outer mask stays in effect, and everything is
+    restored."""
+    task = teacher()
+    before = snapshot(task.model)
+    gen = torch.Generator().manual_seed(1)
+    outer = si.Subnetwork(
+        {n: torch.rand(t.shape, generator=gen) < 0.7 for n, t in si.targets(task.model).items()}
+    )
+    x = task.batches(64)[0][0]
+    with torch.no_grad(), si.masked(task.model, outer):
+        expected = task.model(x)
+    hparams = {"rounds": 2, "target_density": None} if method == "lottery_ticket" else {}
+    with si.masked(task.model, outer):
+        result = si.find(task.model, si.methods.create(method, **hparams), task.loss_fn,
+                         task.batches(64), steps=4, progress=False)  # fmt: skip
+        with torch.no_grad():
+            assert torch.equal(task.model(x), expected)
+    assert result.subnetwork.kept() > 0
+    assert_bit_exact(task.model, before)

@@ -35,6 +35,14 @@ def plain_state_dict(root: torch.nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def load_plain_state_dict(root: torch.nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Load a :func:`plain_state_dict` into ``root``, whose weights may carry another
+    attachment's parametrization now (``si.find`` inside ``si.masked``): each of ``root``'s
+    keys reads the plain key it stands for."""
+    keys = root.state_dict().keys()
+    root.load_state_dict({key: state[_PARAMETRIZED.sub(r"\1\2", key)] for key in keys})
+
+
 def real_location_masks(
     context: FindContext, masks: Mapping[str, Tensor], fill: float
 ) -> dict[int, Tensor]:

@@ -13,7 +13,7 @@ from .._fingerprint import fingerprint
 from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
-from ._weights import canonical_weights, plain_state_dict, train_weights
+from ._weights import canonical_weights, load_plain_state_dict, plain_state_dict, train_weights
 
 
 def prune_smallest(
@@ -144,7 +144,7 @@ class LotteryTicket(Method):
         resumed = self._resume(context, identity)
         if resumed is not None:
             start_round, keep, rewind_state, history, ranked = resumed
-            root.load_state_dict(rewind_state)
+            load_plain_state_dict(root, rewind_state)
             magnitude, pruned_in = _resumed_ranking(ranked, keep, magnitude, start_round)
 
         def snapshot_at(step: int) -> None:
@@ -171,7 +171,7 @@ class LotteryTicket(Method):
                     magnitude[n] = torch.where(keep[n], w.abs().float(), magnitude[n])
                     pruned_in[n] = torch.where(keep[n] & ~new_keep[n], round_index, pruned_in[n])
                 keep = new_keep
-                root.load_state_dict(rewind_state)
+                load_plain_state_dict(root, rewind_state)
             density = sum(int(k.sum()) for k in keep.values()) / total
             history["round"].append(float(round_index))
             history["loss"].append(float(loss))

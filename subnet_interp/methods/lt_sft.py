@@ -9,7 +9,7 @@ import torch
 from .._registry import check_hparams, methods
 from .._subnetwork import Subnetwork
 from ._base import FindContext, FindResult, Method
-from ._weights import canonical_weights, plain_state_dict, train_weights
+from ._weights import canonical_weights, load_plain_state_dict, plain_state_dict, train_weights
 from .magnitude import check_density, top_magnitude_masks
 
 
@@ -71,7 +71,7 @@ class LotteryTicketSparseFineTuning(Method):
         change = {n: theta_1[n] - theta_0[n] for n in theta_0}
         keep = top_magnitude_masks(change, density, "global")
         with torch.no_grad():
-            root.load_state_dict(initial_state)
+            load_plain_state_dict(root, initial_state)
         sparse_loss = train_weights(
             context, context.steps, self.optimizer, trainable=keep, description="lt_sft sparse"
         )
