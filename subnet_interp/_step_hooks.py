@@ -30,16 +30,38 @@ from torch import Tensor
 from . import _loop
 
 
-def eligible(plan: Any) -> bool:
+def eligible(plan: Any, run: Any) -> bool:
     """Whether a run's mask optimiser (and weight optimiser, for a method that trains the
-    weights too) may step inside backward."""
+    weights too) may step inside backward.
+
+    Not where two trained weights share storage (a TransformerLens bridge's q / k / v views of
+    GPT-2's fused ``c_attn``, trained in place): stepping one in place would change a tensor
+    the other's backward still reads."""
     context, method = plan.context, plan.method
+    weights = (
+        [p for group in run.weight_optimizer.param_groups for p in group["params"]]
+        if run.weight_optimizer is not None
+        else []
+    )
     return (
         plan.clip is None
         and plan.world is None
         and context.mesh is None
         and method.penalty_separable()
+        and not _share_storage(weights)
     )
+
+
+def _share_storage(tensors: list[Tensor]) -> bool:
+    seen: set[int] = set()
+    for tensor in tensors:
+        if tensor.numel() == 0:
+            continue
+        address = tensor.untyped_storage().data_ptr()
+        if address in seen:
+            return True
+        seen.add(address)
+    return False
 
 
 def step_alone(

@@ -48,7 +48,7 @@ def train_masks(method: MaskMethod, context: FindContext) -> FindResult:
     try:
         plan.fused = _fused.sample_batching(plan, attachment)
         start = _resume(plan, run, bar)
-        if _step_hooks.eligible(plan):  # on the parameters a resumed run trains
+        if _step_hooks.eligible(plan, run):  # on the parameters a resumed run trains
             plan.hooked = _step_hooks.HookedSteps(plan, run)
         for step in range(start, context.steps):
             loss, penalty = _step(plan, run, attachment, step)

@@ -269,3 +269,25 @@ def test_weight_training_on_a_wrapper_keeps_the_users_gradients_out(method):
     assert run() == clean
     for name, p in task.model.named_parameters():
         assert torch.equal(p.grad, grads[name]), name
+
+
+def test_weights_that_share_storage_train_in_place():
+    """A GPT-2 bridge's q / k / v weights are views of one fused tensor: trained in place they
+    step after backward (stepping one inside backward would change what the others' backward
+    reads), and the run equals the one on a copy."""
+    model = bridge("gpt2")
+    q = model.blocks[0].attn.q.original_component.weight
+    k = model.blocks[0].attn.k.original_component.weight
+    assert q.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+
+    def loss(m, batch):
+        logits = m(batch)
+        return torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten()
+        )
+
+    data = [TOKENS[:, :8]]
+    copied = si.find(model, "continuous_sparsification", loss, data, steps=3, progress=False)
+    trained = si.find(model, "continuous_sparsification", loss, data, steps=3, progress=False,
+                      inplace=True)  # fmt: skip
+    assert trained.subnetwork == copied.subnetwork
