@@ -9,8 +9,9 @@ values are bit-exactly what they were (they are never written to).
 
 from __future__ import annotations
 
+import contextlib
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 
@@ -205,7 +206,8 @@ class Attachment:
                 was_parametrized = parametrize.is_parametrized(module, attribute)
                 order = None if was_parametrized else list(module._parameters)
                 _own_class(module)  # parametrize edits the class: not a shared one
-                parametrize.register_parametrization(module, attribute, masking, unsafe=True)
+                with _version_kept(adapters.real_tensor(module, attribute)):
+                    parametrize.register_parametrization(module, attribute, masking, unsafe=True)
                 self._locations.append(_Location(module, attribute, members, slot, masking, order))
             for module in {id(loc.module): loc.module for loc in self._locations}.values():
                 _share_class(module)
@@ -392,6 +394,21 @@ def _own_class(module: nn.Module) -> None:
     module.__class__ = type(cls.__name__, cls.__bases__, body)
 
 
+@contextlib.contextmanager
+def _version_kept(tensor: Tensor) -> Iterator[None]:
+    """Keep ``tensor``'s autograd version across parametrize's registration and removal.
+
+    Both set the tensor to itself (``set_``), which leaves its data as it was but counts as an
+    in-place change: a graph built on the unmasked model before ``si.masked`` (e.g. the full
+    model's logits for a KL loss) would refuse to run backward. The counter is put back only
+    where the data is still the same storage at the same place."""
+    version, address = tensor._version, tensor.data_ptr()
+    yield
+    reset = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+    if reset is not None and tensor._version != version and tensor.data_ptr() == address:
+        reset((tensor,), (version,))
+
+
 def _remove_one(loc: _Location) -> None:
     module, attribute = loc.module, loc.attribute
     if loc.shadow is not None:
@@ -403,7 +420,8 @@ def _remove_one(loc: _Location) -> None:
     plist = module.parametrizations[attribute]
     index = next(i for i, p in enumerate(plist) if p is loc.parametrization)
     if len(plist) == 1:
-        parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
+        with _version_kept(plist.original):
+            parametrize.remove_parametrizations(module, attribute, leave_parametrized=False)
         if loc.parameter_order is not None and attribute in module._parameters:
             params = module._parameters
             reordered = {k: params[k] for k in loc.parameter_order if k in params}

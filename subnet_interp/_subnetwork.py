@@ -164,15 +164,6 @@ class Subnetwork:
             raise TypeError(
                 f"`{op}` needs two Subnetworks, got Subnetwork and {type(other).__name__}."
             )
-        prints = (self._meta.get("fingerprint"), other._meta.get("fingerprint"))
-        if None not in prints and prints[0] != prints[1]:
-            raise ValueError(
-                f"`{op}` needs subnetworks of one model, but these were found on models with "
-                f"different weights (fingerprints {str(prints[0])[:12]}... and "
-                f"{str(prints[1])[:12]}...), so the result would apply to neither. To compare "
-                "them, use si.analysis.overlap(a, b); to combine them anyway, drop one's "
-                "fingerprint: si.Subnetwork(b.masks)."
-            )
         if set(self._masks) != set(other._masks):
             only_left = sorted(set(self._masks) - set(other._masks))
             only_right = sorted(set(other._masks) - set(self._masks))
@@ -194,6 +185,18 @@ class Subnetwork:
                 )
         return other
 
+    def _check_same_model(self, other: Subnetwork, op: str) -> None:
+        """Set algebra combines masks of one model (overlap statistics may compare two)."""
+        prints = (self._meta.get("fingerprint"), other._meta.get("fingerprint"))
+        if None not in prints and prints[0] != prints[1]:
+            raise ValueError(
+                f"`{op}` needs subnetworks of one model, but these were found on models with "
+                f"different weights (fingerprints {str(prints[0])[:12]}... and "
+                f"{str(prints[1])[:12]}...), so the result would apply to neither. To compare "
+                "them, use si.analysis.overlap(a, b); to combine them anyway, drop one's "
+                "fingerprint: si.Subnetwork(b.masks)."
+            )
+
     def _derived_meta(self, other: Subnetwork | None, op: str) -> dict[str, Any]:
         meta: dict[str, Any] = {"derived": op}
         fingerprints = {self._meta.get("fingerprint")}
@@ -206,6 +209,7 @@ class Subnetwork:
 
     def _binary(self, other: object, op: str, fn) -> Subnetwork:
         right = self._check_compatible(other, op)
+        self._check_same_model(right, op)
         masks = {n: fn(m, right._masks[n]) for n, m in self._masks.items()}
         return Subnetwork(masks, self._derived_meta(right, op))
 

@@ -141,8 +141,8 @@ def real_locations(kind, model):
                 path = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias"
                 found[f"{stack}.pos_embed.W_rel_bias"] = (path, "weight", (), "b h -> b h")
             else:
-                path = f"{base}{stack}.embed_positions"
-                found[f"{stack}.pos_embed.W_pos"] = (path, "weight", (), "n d -> n d")
+                path = f"{base}{stack}.embed_positions"  # position p reads row p + 2
+                found[f"{stack}.pos_embed.W_pos"] = (path, "weight", slice(2, None), "n d -> n d")
         return found
     found["embed.W_E"] = ("model.embed_tokens", "weight", (), "v d -> v d")
     found["unembed.W_U"] = ("lm_head", "weight", (), "d v -> v d")

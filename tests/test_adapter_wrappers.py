@@ -291,3 +291,18 @@ def test_weights_that_share_storage_train_in_place():
     trained = si.find(model, "continuous_sparsification", loss, data, steps=3, progress=False,
                       inplace=True)  # fmt: skip
     assert trained.subnetwork == copied.subnetwork
+
+
+def test_a_model_a_bridge_was_built_from_is_refused_with_the_fix():
+    """Building a bridge replaces the transformers model's layers in place: masking that model
+    afterwards is refused with what happened and what to mask instead."""
+    hf = BUILDERS["gpt2"]()
+    masks = si.Subnetwork(random_masks(hf))
+    wrapped = bridge("gpt2", hf)
+    with pytest.raises(TypeError, match="wrapped by a TransformerLens bridge.*Mask the bridge"):
+        si.targets(hf)
+    with pytest.raises(TypeError, match="wrapped by a TransformerLens bridge"):
+        with si.masked(hf, masks):
+            pass
+    with torch.no_grad(), si.masked(wrapped, masks):
+        wrapped(TOKENS)

@@ -6,6 +6,7 @@ import torch
 from _util import assert_bit_exact, snapshot
 
 import subnet_interp as si
+from subnet_interp.tasks import planted_mlp
 
 
 class ConvNet(torch.nn.Module):
@@ -215,3 +216,26 @@ def test_import_does_not_load_optional_backends():
     code = "import sys, subnet_interp; bad = [m for m in ('transformer_lens', 'nnsight', 'transformers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_graphs_built_before_a_mask_still_run_backward():
+    """Attaching and removing a mask changes no weight's data, so a graph built on the
+    unmasked model before si.masked (the full model's logits of a KL loss) runs backward inside
+    and after the block."""
+    task = planted_mlp()
+    x = task.batches(16)[0][0]
+    sub = si.Subnetwork(
+        {
+            n: torch.rand(t.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+            for n, t in si.targets(task.model).items()
+        }  # fmt: skip
+    )
+    full = task.model(x)
+    with si.masked(task.model, sub):
+        masked = task.model(x)
+        (full - masked).square().sum().backward(retain_graph=True)
+    grads = {n: p.grad.clone() for n, p in task.model.named_parameters()}
+    task.model.zero_grad()
+    full.square().sum().backward()  # after the block too
+    assert all(grads[n].abs().sum() > 0 for n in sub.names)  # the masked weights' gradients
+    assert all(p.grad.abs().sum() > 0 for p in task.model.parameters())

@@ -187,17 +187,29 @@ def embedding_table(
     )
 
 
-def embedding_targets(model: nn.Module, embed: str, pos: str | None) -> dict[str, Target]:
+def position_table(name: str, path: str, shape: tuple[int, int], offset: int = 0) -> Target:
+    """A learned position table whose row ``offset + p`` is position ``p`` (OPT's and BART's
+    ``offset`` of 2; RoBERTa's ``padding_idx + 1``): ``W_pos[p]`` is the row position ``p``
+    reads, as TransformerLens numbers positions; the rows before (padding) are no target's."""
+    rows, width = shape
+    n_ctx = rows - offset
+    layout = Layout((("narrow", 0, offset, n_ctx),)) if offset else IDENTITY
+    return embedding_table(name, path, (n_ctx, width), ("n_ctx", "d_model"), layout)
+
+
+def embedding_targets(
+    model: nn.Module, embed: str, pos: str | None, offset: int = 0
+) -> dict[str, Target]:
     """``embed.W_E`` of the ``nn.Embedding`` at ``embed`` and, if ``pos`` is given,
-    ``pos_embed.W_pos`` of the one at ``pos`` (not default targets)."""
+    ``pos_embed.W_pos`` of the one at ``pos`` (:func:`position_table`; not default targets)."""
     table = model.get_submodule(embed).weight
     found = {
         "embed.W_E": embedding_table("embed.W_E", embed, tuple(table.shape), ("d_vocab", "d_model"))
     }
     if pos is not None:
         positions = model.get_submodule(pos).weight
-        found["pos_embed.W_pos"] = embedding_table(
-            "pos_embed.W_pos", pos, tuple(positions.shape), ("n_ctx", "d_model")
+        found["pos_embed.W_pos"] = position_table(
+            "pos_embed.W_pos", pos, tuple(positions.shape), offset
         )
     return found
 

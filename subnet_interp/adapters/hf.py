@@ -204,6 +204,21 @@ BIAS_FAMILIES = {
 }
 
 
+def _refuse_bridged(root: nn.Module) -> None:
+    """A transformers model a TransformerLens bridge was built from has its layers replaced
+    in place by the bridge's components: its weights are the bridge's now."""
+    for name, module in root.named_modules():
+        if type(module).__module__.startswith("transformer_lens.model_bridge"):
+            raise TypeError(
+                f"This {type(root).__qualname__} was wrapped by a TransformerLens bridge: "
+                f"building one (build_bridge_from_module, boot_transformers) replaces the "
+                f"model's layers in place (e.g. {name!r} is now a "
+                f"{type(module).__qualname__}). Mask the bridge, which computes with the same "
+                "weights under the same names, or build the bridge from a copy "
+                "(copy.deepcopy(model)) to keep this model usable on its own."
+            )
+
+
 class HuggingFaceAdapter(Adapter):
     """``transformers`` models of the architectures in :data:`FAMILIES`."""
 
@@ -214,6 +229,7 @@ class HuggingFaceAdapter(Adapter):
 
     def all_targets(self, model: object) -> dict[str, Target]:
         root = self.root(model)
+        _refuse_bridged(root)
         family = root.config.model_type
         return {**FAMILIES[family](root), **BIAS_FAMILIES[family](root)}
 

@@ -27,11 +27,9 @@ Embeddings and unembeddings are non-default targets, as for GPT-2. Nothing here 
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from torch import nn
 
-from .._types import Layout, Target
+from .._types import Target
 from ._hf_common import (
     TRANSPOSE,
     attn_target,
@@ -94,14 +92,10 @@ def opt_targets(model: nn.Module) -> dict[str, Target]:
     heads, d_model = cfg.num_attention_heads, cfg.hidden_size
     d_head = d_model // heads
     base = f"{base_prefix(model)}decoder"
-    found = embedding_targets(model, f"{base}.embed_tokens", f"{base}.embed_positions")
     offset = getattr(model.get_submodule(f"{base}.embed_positions"), "offset", 0)
-    if offset:  # forward reads row position + offset
-        table = found["pos_embed.W_pos"]
-        n_ctx = table.shape[0] - offset
-        found["pos_embed.W_pos"] = replace(
-            table, shape=(n_ctx, table.shape[1]), layout=Layout((("narrow", 0, offset, n_ctx),))
-        )
+    found = embedding_targets(  # forward reads row position + offset
+        model, f"{base}.embed_tokens", f"{base}.embed_positions", offset
+    )
     project_in = ("embed.W_in_proj", f"{base}.project_in", ("d_embed", "d_model"))
     found.update(linear_readout(model, *project_in, "embedding"))
     for layer in range(cfg.num_hidden_layers):

@@ -145,8 +145,13 @@ def bert_targets(model: nn.Module) -> dict[str, Target]:
     d_head = cfg.hidden_size // heads
     base = base_prefix(model)
     embeddings = f"{base}embeddings"
+    # RoBERTa numbers positions from padding_idx + 1 (its padding tokens read row padding_idx)
+    padding = getattr(model.get_submodule(embeddings), "padding_idx", None)
     found = embedding_targets(
-        model, f"{embeddings}.word_embeddings", f"{embeddings}.position_embeddings"
+        model,
+        f"{embeddings}.word_embeddings",
+        f"{embeddings}.position_embeddings",
+        0 if padding is None else padding + 1,
     )
     token_types = model.get_submodule(embeddings).token_type_embeddings
     found["token_type_embed.W_token_type"] = embedding_table(

@@ -43,6 +43,7 @@ from ._hf_common import (
     linear_o,
     linear_qkv,
     linear_readout,
+    position_table,
 )
 
 _VOCAB = ("d_model", "d_vocab")
@@ -183,8 +184,10 @@ def bart_targets(model: nn.Module) -> dict[str, Target]:
             found.update(builder.mlp(layer, {"W_in": f"{prefix}.fc1"}, f"{prefix}.fc2"))
         positions = f"{base}{stack}.embed_positions"
         name = f"{stack}.pos_embed.W_pos"
-        shape = tuple(real_tensor(model.get_submodule(positions), "weight").shape)
-        found[name] = embedding_table(name, positions, shape, ("n_ctx", "d_model"))
+        table = model.get_submodule(positions)
+        shape = tuple(real_tensor(table, "weight").shape)
+        # BART's forward reads row position + offset (2)
+        found[name] = position_table(name, positions, shape, getattr(table, "offset", 0))
     found.update(_readouts(model))
     return found
 
