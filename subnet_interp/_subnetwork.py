@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -325,6 +326,7 @@ class Subnetwork:
             "meta": dict(self._meta),
             "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
+        header["digest"] = _digest(header["names"], header["shapes"], header["meta"], self._masks)
         encode = _pack_bits if packed else (lambda m: m.detach().cpu().contiguous())
         tensors = {n: encode(m) for n, m in self._masks.items()}
         save_file(tensors, os.fspath(path), metadata={_METADATA_KEY: json.dumps(header)})
@@ -368,19 +370,38 @@ class Subnetwork:
                     mask = _unpack_bits(path, name, tensor, shapes[name])
                 else:
                     mask = _check_bool(path, name, tensor, shapes.get(name))
-                masks[name] = mask.to(device)
+                masks[name] = mask  # on the CPU until the digest is checked
         meta = header.get("meta", {})
         if not isinstance(meta, dict):
             raise ValueError(
                 f"{path!r}: header field 'meta' must be a JSON object, got "
                 f"{type(meta).__name__}. {_DAMAGED}"
             )
-        return cls(masks, meta)
+        if "digest" in header:  # files saved before digests have none
+            shapes_now = {n: list(m.shape) for n, m in masks.items()}
+            if header["digest"] != _digest(names, shapes_now, meta, masks):
+                raise ValueError(
+                    f"{path!r} does not match the digest `Subnetwork.save` wrote into it: its "
+                    f"masks, their shapes or its meta were changed after saving. {_DAMAGED}"
+                )
+        return cls({name: mask.to(device) for name, mask in masks.items()}, meta)
 
 
 _BOOL, _PACKED = "bool", "bitpacked"
 _BIT_VALUES = (128, 64, 32, 16, 8, 4, 2, 1)  # numpy.packbits order: first weight in the high bit
 _DAMAGED = "The file was damaged or edited; save the subnetwork again with `Subnetwork.save`."
+
+
+def _digest(
+    names: list[str], shapes: Mapping[str, list[int]], meta: Mapping[str, Any], masks
+) -> str:
+    """SHA-256 of a subnetwork's names, shapes, meta and mask bits, as :meth:`Subnetwork.save`
+    records it (``load`` refuses a file that no longer matches)."""
+    described = json.dumps([names, shapes, meta], sort_keys=True).encode()
+    hasher = hashlib.sha256(described)
+    for name in names:
+        hasher.update(masks[name].detach().cpu().contiguous().numpy().tobytes())
+    return "sha256:" + hasher.hexdigest()
 
 
 def _pack_bits(mask: Tensor) -> Tensor:

@@ -686,6 +686,11 @@ def padding_set(stored, tensors):
     tensors["x"][-1] |= 1  # 12 weights in 2 bytes: the last 4 bits are padding
 
 
+def flip_first(stored, tensors):
+    tensors["x"] = tensors["x"].clone()
+    tensors["x"][0, 0] = ~tensors["x"][0, 0]
+
+
 LOAD = [
     pytest.param(
         lambda p: p,
@@ -822,6 +827,24 @@ LOAD = [
         r"bit-packed mask 'x' is shape \(3, 4\), dtype torch.bool.*1-D torch.uint8 tensor of 2 "
         r"bytes",
         id="bool-file-claims-packed",
+    ),
+    pytest.param(
+        lambda p: edited(saved(p, packed=True), lambda h, t: h["shapes"].update(x=[4, 3])),
+        ValueError,
+        r"does not match the digest `Subnetwork.save` wrote into it.*save the subnetwork again",
+        id="packed-reshaped-same-size",
+    ),
+    pytest.param(
+        lambda p: edited(saved(p), lambda h, t: h["meta"].update(fingerprint="0" * 16)),
+        ValueError,
+        r"does not match the digest",
+        id="meta-edited",
+    ),
+    pytest.param(
+        lambda p: edited(saved(p), flip_first),
+        ValueError,
+        r"does not match the digest",
+        id="mask-bit-flipped",
     ),
 ]
 
