@@ -90,8 +90,8 @@ def _device_generator(generator: torch.Generator | None, device: torch.device) -
 def find(
     model: Any,
     method: str | Method,
-    loss_fn: Callable[[Any, Any], Tensor],
-    data: Iterable[Any],
+    loss_fn: Callable[[Any, Any], Tensor] | None,
+    data: Iterable[Any] | None,
     *,
     targets: str | Iterable[str] | Mapping[str, Target] | None = None,
     steps: int | None = None,
@@ -120,8 +120,10 @@ def find(
         method: a registered name (``si.methods.names()``) or a method instance, e.g.
             ``si.methods.create("gumbel_sigmoid", alpha=1e-3)``.
         loss_fn: ``loss_fn(model, batch) -> scalar tensor``, the task loss; called with the
-            object you passed as ``model``.
+            object you passed as ``model``. ``None`` for the baselines that never read it
+            (``magnitude``, ``random``).
         data: an iterable of batches (a list, a ``DataLoader``); re-iterated when exhausted.
+            ``None`` for ``magnitude`` and ``random``.
         targets: glob pattern(s) or the mapping ``si.targets`` returns; default: every weight
             matrix except embeddings.
         steps: optimisation steps (required by every method that trains; ignored by
@@ -233,12 +235,24 @@ def find(
     resolved = registry.resolve(method, base=Method)
     if steps is None and resolved.needs_steps:
         raise ValueError(
-            f"Method {resolved.name!r} trains, so `steps` is required (e.g. steps=1000)."
+            f"Method {resolved.name!r} needs `steps`, the number of optimisation steps (or, "
+            "for attribution, of batches its scores average over), e.g. steps=1000."
         )
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"`steps` must be a positive int, got {steps!r}.")
     check_hparams(resolved)
-    check_loss_fn(loss_fn)
+    if loss_fn is None or data is None:
+        if resolved.learns_from_loss:
+            missing = "loss_fn" if loss_fn is None else "data"
+            raise TypeError(
+                f"Method {resolved.name!r} learns from the task loss, so `{missing}` is "
+                "required: loss_fn(model, batch) -> scalar tensor and an iterable of batches. "
+                "Only the baselines that never read them (magnitude, random) take None."
+            )
+        data = () if data is None else data  # never iterated
+        loss_fn = loss_fn if loss_fn is not None else _unread_loss
+    else:
+        check_loss_fn(loss_fn)
     if mask_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(
             f"`mask_dtype` must be torch.float32, torch.bfloat16 or torch.float16, got {mask_dtype!r}."
@@ -456,6 +470,11 @@ def _copy_model(model: Any) -> Any:
             f"{type(model).__qualname__} could not be deep-copied ({error}). Pass inplace=True to "
             "train the model itself (save its state_dict first if you need it)."
         ) from error
+
+
+def _unread_loss(model: Any, batch: Any) -> Tensor:
+    """The ``loss_fn`` of a baseline run given none (it never reads one)."""
+    raise RuntimeError("This method does not read the task loss; none was given.")
 
 
 def _restore(

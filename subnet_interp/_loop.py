@@ -49,8 +49,8 @@ def check_loss(loss: Any, step: int) -> None:
     if not loss.requires_grad:
         raise ValueError(
             "loss_fn returned a tensor that does not depend on the masks (requires_grad is "
-            "False). Compute the loss from the model's output inside loss_fn, and do not wrap "
-            "it in torch.no_grad()."
+            "False; for a method that trains weights, on the weights). Compute the loss from "
+            "the model's output inside loss_fn, and do not wrap it in torch.no_grad()."
         )
 
 
@@ -186,10 +186,18 @@ def stacked(values: Sequence[Tensor]) -> Tensor:
     return torch.stack([v.detach().float() for v in values])
 
 
-def split_batch(batch: Any, parts: int) -> list[Any]:
-    """Split a batch (tensor, tuple/list, or mapping of them) into ``parts`` along dim 0."""
+def split_batch(batch: Any, parts: int, size: int | None = None) -> list[Any]:
+    """Split a batch (tensor, tuple/list, or mapping of them) into ``parts`` along dim 0.
+
+    Only tensors whose leading dimension is the batch's (``size``, default
+    :func:`batch_size`: the first tensor's) are split; any other tensor (e.g. class weights
+    in a tuple) goes whole to every part, as non-tensor leaves do."""
     if parts == 1:
         return [batch]
+    if size is None:
+        size = batch_size(batch)
+    if isinstance(batch, Tensor) and batch.dim() > 0 and batch.shape[0] != size:
+        return [batch] * parts
     if isinstance(batch, Tensor):
         if batch.dim() == 0 or batch.shape[0] < parts:
             raise ValueError(
@@ -199,10 +207,10 @@ def split_batch(batch: Any, parts: int) -> list[Any]:
             )
         return list(torch.tensor_split(batch, parts, dim=0))
     if isinstance(batch, Mapping):
-        pieces = {k: split_batch(v, parts) for k, v in batch.items()}
+        pieces = {k: split_batch(v, parts, size) for k, v in batch.items()}
         return [_same_mapping(batch, {k: pieces[k][i] for k in batch}) for i in range(parts)]
     if isinstance(batch, (tuple, list)):
-        pieces = [split_batch(v, parts) for v in batch]
+        pieces = [split_batch(v, parts, size) for v in batch]
         return [type(batch)(p[i] for p in pieces) for i in range(parts)]
     return [batch] * parts  # non-tensor leaves (ints, strings) go to every part
 

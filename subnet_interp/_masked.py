@@ -203,6 +203,15 @@ def delta_applied(
     several deltas compose by nesting. Weights are never written: on exit they are bit-exactly
     what they were.
     """
+    if not isinstance(delta, Mapping):
+        hint = (
+            " It is a FindResult: pass its `.delta` (lt_sft's sparse weight change)."
+            if hasattr(delta, "delta") and hasattr(delta, "subnetwork")
+            else ""
+        )
+        raise TypeError(
+            f"`delta` must map target names to float tensors, got {type(delta).__name__}." + hint
+        )
     prepared = prepare(model, delta)
     for name, value in delta.items():
         if not value.dtype.is_floating_point:

@@ -397,7 +397,7 @@ FIND = [
     pytest.param(
         dict(loss_fn=no_grad_loss),
         ValueError,
-        r"does not depend on the masks \(requires_grad is False\).*do not wrap it in "
+        r"does not depend on the masks \(requires_grad is False.*do not wrap it in "
         r"torch.no_grad\(\)",
         id="loss-without-grad",
     ),
@@ -476,7 +476,7 @@ def test_find_needs_steps_for_every_learnable_method(name):
         TinyMLP(),
         lambda m: si.find(m, name, mse, DATA, progress=False),
         ValueError,
-        rf"Method '{name}' trains, so `steps` is required \(e\.g\. steps=1000\)",
+        rf"Method '{name}' needs `steps`, the number of optimisation steps",
     )
 
 

@@ -139,6 +139,25 @@ def test_split_batch_handles_nested_structures():
     assert parts[3]["pair"][0].shape == (2, 2) and parts[3]["pair"][1] == "label"
 
 
+def test_split_batch_gives_tensors_of_another_length_to_every_part():
+    """Class weights (or any tensor not led by the batch dimension) are not examples."""
+    weights = torch.tensor([1.0, 2.0, 3.0])
+    parts = split_batch((torch.zeros(8, 2), weights, {"y": torch.arange(8)}), 4)
+    assert [p[0].shape[0] for p in parts] == [2, 2, 2, 2]
+    assert all(p[1] is weights for p in parts)
+    assert parts[2][2]["y"].tolist() == [4, 5]
+
+
+def test_baselines_take_no_loss_or_data_and_the_others_say_they_need_them(setup):
+    model, data = setup
+    assert si.find(model, "magnitude", None, None).subnetwork.kept() > 0
+    assert si.find(model, "random", None, None).subnetwork.kept() > 0
+    with pytest.raises(TypeError, match="'gumbel_sigmoid' learns from the task loss, so `loss_fn`"):
+        si.find(model, "gumbel_sigmoid", None, data, steps=1)
+    with pytest.raises(TypeError, match="so `data` is required"):
+        si.find(model, "attribution", mse, None, steps=1)
+
+
 def test_split_batch_too_small_is_explained():
     with pytest.raises(ValueError, match="at least 4 examples"):
         split_batch(torch.zeros(3, 2), 4)

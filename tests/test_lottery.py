@@ -220,6 +220,13 @@ def test_delta_applied_validates():
     with pytest.raises(TypeError, match="a weight delta is a float tensor"):
         with si.delta_applied(task.model, {"0.weight": torch.zeros(6, 24, dtype=torch.bool)}):
             pass
+    result = si.find(task.model, "lt_sft", task.loss_fn, task.batches(64), steps=2,
+                     progress=False)  # fmt: skip
+    # (the suite's runtime type checker may refuse it first, naming the parameter)
+    either = r"(?s)got FindResult\. It is a FindResult: pass its `\.delta`|Type-check.*'delta'"
+    with pytest.raises(TypeError, match=either):
+        with si.delta_applied(task.model, result):
+            pass
     assert not hasattr(task.model[0], "parametrizations")
 
 
