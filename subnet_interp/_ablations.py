@@ -142,7 +142,17 @@ class _InputAblation(Ablation):
             with torch.no_grad():
                 seen = 0
                 for batch in self.data:
-                    self.forward(model, batch)
+                    try:
+                        self.forward(model, batch)
+                    except Exception as error:
+                        if self.forward is not _default_forward or isinstance(batch, Tensor):
+                            raise
+                        raise ValueError(
+                            f"{type(self).__name__} ran model(batch) on a reference batch of "
+                            f"type {type(batch).__name__}, which failed ({type(error).__name__}: "
+                            f"{error}). Pass forward=lambda model, batch: ... to say how the "
+                            "model runs on one batch, e.g. model(**batch) or model(batch[0])."
+                        ) from error
                     seen += 1
         finally:
             for handle in handles:

@@ -223,3 +223,18 @@ def test_a_failure_while_registering_hooks_leaves_no_hook_and_restores(monkeypat
     assert_bit_exact(mlp, before)
     with torch.no_grad(), si.masked(mlp, masks, ablation="zero"):
         mlp(data[0])  # attaches again: nothing half-attached was left
+
+
+def test_mean_ablation_of_dict_batches_without_forward_says_to_pass_one():
+    layer = torch.nn.Linear(3, 2)
+    before = snapshot(layer)
+    data = [{"x": torch.randn(4, 3)}]
+    with pytest.raises(ValueError, match=r"(?s)model\(batch\) on a reference batch of type dict.*"
+                       r"Pass forward=lambda model, batch"):  # fmt: skip
+        with si.masked(layer, {"weight": torch.ones(2, 3, dtype=torch.bool)},
+                       ablation=si.MeanAblation(data)):  # fmt: skip
+            pass
+    assert_bit_exact(layer, before)
+    ablation = si.MeanAblation(data, forward=lambda model, batch: model(batch["x"]))
+    with si.masked(layer, {"weight": torch.ones(2, 3, dtype=torch.bool)}, ablation=ablation):
+        pass
