@@ -85,5 +85,5 @@ def test_bad_density_is_rejected():
 
 
 def test_training_methods_require_steps():
-    with pytest.raises(ValueError, match="`steps` is required"):
+    with pytest.raises(ValueError, match="needs `steps`, the number of optimisation steps"):
         si.find(torch.nn.Linear(2, 2), "gumbel_sigmoid", no_loss, [torch.zeros(1, 2)])
