@@ -27,7 +27,7 @@ SEPARABLE = [
 def _find(model, loss_fn, data, method, hparams, hooked, monkeypatch, steps=12, **kwargs):
     with monkeypatch.context() as patch:
         if not hooked:
-            patch.setattr(_step_hooks, "eligible", lambda plan: False)
+            patch.setattr(_step_hooks, "eligible", lambda plan, run: False)
         return si.find(
             model,
             si.methods.create(method, **hparams),

@@ -12,7 +12,11 @@ import subnet_interp as si
 PACKAGE = Path(si.__file__).parent
 MAX_LINES = 500
 # Files allowed over MAX_LINES, with the reason (keep this short).
-LONG_FILES: dict[str, str] = {}
+LONG_FILES: dict[str, str] = {  # to split next (session 8's bug fixes pushed them over)
+    "subnet_interp/_subnetwork.py": "Subnetwork and its file format (digest); split storage out",
+    "subnet_interp/_find.py": "si.find's argument checks and restore; move checks to _find_checks",
+    "subnet_interp/analysis/circuits.py": "Circuit plus comparisons; split comparisons out",
+}
 
 
 def _module_name(path: Path) -> str:

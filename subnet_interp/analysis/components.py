@@ -330,7 +330,6 @@ def _canonical(model: Any, subnetwork: Subnetwork | None, name: str) -> Tensor |
     return weight
 
 
-@model_then_subnetwork()
 def is_parallel_attn_mlp(model: Any) -> bool:
     """Whether each block's MLP reads the block's input, as its attention does, instead of the
     attention's output (GPT-NeoX / Pythia with ``use_parallel_residual``, GPT-J, Phi-1/2,
@@ -353,6 +352,7 @@ def is_parallel_attn_mlp(model: Any) -> bool:
     return False
 
 
+@model_then_subnetwork()
 def graph_edge_scores(
     model: Any,
     subnetwork: Subnetwork | None,
